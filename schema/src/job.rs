@@ -1,0 +1,269 @@
+//! Jobs: ids, states, specs, records, metric points and journal events.
+use crate::settings::TrainSettings;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A job's id: sequential, never reused. On the wire it is a plain integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub u64);
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Where a job is in its life. See DESIGN.md section 4 for the allowed transitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for a device.
+    Queued,
+    /// A worker is loading the model and data.
+    Initializing,
+    /// A worker is training.
+    Running,
+    /// Held by the user; `resume` puts it back in the queue.
+    Paused,
+    /// Finished; the adapter is written.
+    Completed,
+    /// Ended with an error (the record's `reason` says which).
+    Failed,
+    /// Stopped by the user.
+    Cancelled,
+}
+
+impl JobState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [JobState; 7] = [
+        JobState::Queued,
+        JobState::Initializing,
+        JobState::Running,
+        JobState::Paused,
+        JobState::Completed,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    /// The snake_case name used on the wire and by the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Initializing => "initializing",
+            JobState::Running => "running",
+            JobState::Paused => "paused",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// True for states a job never leaves by itself (completed, failed, cancelled).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Failed | JobState::Cancelled)
+    }
+
+    /// True while a worker process may exist for the job.
+    pub fn is_active(self) -> bool {
+        matches!(self, JobState::Initializing | JobState::Running)
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown state '{s}' (expected one of queued, initializing, running, paused, completed, failed, cancelled)"))
+    }
+}
+
+/// What a client submits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct JobSpec {
+    /// A label for people; defaults to the dataset's file stem.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Template name (`loractl templates` lists them).
+    pub template: String,
+    /// Path to an HF model directory.
+    pub base_model: String,
+    /// Path to a JSONL dataset.
+    pub dataset: String,
+    /// Where to write the final adapter; defaults to `<state_dir>/jobs/<id>/adapter`.
+    #[serde(default)]
+    pub output_dir: Option<String>,
+    /// Higher runs first.
+    #[serde(default)]
+    pub priority: i32,
+    /// `key -> value` overrides of the template's settings, type-checked at submit.
+    #[serde(default)]
+    pub overrides: BTreeMap<String, String>,
+}
+
+/// How far a job got.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Progress {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Optimizer steps planned (0 until the worker has counted the data).
+    pub total_steps: u64,
+    /// Fractional epoch.
+    pub epoch: f64,
+    /// Loss of the last step.
+    #[serde(default)]
+    pub loss: Option<f64>,
+    /// Estimated seconds to completion from the current throughput.
+    #[serde(default)]
+    pub eta_s: Option<f64>,
+    /// Seconds the job spent training (queued and paused time excluded).
+    #[serde(default)]
+    pub active_s: f64,
+    /// Worker restarts so far.
+    #[serde(default)]
+    pub restarts: u32,
+}
+
+/// A job as the journal keeps it and as `show` prints it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The job's id.
+    pub id: JobId,
+    /// Label for people.
+    pub name: String,
+    /// Current state.
+    pub state: JobState,
+    /// Why the job entered its current state (e.g. the error of a failed job).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Unix uid of the submitter.
+    pub owner_uid: u32,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Template the settings came from.
+    pub template: String,
+    /// Base model path.
+    pub base_model: String,
+    /// Dataset path.
+    pub dataset: String,
+    /// Where the final adapter goes.
+    pub output_dir: String,
+    /// The resolved settings: template plus overrides.
+    pub settings: TrainSettings,
+    /// Overrides the user gave, as given.
+    #[serde(default)]
+    pub overrides: BTreeMap<String, String>,
+    /// Progress so far.
+    pub progress: Progress,
+    /// Submission time (ms since the epoch).
+    pub created_at_ms: u64,
+    /// When the current (or last) attempt started.
+    #[serde(default)]
+    pub started_at_ms: Option<u64>,
+    /// When the job reached a terminal state.
+    #[serde(default)]
+    pub finished_at_ms: Option<u64>,
+    /// The adapter directory once the job completed.
+    #[serde(default)]
+    pub adapter_dir: Option<String>,
+}
+
+/// GPU telemetry at the time of a metric point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuSample {
+    /// Utilisation, percent.
+    pub util_pct: f64,
+    /// Memory in use, MiB.
+    pub mem_used_mb: f64,
+    /// Temperature, degrees Celsius.
+    pub temp_c: f64,
+    /// Power draw, watts.
+    pub power_w: f64,
+}
+
+/// One optimizer step's measurements.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricPoint {
+    /// Optimizer step (1-based).
+    pub step: u64,
+    /// Fractional epoch at the end of the step.
+    pub epoch: f64,
+    /// Mean training loss over the step's tokens.
+    pub loss: f64,
+    /// Learning rate used for the step.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    #[serde(default)]
+    pub grad_norm: Option<f64>,
+    /// Tokens (non-padding) processed per second.
+    pub tokens_per_s: f64,
+    /// Examples processed per second.
+    pub samples_per_s: f64,
+    /// Wall time of the step, ms.
+    pub step_ms: f64,
+    /// Time the step waited for its batch, ms.
+    #[serde(default)]
+    pub data_wait_ms: f64,
+    /// GPU telemetry, when a GPU is present.
+    #[serde(default)]
+    pub gpu: Option<GpuSample>,
+    /// When the step ended (ms since the epoch).
+    pub at_ms: u64,
+}
+
+/// Something that happened, as stored in the journal and pushed to subscribers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Journal-wide, strictly increasing sequence number.
+    pub seq: u64,
+    /// The job it concerns, if any.
+    #[serde(default)]
+    pub job: Option<JobId>,
+    /// When it happened (ms since the epoch).
+    pub at_ms: u64,
+    /// What happened.
+    pub body: EventBody,
+}
+
+/// The kinds of event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventBody {
+    /// A job changed state.
+    StateChanged {
+        /// Previous state.
+        from: JobState,
+        /// New state.
+        to: JobState,
+        /// Why.
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// A training step's metrics.
+    Metrics {
+        /// The point.
+        point: MetricPoint,
+    },
+    /// Text appended to the job's log.
+    Log {
+        /// Byte offset of `text` in job.log.
+        offset: u64,
+        /// The text.
+        text: String,
+    },
+    /// Something worth telling people.
+    Notice {
+        /// "info", "warn" or "error".
+        level: String,
+        /// The message.
+        text: String,
+    },
+}

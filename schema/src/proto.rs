@@ -1,0 +1,306 @@
+//! The handshake, requests, responses and the frames that carry them.
+use crate::error::WireError;
+use crate::job::{Event, JobId, JobRecord, JobSpec, JobState, MetricPoint};
+use crate::settings::TrainSettings;
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The first frame each way. The client sends `hello`; the daemon answers `welcome` or `error` and closes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Handshake {
+    /// Client -> daemon.
+    Hello {
+        /// Protocol version the client speaks.
+        protocol: u32,
+        /// Client name, for logs.
+        client: String,
+    },
+    /// Daemon -> client: accepted.
+    Welcome {
+        /// Protocol version of the daemon.
+        protocol: u32,
+        /// The daemon's version string.
+        daemon_version: String,
+        /// Optional features the daemon has.
+        features: Vec<String>,
+    },
+    /// Daemon -> client: refused (e.g. unsupported protocol version); the daemon closes after it.
+    Error {
+        /// Why.
+        code: crate::ErrorCode,
+        /// Detail naming both versions.
+        message: String,
+    },
+}
+
+/// A request with the id its reply will carry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientFrame {
+    /// Chosen by the client; echoed in the reply.
+    pub id: u64,
+    /// The request.
+    pub req: Request,
+}
+
+/// What a client can ask.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// Daemon version, uptime, devices, queue.
+    Status,
+    /// The templates and their settings.
+    Templates,
+    /// Queue a new job. The spec's fields sit beside `type`.
+    Submit(JobSpec),
+    /// Jobs, newest last.
+    List {
+        /// Only jobs in this state.
+        #[serde(default)]
+        state: Option<JobState>,
+        /// Admin only: every user's jobs, not just the caller's.
+        #[serde(default)]
+        all: bool,
+    },
+    /// One job's record.
+    Get {
+        /// The job.
+        job: JobId,
+    },
+    /// Stop a queued, initializing, running or paused job.
+    Cancel {
+        /// The job.
+        job: JobId,
+    },
+    /// A job's metric points in step order.
+    Metrics {
+        /// The job.
+        job: JobId,
+        /// Only points with `step > since_step`.
+        #[serde(default)]
+        since_step: Option<u64>,
+    },
+    /// A slice of the job's log.
+    Logs {
+        /// The job.
+        job: JobId,
+        /// Byte offset to read from.
+        #[serde(default)]
+        offset: u64,
+        /// Most bytes to return (the daemon caps it).
+        #[serde(default)]
+        max_bytes: Option<u64>,
+    },
+    /// Replay events after `since_seq`, then stream new ones as pushes.
+    Subscribe {
+        /// Only this job's events.
+        #[serde(default)]
+        job: Option<JobId>,
+        /// Replay events with `seq > since_seq` (0 = everything).
+        #[serde(default)]
+        since_seq: u64,
+    },
+    /// Stop a subscription.
+    Unsubscribe {
+        /// The subscription id from `subscribed`.
+        sub: u64,
+    },
+    /// Admin only: stop the daemon.
+    Shutdown,
+}
+
+impl Request {
+    /// The request's `type` name, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Templates => "templates",
+            Request::Submit(_) => "submit",
+            Request::List { .. } => "list",
+            Request::Get { .. } => "get",
+            Request::Cancel { .. } => "cancel",
+            Request::Metrics { .. } => "metrics",
+            Request::Logs { .. } => "logs",
+            Request::Subscribe { .. } => "subscribe",
+            Request::Unsubscribe { .. } => "unsubscribe",
+            Request::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// A template: a named, described set of settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Template {
+    /// Name used with `--template`.
+    pub name: String,
+    /// One line on what it is for.
+    pub description: String,
+    /// Every setting's value.
+    pub settings: TrainSettings,
+}
+
+/// A compute device the daemon can schedule on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// `cpu` or `cuda:N`.
+    pub name: String,
+    /// Human description.
+    pub description: String,
+    /// The job running on it, if any.
+    #[serde(default)]
+    pub job: Option<JobId>,
+}
+
+/// The daemon's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    /// Daemon version.
+    pub daemon_version: String,
+    /// Protocol version.
+    pub protocol: u32,
+    /// Seconds since start.
+    pub uptime_s: u64,
+    /// The daemon's pid.
+    pub pid: u32,
+    /// State directory.
+    pub state_dir: String,
+    /// Devices and what runs on them.
+    pub devices: Vec<DeviceInfo>,
+    /// Jobs waiting.
+    pub queued: u64,
+    /// Jobs with a worker.
+    pub running: u64,
+    /// Jobs known in total.
+    pub jobs: u64,
+    /// Last event seq in the journal.
+    pub last_seq: u64,
+}
+
+/// Successful answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    /// To `status`.
+    Status(DaemonStatus),
+    /// To `templates`.
+    Templates {
+        /// All templates.
+        templates: Vec<Template>,
+    },
+    /// To `submit`, `get`, `cancel`: the job's record after the request.
+    Job(JobRecord),
+    /// To `list`.
+    Jobs {
+        /// Matching jobs in id order.
+        jobs: Vec<JobRecord>,
+    },
+    /// To `metrics`.
+    Metrics {
+        /// Points in step order.
+        points: Vec<MetricPoint>,
+    },
+    /// To `logs`.
+    Logs {
+        /// Offset of `text` in job.log.
+        offset: u64,
+        /// The bytes read (lossily decoded as UTF-8).
+        text: String,
+        /// Offset just past `text`; pass it as the next `offset`.
+        next_offset: u64,
+        /// The log's size when read.
+        size: u64,
+    },
+    /// To `subscribe`: pushes will carry `sub`.
+    Subscribed {
+        /// Subscription id.
+        sub: u64,
+        /// The journal's last seq when the subscription started.
+        last_seq: u64,
+    },
+    /// To requests with nothing to return.
+    Done,
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The request's id.
+    pub id: u64,
+    /// Present on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ok: Option<Response>,
+    /// Present on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub err: Option<WireError>,
+}
+
+/// An event for a subscription.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Push {
+    /// Subscription id.
+    pub sub: u64,
+    /// The event.
+    pub event: Event,
+}
+
+/// Any frame the daemon sends after the handshake.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ServerFrame {
+    /// A reply to a request.
+    Reply(Reply),
+    /// A subscription event.
+    Push(Push),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{decode, encode};
+
+    #[test]
+    fn requests_are_type_tagged_maps() {
+        let bytes = encode(&ClientFrame { id: 7, req: Request::Get { job: JobId(42) } }).unwrap();
+        let v: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(v, serde_json::json!({"id": 7, "req": {"type": "get", "job": 42}}));
+    }
+
+    #[test]
+    fn submit_fields_sit_beside_type_and_unknown_fields_are_ignored() {
+        let wire = serde_json::json!({"id": 1, "req": {"type": "submit", "template": "basic-fine-tune",
+            "base_model": "/m", "dataset": "/d.jsonl", "future_field": [1, 2]}});
+        let bytes = rmp_serde::to_vec_named(&wire).unwrap();
+        let f: ClientFrame = decode(&bytes).unwrap();
+        match f.req {
+            Request::Submit(spec) => assert_eq!(spec.template, "basic-fine-tune"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn server_frames_decode_both_shapes() {
+        let reply = ServerFrame::Reply(Reply { id: 3, ok: Some(Response::Done), err: None });
+        let back: ServerFrame = decode(&encode(&reply).unwrap()).unwrap();
+        assert_eq!(back, reply);
+        let push = ServerFrame::Push(Push {
+            sub: 1,
+            event: crate::Event {
+                seq: 9,
+                job: Some(JobId(2)),
+                at_ms: 5,
+                body: crate::EventBody::StateChanged { from: JobState::Queued, to: JobState::Running, reason: None },
+            },
+        });
+        let back: ServerFrame = decode(&encode(&push).unwrap()).unwrap();
+        assert_eq!(back, push);
+    }
+
+    #[test]
+    fn hello_is_a_bare_map() {
+        let bytes = encode(&Handshake::Hello { protocol: 1, client: "x".into() }).unwrap();
+        let v: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(v, serde_json::json!({"type": "hello", "protocol": 1, "client": "x"}));
+    }
+}
