@@ -261,7 +261,7 @@ fn text_candidates(current: &serde_json::Value, text: &str) -> Vec<serde_json::V
         return vec![Value::Array(items)];
     }
     let mut out = Vec::new();
-    if (text.eq_ignore_ascii_case("none") || text.eq_ignore_ascii_case("null")) {
+    if text.eq_ignore_ascii_case("none") || text.eq_ignore_ascii_case("null") {
         out.push(Value::Null);
     }
     if let Ok(v) = text.parse::<u64>() {

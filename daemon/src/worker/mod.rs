@@ -1,0 +1,71 @@
+//! The worker: the synchronous process that trains one job (`lorad worker`).
+//!
+//! `process` is the glue to the daemon (control channel on fd 3, log on stderr); the engine below it is
+//! plain synchronous candle code that knows nothing about the daemon: `train::train` takes a task and a
+//! callback and returns when the adapter is written.
+pub mod adapter;
+pub mod data;
+pub mod lora;
+pub mod model;
+pub mod optim;
+pub mod process;
+pub mod tiny;
+pub mod train;
+
+use lorad_schema::{JobId, MetricPoint, TrainSettings};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Everything a worker needs to train one job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainTask {
+    /// The job.
+    pub job: JobId,
+    /// HF model directory.
+    pub base_model: PathBuf,
+    /// JSONL dataset.
+    pub dataset: PathBuf,
+    /// Where the final adapter (PEFT layout) is written.
+    pub adapter_dir: PathBuf,
+    /// `<state_dir>/jobs/<id>`: scratch space (checkpoints later).
+    pub job_dir: PathBuf,
+    /// Resolved settings.
+    pub settings: TrainSettings,
+}
+
+/// What the engine reports while it trains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TrainEvent {
+    /// A new phase started.
+    Phase {
+        /// Which.
+        phase: Phase,
+    },
+    /// The data is counted: the run will take `total_steps` optimizer steps.
+    Plan {
+        /// Optimizer steps planned.
+        total_steps: u64,
+        /// Training examples.
+        examples: u64,
+        /// Trainable parameters.
+        trainable_params: u64,
+    },
+    /// An optimizer step finished.
+    Step {
+        /// Its metrics.
+        point: MetricPoint,
+    },
+}
+
+/// The worker's phase, for progress and (later) the stall watchdog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Loading model, tokenizer and dataset.
+    Loading,
+    /// Training steps.
+    Training,
+    /// Writing a checkpoint or the adapter.
+    Saving,
+}
