@@ -1,1 +1,76 @@
+//! lorad: a LoRA fine-tuning daemon. See DESIGN.md for the architecture.
+//!
+//! [`run`] is the daemon: it takes its listener and a shutdown token as arguments, so tests and the demo
+//! can run a private daemon on a temp socket.
+#![deny(clippy::unwrap_used)]
 
+pub mod channel;
+pub mod config;
+pub mod core;
+pub mod demo;
+pub mod journal;
+pub mod logs;
+pub mod scheduler;
+pub mod server;
+pub mod state;
+pub mod supervisor;
+pub mod templates;
+pub mod worker;
+
+use crate::core::Core;
+use config::Config;
+use journal::{Journal, JournalError};
+use lorad_schema::JobState;
+use tokio_util::sync::CancellationToken;
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The state directory could not be made.
+    #[error("state dir {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The journal could not be opened or recovered.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+/// Runs the daemon on `listener` until `shutdown` is cancelled (by a signal, a client's `shutdown`
+/// request, or the caller), then stops workers and closes connections.
+pub async fn run(
+    config: Config,
+    listener: interprocess::local_socket::tokio::Listener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let state_dir = config.state_dir.clone();
+    std::fs::create_dir_all(state_dir.join("jobs"))
+        .map_err(|source| RunError::StateDir { path: state_dir.clone(), source })?;
+    let journal_path = config.journal_path();
+    let journal = tokio::task::spawn_blocking(move || Journal::open(&journal_path))
+        .await
+        .map_err(|e| JournalError::Task(e.to_string()))??;
+    let core = Core::new(config, journal, shutdown);
+    recover(&core).await?;
+    tracing::info!(socket = %core.config.socket.display(), state_dir = %state_dir.display(), "lorad ready");
+
+    let supervisor = tokio::spawn(supervisor::run(core.clone()));
+    server::serve(core.clone(), listener).await;
+    let _ = supervisor.await;
+    tracing::info!("lorad stopped");
+    Ok(())
+}
+
+/// Jobs a dead daemon left initializing or running have no worker any more. Until resume from
+/// checkpoints lands they are marked failed, so nothing is left looking alive.
+async fn recover(core: &Core) -> Result<(), JournalError> {
+    let jobs = core.read(|j| j.jobs()).await?;
+    for job in jobs.into_iter().filter(|j| j.state.is_active()) {
+        let reason = Some("interrupted: daemon restarted".to_string());
+        core.transition(job.id, JobState::Failed, reason, |_| {}).await?;
+    }
+    Ok(())
+}

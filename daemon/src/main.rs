@@ -1,1 +1,136 @@
-fn main() {}
+//! `lorad`: the daemon, and its internal `worker`, `demo` and `make-tiny-model` commands.
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use lorad::config::{default_paths, Config, FileConfig};
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "lorad", version, about = "LoRA fine-tuning daemon")]
+struct Cli {
+    /// TOML config file (default: ~/.config/lorad/lorad.toml with --user, /etc/lorad/lorad.toml otherwise, if present).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Socket to listen on.
+    #[arg(long, env = "LORAD_SOCKET")]
+    socket: Option<PathBuf>,
+    /// State directory (journal, job logs, adapters).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Directory to load plugins from (repeatable; plugins arrive in a later release).
+    #[arg(long)]
+    plugin_dir: Vec<PathBuf>,
+    /// Detach from the terminal and run in the background.
+    #[arg(long)]
+    daemonize: bool,
+    /// Run as a per-user daemon ($XDG_RUNTIME_DIR/lorad.sock, $XDG_STATE_HOME/lorad).
+    #[arg(long)]
+    user: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Internal: train one job (started by the daemon with its task on fd 3).
+    #[command(hide = true)]
+    Worker,
+    /// Run a private daemon on a tiny model: submit, watch, print where the adapter is.
+    Demo {
+        /// Keep the demo's files here instead of a new temp dir.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Write a random-initialised tiny Llama in HF layout (for tests and the demo).
+    MakeTinyModel {
+        /// Output directory.
+        dir: PathBuf,
+        /// Seed of the weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Worker) => {
+            init_tracing();
+            let code = lorad::worker::process::run()?;
+            std::process::exit(code);
+        }
+        Some(Command::MakeTinyModel { dir, seed }) => {
+            lorad::worker::tiny::make_tiny_model(&dir, seed)
+                .with_context(|| format!("cannot write the tiny model to {}", dir.display()))?;
+            println!("{}", dir.display());
+            Ok(())
+        }
+        Some(Command::Demo { dir }) => lorad::demo::run(dir),
+        None => serve(cli),
+    }
+}
+
+fn serve(cli: Cli) -> anyhow::Result<()> {
+    let (default_socket, default_state) = default_paths(cli.user)?;
+    let config_path = cli.config.clone().or_else(|| {
+        let p = if cli.user {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/lorad/lorad.toml"))
+        } else {
+            Some(PathBuf::from("/etc/lorad/lorad.toml"))
+        };
+        p.filter(|p| p.exists())
+    });
+    let file = match &config_path {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let socket = cli.socket.or(file.socket).unwrap_or(default_socket);
+    let state_dir = cli.state_dir.or(file.state_dir).unwrap_or(default_state);
+    let mut config = Config::new(socket, state_dir);
+    if let Some(m) = file.max_frame {
+        config.max_frame = m;
+    }
+    if let Some(g) = file.kill_grace_s {
+        config.kill_grace = std::time::Duration::from_secs(g);
+    }
+    if !cli.user {
+        config.socket_mode = 0o660;
+    }
+    if !cli.plugin_dir.is_empty() {
+        eprintln!("lorad: note: --plugin-dir is accepted but plugins are not loaded by this version yet");
+    }
+    if cli.daemonize {
+        daemonize::Daemonize::new().working_directory("/").start().context("cannot daemonize")?;
+    }
+    init_tracing();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = lorad::server::bind(&config.socket, config.socket_mode)
+            .with_context(|| format!("cannot listen on {}", config.socket.display()))?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(on_signals(shutdown.clone()));
+        let socket = config.socket.clone();
+        let result = lorad::run(config, listener, shutdown).await;
+        let _ = std::fs::remove_file(&socket);
+        result.map_err(anyhow::Error::from)
+    })
+}
+
+async fn on_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+}

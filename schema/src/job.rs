@@ -174,6 +174,9 @@ pub struct JobRecord {
     /// The adapter directory once the job completed.
     #[serde(default)]
     pub adapter_dir: Option<String>,
+    /// The pid of the job's current (or last) worker process.
+    #[serde(default)]
+    pub worker_pid: Option<u32>,
 }
 
 /// GPU telemetry at the time of a metric point.

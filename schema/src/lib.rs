@@ -23,7 +23,7 @@ pub use proto::{
     ClientFrame, DaemonStatus, DeviceInfo, Handshake, Push, Reply, Request, Response, ServerFrame,
     Template, PROTOCOL_VERSION,
 };
-pub use settings::{Schedule, SettingError, TrainSettings};
+pub use settings::{DType, Schedule, SettingError, TrainSettings, TARGET_MODULES};
 
 /// Milliseconds since the Unix epoch, the time unit of every timestamp on the wire.
 pub fn now_ms() -> u64 {

@@ -1,1 +1,169 @@
+//! Test support: a real `lorad` daemon in a temp dir, and the files a job needs.
+//!
+//! [`TestDaemon`] starts the `lorad` binary built by this workspace on a temp socket and state dir,
+//! waits until it answers, and kills it on drop. Tests drive it through `lorad-client`, as users do.
+use lorad_client::blocking::Client;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
+/// A binary of this workspace (`lorad`, `loractl`): `$LORAD_BIN_DIR/<name>`, or next to the test
+/// executable's `deps/` directory (where `cargo test` puts the workspace's binaries).
+pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("LORAD_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is not built; run the tests with `cargo test --workspace`", path.display());
+    path
+}
+
+/// A running daemon owned by a test.
+pub struct TestDaemon {
+    /// Holds the socket, state dir and anything else the test writes.
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl TestDaemon {
+    /// Starts a daemon in a new temp dir.
+    pub fn start() -> TestDaemon {
+        let dir = tempfile::Builder::new().prefix("lorad-test-").tempdir().expect("tempdir");
+        let mut d = TestDaemon { dir, child: None };
+        d.restart();
+        d
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("lorad.sock")
+    }
+
+    /// The state dir.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("daemon not running")
+    }
+
+    /// Starts the daemon (again) on the same socket and state dir, and waits until it answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .expect("daemon.log");
+        let child = Command::new(bin("lorad"))
+            .arg("--user")
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .env("RUST_LOG", "lorad=debug,info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn lorad");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(c) = Client::connect(self.socket()) {
+                if c.status().is_ok() {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("lorad exited during start ({status}); log:\n{}", self.daemon_log());
+            }
+            assert!(Instant::now() < deadline, "lorad did not answer within 30 s; log:\n{}", self.daemon_log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A new client connection.
+    pub fn client(&self) -> Client {
+        Client::connect(self.socket()).expect("connect")
+    }
+
+    /// `kill -9` of the daemon (its workers notice and exit by themselves).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait (up to 30 s, then SIGKILL).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The daemon's own log so far (for assertion messages).
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The tiny model, made once per test process with `lorad make-tiny-model` (seed 0).
+pub fn tiny_model() -> &'static Path {
+    static MODEL: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, path) = MODEL.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("lorad-tiny-").tempdir().expect("tempdir");
+        let path = dir.path().join("tiny-model");
+        let out = Command::new(bin("lorad")).arg("make-tiny-model").arg(&path).output().expect("make-tiny-model");
+        assert!(out.status.success(), "make-tiny-model failed: {}", String::from_utf8_lossy(&out.stderr));
+        (dir, path)
+    });
+    path
+}
+
+/// 64 short regular sentences as `{"text"}` JSONL, the dataset of the end-to-end tests.
+pub fn write_dataset(path: &Path, lines: usize) {
+    let names = ["Ada", "Bram", "Chen", "Dara", "Emil", "Fia", "Gus", "Hana"];
+    let things = ["red kite", "blue boat", "green lamp", "gold ring", "old map", "tin drum", "silk fan", "oak desk"];
+    let mut text = String::new();
+    for i in 0..lines {
+        let (name, thing) = (names[i % 8], things[(i / 8) % 8]);
+        let line = format!("{name} keeps {} of the {thing} in the lorad lab.", (i % 5) + 2);
+        text.push_str(&serde_json::json!({ "text": line }).to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text).expect("write dataset");
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state is the field after the parenthesised command name.
+            let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
+            state != Some("Z")
+        }
+        Err(_) => false,
+    }
+}

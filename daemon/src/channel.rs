@@ -1,0 +1,49 @@
+//! The private control channel between the supervisor and a worker process.
+//!
+//! The supervisor creates a Unix socketpair and hands one end to the worker as file descriptor
+//! [`CONTROL_FD`]; both sides use the wire framing of `lorad_schema::frame` with these messages. The
+//! worker's stderr is its log; this channel carries only structured messages.
+use crate::worker::{TrainEvent, TrainTask};
+use serde::{Deserialize, Serialize};
+
+/// The descriptor number of the control socket in the worker.
+pub const CONTROL_FD: i32 = 3;
+
+/// Supervisor -> worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToWorker {
+    /// Train this task (the first and, for now, only command).
+    Train {
+        /// The task.
+        task: TrainTask,
+    },
+}
+
+/// Worker -> supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromWorker {
+    /// The worker is up and read its task.
+    Ready {
+        /// Its pid.
+        pid: u32,
+    },
+    /// Progress from the engine.
+    Train {
+        /// What happened.
+        event: TrainEvent,
+    },
+    /// Training finished and the adapter is written.
+    Finished {
+        /// Where.
+        adapter_dir: String,
+        /// Optimizer steps done.
+        steps: u64,
+    },
+    /// Training failed; the worker exits non-zero after this.
+    Failed {
+        /// The error, naming the file, line, field or tensor at fault.
+        message: String,
+    },
+}

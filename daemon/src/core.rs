@@ -1,0 +1,131 @@
+//! The daemon's shared state: config, journal, the live event bus and the supervisor's handle.
+use crate::config::Config;
+use crate::journal::{Journal, JournalError};
+use lorad_schema::{Event, JobId, JobRecord, JobState};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::{broadcast, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// A running worker as the rest of the daemon sees it.
+#[derive(Debug, Clone)]
+pub struct WorkerHandle {
+    /// The worker's pid.
+    pub pid: u32,
+    /// Cancelled to make the supervisor stop the worker.
+    pub stop: CancellationToken,
+}
+
+/// State shared by every task of the daemon.
+pub struct Core {
+    /// Configuration.
+    pub config: Config,
+    journal: Journal,
+    /// Serialises journal writes with the publication of their events, so live subscribers see events
+    /// in seq order.
+    write_lock: Arc<Mutex<()>>,
+    events: broadcast::Sender<Event>,
+    /// Wakes the supervisor when the queue may have changed.
+    pub kick: Notify,
+    /// Cancelled when the daemon shuts down.
+    pub shutdown: CancellationToken,
+    /// Workers by job.
+    pub workers: Mutex<HashMap<JobId, WorkerHandle>>,
+    started: Instant,
+    next_sub: AtomicU64,
+}
+
+impl Core {
+    /// Wraps an opened journal.
+    pub fn new(config: Config, journal: Journal, shutdown: CancellationToken) -> Arc<Core> {
+        let (events, _) = broadcast::channel(1024);
+        Arc::new(Core {
+            config,
+            journal,
+            write_lock: Arc::new(Mutex::new(())),
+            events,
+            kick: Notify::new(),
+            shutdown,
+            workers: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            next_sub: AtomicU64::new(1),
+        })
+    }
+
+    /// Runs a read of the journal on the blocking pool.
+    pub async fn read<R, F>(&self, f: F) -> Result<R, JournalError>
+    where
+        F: FnOnce(&Journal) -> Result<R, JournalError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let journal = self.journal.clone();
+        tokio::task::spawn_blocking(move || f(&journal)).await.map_err(join_error)?
+    }
+
+    /// Runs a journal write on the blocking pool; the events it returns are published to live
+    /// subscribers after the commit, in seq order.
+    pub async fn write<R, F>(&self, f: F) -> Result<R, JournalError>
+    where
+        F: FnOnce(&Journal) -> Result<(R, Vec<Event>), JournalError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let journal = self.journal.clone();
+        let lock = self.write_lock.clone();
+        let events = self.events.clone();
+        tokio::task::spawn_blocking(move || {
+            let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let (out, published) = f(&journal)?;
+            for e in published {
+                // No receivers is fine: nobody is watching.
+                let _ = events.send(e);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(join_error)?
+    }
+
+    /// Moves a job to `to` (checked and committed) and publishes the event.
+    pub async fn transition(
+        &self,
+        id: JobId,
+        to: JobState,
+        reason: Option<String>,
+        edit: impl FnOnce(&mut JobRecord) + Send + 'static,
+    ) -> Result<JobRecord, JournalError> {
+        let job = self
+            .write(move |j| {
+                let (job, event) = j.transition(id, to, reason, edit)?;
+                Ok((job, vec![event]))
+            })
+            .await?;
+        tracing::info!(job = %id, state = %job.state, reason = job.reason.as_deref().unwrap_or(""), "job state");
+        Ok(job)
+    }
+
+    /// A receiver of live events (subscribe before replaying the journal, so nothing falls between).
+    pub fn live_events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// A fresh subscription id.
+    pub fn next_sub_id(&self) -> u64 {
+        self.next_sub.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Seconds since the daemon started.
+    pub fn uptime_s(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
+    /// The handle of the worker running `job`, if any.
+    pub fn worker(&self, job: JobId) -> Option<WorkerHandle> {
+        self.workers.lock().ok().and_then(|w| w.get(&job).cloned())
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> JournalError {
+    JournalError::Task(e.to_string())
+}

@@ -1,0 +1,130 @@
+//! `lorad demo`: a private daemon on a temp socket, the tiny model and a small built-in dataset; submits
+//! one job, shows its progress until it completes, and prints where the adapter is.
+use crate::config::Config;
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use lorad_schema::{EventBody, JobSpec, JobState};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The demo's dataset: 64 short, regular sentences, enough for a tiny model to visibly learn.
+pub fn demo_dataset() -> Vec<String> {
+    let names = ["Ada", "Bram", "Chen", "Dara", "Emil", "Fia", "Gus", "Hana"];
+    let things = ["red kite", "blue boat", "green lamp", "gold ring", "old map", "tin drum", "silk fan", "oak desk"];
+    let mut lines = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        for (k, thing) in things.iter().enumerate() {
+            let count = (i + k) % 5 + 2;
+            lines.push(format!("{name} keeps {count} of the {thing} in the lorad lab."));
+        }
+    }
+    lines
+}
+
+/// Writes the demo dataset as `{"text": ...}` lines.
+pub fn write_dataset(path: &Path) -> std::io::Result<()> {
+    let mut text = String::new();
+    for line in demo_dataset() {
+        text.push_str(&serde_json::json!({ "text": line }).to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text)
+}
+
+/// Runs the demo in `dir` (a new temp dir if None), keeping its files.
+pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let dir = match dir {
+        Some(d) => {
+            std::fs::create_dir_all(&d)?;
+            d
+        }
+        None => tempfile::Builder::new().prefix("lorad-demo-").tempdir()?.keep(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+
+    let model = dir.join("tiny-model");
+    let data = dir.join("demo.jsonl");
+    println!("lorad demo in {}", dir.display());
+    crate::worker::tiny::make_tiny_model(&model, 0).context("cannot make the tiny model")?;
+    write_dataset(&data)?;
+    println!("  model:   {} (random tiny Llama)", model.display());
+    println!("  dataset: {} ({} lines)", data.display(), demo_dataset().len());
+
+    let config = Config::new(dir.join("lorad.sock"), dir.join("state"));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = crate::server::bind(&config.socket, config.socket_mode)?;
+        let socket = config.socket.clone();
+        let shutdown = CancellationToken::new();
+        let daemon = tokio::spawn(crate::run(config, listener, shutdown.clone()));
+        let result = drive(&socket, &model, &data).await;
+        shutdown.cancel();
+        let _ = daemon.await;
+        let _ = std::fs::remove_file(&socket);
+        result
+    })?;
+    println!("demo finished in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+async fn drive(socket: &Path, model: &Path, data: &Path) -> anyhow::Result<()> {
+    let client = lorad_client::Client::connect(socket).await?;
+    let overrides: BTreeMap<String, String> =
+        [("lr", "3e-3"), ("epochs", "4"), ("batch_size", "8"), ("warmup_steps", "2"), ("lora_dropout", "0")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    let spec = JobSpec {
+        name: Some("demo".into()),
+        template: "basic-fine-tune".into(),
+        base_model: model.display().to_string(),
+        dataset: data.display().to_string(),
+        overrides,
+        ..JobSpec::default()
+    };
+    let job = client.submit(spec).await?;
+    println!("submitted job {} (template {}, {} overrides)", job.id, job.template, job.overrides.len());
+
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("  [{bar:30}] {pos}/{len} steps  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut sub = client.subscribe(Some(job.id), 0).await?;
+    let final_state = loop {
+        let Some(event) = sub.next().await else { bail!("the daemon closed the connection") };
+        match event.body {
+            EventBody::Metrics { point } => {
+                if bar.length() == Some(0) {
+                    let total = client.get(job.id).await?.progress.total_steps;
+                    bar.set_length(total);
+                }
+                bar.set_position(point.step);
+                bar.set_message(format!("loss {:.3}  {:.0} tok/s", point.loss, point.tokens_per_s));
+            }
+            EventBody::StateChanged { to, reason, .. } => {
+                bar.println(format!("  state: {to}{}", reason.map(|r| format!(" ({r})")).unwrap_or_default()));
+                if to.is_terminal() {
+                    break to;
+                }
+            }
+            _ => {}
+        }
+    };
+    bar.finish_and_clear();
+    let job = client.get(job.id).await?;
+    if final_state != JobState::Completed {
+        bail!("job {} ended {}: {}", job.id, final_state, job.reason.unwrap_or_default());
+    }
+    let points = client.metrics(job.id, None).await?;
+    if let (Some(first), Some(last)) = (points.first(), points.last()) {
+        println!("loss {:.3} -> {:.3} over {} steps", first.loss, last.loss, points.len());
+    }
+    println!("adapter (HF PEFT layout): {}", job.adapter_dir.unwrap_or(job.output_dir));
+    Ok(())
+}

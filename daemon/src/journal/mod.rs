@@ -1,0 +1,263 @@
+//! The crash-safe job journal in redb: jobs, events and metric points.
+//!
+//! Every state change is one write transaction that reads the job, checks the transition, writes the
+//! job and appends its event; it is committed (fsynced) before the caller acknowledges anything. The
+//! methods are synchronous: async code calls them through `Core::journal` (spawn_blocking).
+mod tables;
+
+use crate::state::{self, InvalidTransition};
+use lorad_schema::{frame, now_ms, Event, EventBody, JobId, JobRecord, JobState, MetricPoint};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
+use std::path::Path;
+use std::sync::Arc;
+use tables::*;
+
+/// Why a journal operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JournalError {
+    /// The database failed (I/O, corruption, ...).
+    #[error("journal: {0}")]
+    Db(#[from] redb::Error),
+    /// A stored value does not decode.
+    #[error("journal: corrupt record {what}: {detail}")]
+    Corrupt {
+        /// Which record.
+        what: String,
+        /// Decoder's message.
+        detail: String,
+    },
+    /// The journal was written by a newer lorad.
+    #[error("journal schema version {found} is newer than this lorad supports ({supported})")]
+    TooNew {
+        /// In the file.
+        found: u64,
+        /// Ours.
+        supported: u64,
+    },
+    /// No such job.
+    #[error("no job {0}")]
+    NotFound(JobId),
+    /// The blocking task running the operation panicked or was cancelled.
+    #[error("journal task failed: {0}")]
+    Task(String),
+    /// The state machine refused.
+    #[error(transparent)]
+    Transition(#[from] InvalidTransition),
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(impl From<$t> for JournalError {
+        fn from(e: $t) -> Self { JournalError::Db(e.into()) }
+    })*};
+}
+db_err!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+/// A handle to the journal; cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    db: Arc<Database>,
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, JournalError> {
+    frame::encode(v).map_err(|e| JournalError::Corrupt { what: "encode".into(), detail: e.to_string() })
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: impl Fn() -> String, bytes: &[u8]) -> Result<T, JournalError> {
+    frame::decode(bytes).map_err(|e| JournalError::Corrupt { what: what(), detail: e.to_string() })
+}
+
+fn next_counter(txn: &WriteTransaction, key: &str, first: u64) -> Result<u64, JournalError> {
+    let mut meta = txn.open_table(META)?;
+    let value = meta.get(key)?.map(|v| v.value()).unwrap_or(first);
+    meta.insert(key, value + 1)?;
+    Ok(value)
+}
+
+fn append_event(txn: &WriteTransaction, job: Option<JobId>, body: EventBody) -> Result<Event, JournalError> {
+    let seq = next_counter(txn, meta::NEXT_SEQ, 1)?;
+    let event = Event { seq, job, at_ms: now_ms(), body };
+    txn.open_table(EVENTS)?.insert(seq, encode(&event)?.as_slice())?;
+    Ok(event)
+}
+
+fn read_job(txn: &WriteTransaction, id: JobId) -> Result<JobRecord, JournalError> {
+    let jobs = txn.open_table(JOBS)?;
+    let bytes = jobs.get(id.0)?.ok_or(JournalError::NotFound(id))?;
+    decode(|| format!("job {id}"), bytes.value())
+}
+
+fn write_job(txn: &WriteTransaction, job: &JobRecord) -> Result<(), JournalError> {
+    txn.open_table(JOBS)?.insert(job.id.0, encode(job)?.as_slice())?;
+    Ok(())
+}
+
+impl Journal {
+    /// Opens (or creates) the journal at `path`.
+    pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let version = meta.get(meta::SCHEMA_VERSION)?.map(|v| v.value());
+            match version {
+                Some(v) if v > SCHEMA_VERSION => {
+                    return Err(JournalError::TooNew { found: v, supported: SCHEMA_VERSION });
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert(meta::SCHEMA_VERSION, SCHEMA_VERSION)?;
+                }
+            }
+            txn.open_table(JOBS)?;
+            txn.open_table(EVENTS)?;
+            txn.open_table(METRICS)?;
+        }
+        txn.commit()?;
+        Ok(Journal { db: Arc::new(db) })
+    }
+
+    /// Allocates the next id, stores the job `make(id)` returns, and logs a notice event.
+    pub fn insert_job(&self, make: impl FnOnce(JobId) -> JobRecord) -> Result<(JobRecord, Event), JournalError> {
+        let txn = self.db.begin_write()?;
+        let id = JobId(next_counter(&txn, meta::NEXT_JOB, 1)?);
+        let job = make(id);
+        write_job(&txn, &job)?;
+        let event = append_event(&txn, Some(id), EventBody::Notice { level: "info".into(), text: format!("job {id} submitted: {}", job.name) })?;
+        txn.commit()?;
+        Ok((job, event))
+    }
+
+    /// Moves job `id` to `to`, checked by the state machine, with `edit` applied to the record in the
+    /// same transaction. Returns the new record and the `state_changed` event.
+    pub fn transition(
+        &self,
+        id: JobId,
+        to: JobState,
+        reason: Option<String>,
+        edit: impl FnOnce(&mut JobRecord),
+    ) -> Result<(JobRecord, Event), JournalError> {
+        let txn = self.db.begin_write()?;
+        let mut job = read_job(&txn, id)?;
+        let from = job.state;
+        state::check(from, to)?;
+        let now = now_ms();
+        job.state = to;
+        job.reason = reason.clone();
+        match to {
+            JobState::Initializing => job.started_at_ms = Some(now),
+            s if s.is_terminal() => job.finished_at_ms = Some(now),
+            _ => {}
+        }
+        edit(&mut job);
+        write_job(&txn, &job)?;
+        let event = append_event(&txn, Some(id), EventBody::StateChanged { from, to, reason })?;
+        txn.commit()?;
+        Ok((job, event))
+    }
+
+    /// Changes a job's record without a state change (progress totals and the like).
+    pub fn update_job(&self, id: JobId, edit: impl FnOnce(&mut JobRecord)) -> Result<JobRecord, JournalError> {
+        let txn = self.db.begin_write()?;
+        let mut job = read_job(&txn, id)?;
+        edit(&mut job);
+        write_job(&txn, &job)?;
+        txn.commit()?;
+        Ok(job)
+    }
+
+    /// Stores a metric point once per (job, step), updates the job's progress, and logs a metrics event.
+    /// A point for a step already stored is ignored (returns None), so a replayed step never counts twice.
+    pub fn record_metric(&self, id: JobId, point: MetricPoint) -> Result<Option<(JobRecord, Event)>, JournalError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut metrics = txn.open_table(METRICS)?;
+            if metrics.get((id.0, point.step))?.is_some() {
+                return Ok(None);
+            }
+            metrics.insert((id.0, point.step), encode(&point)?.as_slice())?;
+        }
+        let mut job = read_job(&txn, id)?;
+        let p = &mut job.progress;
+        p.step = point.step;
+        p.epoch = point.epoch;
+        p.loss = Some(point.loss);
+        p.active_s += point.step_ms / 1000.0;
+        if p.total_steps > p.step && point.step_ms > 0.0 {
+            p.eta_s = Some((p.total_steps - p.step) as f64 * point.step_ms / 1000.0);
+        } else {
+            p.eta_s = Some(0.0);
+        }
+        write_job(&txn, &job)?;
+        let event = append_event(&txn, Some(id), EventBody::Metrics { point })?;
+        txn.commit()?;
+        Ok(Some((job, event)))
+    }
+
+    /// One job.
+    pub fn job(&self, id: JobId) -> Result<JobRecord, JournalError> {
+        let txn = self.db.begin_read()?;
+        let jobs = txn.open_table(JOBS)?;
+        let bytes = jobs.get(id.0)?.ok_or(JournalError::NotFound(id))?;
+        decode(|| format!("job {id}"), bytes.value())
+    }
+
+    /// All jobs in id order.
+    pub fn jobs(&self) -> Result<Vec<JobRecord>, JournalError> {
+        let txn = self.db.begin_read()?;
+        let jobs = txn.open_table(JOBS)?;
+        let mut out = Vec::new();
+        for row in jobs.iter()? {
+            let (k, v) = row?;
+            out.push(decode(|| format!("job {}", k.value()), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// A job's metric points with `step > since`, in step order.
+    pub fn metrics(&self, id: JobId, since: Option<u64>) -> Result<Vec<MetricPoint>, JournalError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(METRICS)?;
+        let start = since.map(|s| s.saturating_add(1)).unwrap_or(0);
+        let mut out = Vec::new();
+        for row in table.range((id.0, start)..=(id.0, u64::MAX))? {
+            let (k, v) = row?;
+            out.push(decode(|| format!("metric {:?}", k.value()), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` events with `seq > since`, optionally of one job, in seq order.
+    pub fn events_since(&self, since: u64, job: Option<JobId>, limit: usize) -> Result<Vec<Event>, JournalError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for row in table.range(since.saturating_add(1)..)? {
+            let (k, v) = row?;
+            let event: Event = decode(|| format!("event {}", k.value()), v.value())?;
+            if job.is_none() || event.job == job {
+                out.push(event);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The seq of the newest event (0 if none).
+    pub fn last_seq(&self) -> Result<u64, JournalError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(meta.get(meta::NEXT_SEQ)?.map(|v| v.value().saturating_sub(1)).unwrap_or(0))
+    }
+
+    /// Number of jobs.
+    pub fn job_count(&self) -> Result<u64, JournalError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(JOBS)?.len()?)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,51 @@
+//! Scheduling decisions, free of I/O: which queued job runs next.
+use lorad_schema::{JobId, JobRecord, JobState};
+
+/// The queued job to start next: highest priority first, then the oldest (lowest id).
+pub fn next_job<'a>(jobs: impl IntoIterator<Item = &'a JobRecord>) -> Option<JobId> {
+    jobs.into_iter()
+        .filter(|j| j.state == JobState::Queued)
+        .min_by_key(|j| (std::cmp::Reverse(j.priority), j.id))
+        .map(|j| j.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lorad_schema::{Progress, TrainSettings};
+
+    fn job(id: u64, state: JobState, priority: i32) -> JobRecord {
+        JobRecord {
+            id: JobId(id),
+            name: format!("j{id}"),
+            state,
+            reason: None,
+            owner_uid: 0,
+            priority,
+            template: "t".into(),
+            base_model: "m".into(),
+            dataset: "d".into(),
+            output_dir: "o".into(),
+            settings: TrainSettings::default(),
+            overrides: Default::default(),
+            progress: Progress::default(),
+            created_at_ms: 0,
+            started_at_ms: None,
+            finished_at_ms: None,
+            adapter_dir: None,
+            worker_pid: None,
+        }
+    }
+
+    #[test]
+    fn priority_then_age() {
+        let jobs = [job(1, JobState::Queued, 0), job(2, JobState::Queued, 5), job(3, JobState::Queued, 5)];
+        assert_eq!(next_job(&jobs), Some(JobId(2)));
+    }
+
+    #[test]
+    fn only_queued_jobs_run() {
+        let jobs = [job(1, JobState::Completed, 9), job(2, JobState::Paused, 9), job(3, JobState::Running, 0)];
+        assert_eq!(next_job(&jobs), None);
+    }
+}

@@ -1,0 +1,87 @@
+//! Request handlers, one file per request, dispatched from one exhaustive match.
+mod cancel;
+mod get;
+mod list;
+mod logs;
+mod metrics;
+mod shutdown;
+mod status;
+mod submit;
+mod subscribe;
+mod templates;
+
+use super::connection::Conn;
+use crate::core::Core;
+use crate::journal::JournalError;
+use lorad_schema::{ErrorCode, JobId, JobRecord, Request, Response, WireError};
+
+/// The connected process, from SO_PEERCRED.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// Effective uid.
+    pub uid: u32,
+    /// Pid (0 if unknown).
+    pub pid: u32,
+}
+
+impl Peer {
+    /// A peer.
+    pub fn new(uid: u32, pid: u32) -> Peer {
+        Peer { uid, pid }
+    }
+
+    /// Root and the daemon's own user may see and control every job.
+    pub fn is_admin(&self) -> bool {
+        self.uid == 0 || self.uid == nix::unistd::geteuid().as_raw()
+    }
+
+    /// Whether this peer may see and control `job`.
+    pub fn may_access(&self, job: &JobRecord) -> bool {
+        self.is_admin() || job.owner_uid == self.uid
+    }
+}
+
+/// Answers one request.
+pub async fn dispatch(core: &std::sync::Arc<Core>, conn: &mut Conn, req: Request) -> Result<Response, WireError> {
+    let kind = req.kind();
+    let result = match req {
+        Request::Status => status::handle(core).await,
+        Request::Templates => templates::handle(),
+        Request::Submit(spec) => submit::handle(core, conn.peer, spec).await,
+        Request::List { state, all } => list::handle(core, conn.peer, state, all).await,
+        Request::Get { job } => get::handle(core, conn.peer, job).await,
+        Request::Cancel { job } => cancel::handle(core, conn.peer, job).await,
+        Request::Metrics { job, since_step } => metrics::handle(core, conn.peer, job, since_step).await,
+        Request::Logs { job, offset, max_bytes } => logs::handle(core, conn.peer, job, offset, max_bytes).await,
+        Request::Subscribe { job, since_seq } => subscribe::subscribe(core, conn, job, since_seq).await,
+        Request::Unsubscribe { sub } => subscribe::unsubscribe(conn, sub),
+        Request::Shutdown => shutdown::handle(core, conn.peer),
+    };
+    if let Err(e) = &result {
+        tracing::debug!(request = kind, uid = conn.peer.uid, code = %e.code, message = %e.message, "request refused");
+    }
+    result
+}
+
+/// Maps a journal error onto the wire's closed codes.
+pub fn journal_error(e: JournalError) -> WireError {
+    match e {
+        JournalError::NotFound(id) => WireError::new(ErrorCode::NotFound, format!("no job {id}")),
+        JournalError::Transition(t) => WireError::new(ErrorCode::InvalidState, t.to_string()),
+        other => {
+            tracing::error!(error = %other, "journal failure");
+            WireError::new(ErrorCode::Internal, other.to_string())
+        }
+    }
+}
+
+/// The job `id` if it exists and `peer` may access it. Another user's job reads as not found, so ids
+/// leak nothing.
+pub async fn job_for(core: &Core, peer: Peer, id: JobId) -> Result<JobRecord, WireError> {
+    let job = core.read(move |j| j.job(id)).await.map_err(journal_error)?;
+    if peer.may_access(&job) {
+        Ok(job)
+    } else {
+        Err(WireError::new(ErrorCode::PermissionDenied, format!("job {id} belongs to another user")))
+    }
+}

@@ -1,0 +1,224 @@
+//! One attempt of one job: spawn `lorad worker`, feed it its task, record what it reports, and record
+//! how it ended.
+use crate::channel::{FromWorker, ToWorker, CONTROL_FD};
+use crate::core::{Core, WorkerHandle};
+use crate::logs;
+use crate::worker::{Phase, TrainEvent, TrainTask};
+use command_fds::{CommandFdExt, FdMapping};
+use lorad_schema::{frame, JobId, JobRecord, JobState};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use tokio::net::UnixStream;
+use tokio::process::Child;
+use tokio_util::sync::CancellationToken;
+
+/// Why a worker could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// A process or file operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The control descriptor could not be mapped.
+    #[error("cannot pass the control channel: {0}")]
+    Fd(String),
+    /// The task could not be sent.
+    #[error("cannot send the task: {0}")]
+    Frame(#[from] frame::FrameError),
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> SpawnError {
+    move |source| SpawnError::Io { what, source }
+}
+
+/// A started worker.
+pub struct Running {
+    child: Child,
+    control: UnixStream,
+    stop: CancellationToken,
+}
+
+/// Starts the worker for `job` and registers it in `core.workers`.
+pub async fn spawn(core: &Core, job: &JobRecord) -> Result<Running, SpawnError> {
+    let job_dir = core.config.job_dir(job.id);
+    let log_path = logs::log_path(&job_dir);
+    let separator = logs::separator(job.progress.restarts + 1, "fresh start");
+    let log = {
+        let log_path = log_path.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+            logs::append(&log_path, separator.as_bytes())?;
+            std::fs::OpenOptions::new().append(true).open(&log_path)
+        })
+        .await
+        .map_err(|e| SpawnError::Io { what: "open job.log", source: std::io::Error::other(e) })?
+        .map_err(io("open job.log"))?
+    };
+
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(io("socketpair"))?;
+    let mut cmd = tokio::process::Command::new(&core.config.worker_exe);
+    cmd.arg("worker")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(io("dup job.log"))?)
+        .stderr(log)
+        .env("RUST_LOG", std::env::var("LORAD_WORKER_LOG").unwrap_or_else(|_| "info".into()))
+        .env_remove("LORAD_SOCKET")
+        .process_group(0)
+        .kill_on_drop(true);
+    cmd.fd_mappings(vec![FdMapping { parent_fd: theirs.into(), child_fd: CONTROL_FD }])
+        .map_err(|e| SpawnError::Fd(e.to_string()))?;
+    let child = cmd.spawn().map_err(io("spawn lorad worker"))?;
+    // Drop our copy of the worker's end, so that its exit closes the channel.
+    drop(cmd);
+    let pid = child.id().unwrap_or(0);
+
+    ours.set_nonblocking(true).map_err(io("control channel"))?;
+    let mut control = UnixStream::from_std(ours).map_err(io("control channel"))?;
+    let task = TrainTask {
+        job: job.id,
+        base_model: PathBuf::from(&job.base_model),
+        dataset: PathBuf::from(&job.dataset),
+        adapter_dir: PathBuf::from(&job.output_dir),
+        job_dir,
+        settings: job.settings.clone(),
+    };
+    frame::write_msg_async(&mut control, &ToWorker::Train { task }).await?;
+
+    let stop = CancellationToken::new();
+    if let Ok(mut workers) = core.workers.lock() {
+        workers.insert(job.id, WorkerHandle { pid, stop: stop.clone() });
+    }
+    tracing::info!(job = %job.id, pid, "worker started");
+    Ok(Running { child, control, stop })
+}
+
+/// Follows the worker until it exits, recording its reports; stops it when asked.
+pub async fn watch(core: Arc<Core>, id: JobId, mut running: Running) {
+    let mut failure: Option<String> = None;
+    let mut finished = false;
+    let mut stopped = false;
+    loop {
+        let msg = tokio::select! {
+            msg = frame::read_msg_async::<FromWorker, _>(&mut running.control, frame::MAX_FRAME) => msg,
+            _ = running.stop.cancelled(), if !stopped => {
+                stopped = true;
+                terminate(&mut running.child, core.config.kill_grace).await;
+                continue;
+            }
+        };
+        match msg {
+            Ok(msg) => handle(&core, id, msg, &mut failure, &mut finished).await,
+            Err(frame::FrameError::Closed) => break,
+            Err(e) => {
+                tracing::warn!(job = %id, error = %e, "worker channel broke");
+                break;
+            }
+        }
+    }
+    if !stopped {
+        // The channel closed: the worker is exiting. Still honour a stop that arrives meanwhile.
+        tokio::select! {
+            _ = running.child.wait() => {}
+            _ = running.stop.cancelled() => terminate(&mut running.child, core.config.kill_grace).await,
+        }
+    }
+    let status = running.child.wait().await;
+    let how = match &status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(0), _) => "exited normally".to_string(),
+            (Some(c), _) => format!("exited with code {c}"),
+            (None, Some(sig)) => format!("was killed by signal {sig}{}", signal_name(sig)),
+            _ => "ended".to_string(),
+        },
+        Err(e) => format!("could not be waited for: {e}"),
+    };
+    tracing::info!(job = %id, "worker {how}");
+    if finished || core.shutdown.is_cancelled() {
+        return;
+    }
+    // The job may already be cancelled (that is why the worker was stopped); then this is refused.
+    let reason = match failure {
+        Some(msg) => msg,
+        None => format!("worker {how} before finishing"),
+    };
+    if let Ok(job) = core.read(move |j| j.job(id)).await {
+        if job.state.is_active() {
+            if let Err(e) = core.transition(id, JobState::Failed, Some(reason), |_| {}).await {
+                tracing::error!(job = %id, error = %e, "cannot record the failure");
+            }
+        }
+    }
+}
+
+async fn handle(core: &Core, id: JobId, msg: FromWorker, failure: &mut Option<String>, finished: &mut bool) {
+    let result = match msg {
+        FromWorker::Ready { pid } => {
+            tracing::debug!(job = %id, pid, "worker ready");
+            core.write(move |j| Ok((j.update_job(id, |job| job.worker_pid = Some(pid))?, vec![]))).await.map(|_| ())
+        }
+        FromWorker::Train { event: TrainEvent::Phase { phase: Phase::Training } } => {
+            let job = core.read(move |j| j.job(id)).await;
+            match job {
+                Ok(job) if job.state == JobState::Initializing => {
+                    core.transition(id, JobState::Running, None, |_| {}).await.map(|_| ())
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+        FromWorker::Train { event: TrainEvent::Phase { .. } } => Ok(()),
+        FromWorker::Train { event: TrainEvent::Plan { total_steps, .. } } => {
+            core.write(move |j| Ok((j.update_job(id, |job| job.progress.total_steps = total_steps)?, vec![])))
+                .await
+                .map(|_| ())
+        }
+        FromWorker::Train { event: TrainEvent::Step { point } } => {
+            core.write(move |j| {
+                Ok(match j.record_metric(id, point)? {
+                    Some((_, event)) => ((), vec![event]),
+                    None => ((), vec![]),
+                })
+            })
+            .await
+        }
+        FromWorker::Finished { adapter_dir, steps } => {
+            *finished = true;
+            core.transition(id, JobState::Completed, Some(format!("trained {steps} steps")), move |job| {
+                job.adapter_dir = Some(adapter_dir);
+                job.progress.eta_s = Some(0.0);
+            })
+            .await
+            .map(|_| ())
+        }
+        FromWorker::Failed { message } => {
+            *failure = Some(message);
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        // E.g. a step reported after the job was cancelled: the journal refuses, nothing to do.
+        tracing::debug!(job = %id, error = %e, "worker report not recorded");
+    }
+}
+
+/// SIGTERM to the worker's process group, SIGKILL after `grace`.
+async fn terminate(child: &mut Child, grace: std::time::Duration) {
+    use nix::sys::signal::{killpg, Signal};
+    use nix::unistd::Pid;
+    let Some(pid) = child.id() else { return };
+    let group = Pid::from_raw(pid as i32);
+    let _ = killpg(group, Signal::SIGTERM);
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = killpg(group, Signal::SIGKILL);
+        let _ = child.wait().await;
+    }
+}
+
+fn signal_name(sig: i32) -> String {
+    nix::sys::signal::Signal::try_from(sig).map(|s| format!(" ({s})")).unwrap_or_default()
+}

@@ -1,0 +1,82 @@
+//! The supervisor: starts the next queued job when the device is free, and stops workers on request.
+//!
+//! One job runs at a time (one device). The loop sleeps until something kicks it (a submit, a worker
+//! that ended, a cancel) and never polls.
+mod attempt;
+
+use crate::core::Core;
+use crate::scheduler;
+use lorad_schema::{JobId, JobState};
+use std::sync::Arc;
+use tokio_util::task::TaskTracker;
+
+/// Runs until the daemon shuts down; then stops every worker and waits for them.
+pub async fn run(core: Arc<Core>) {
+    let tracker = TaskTracker::new();
+    loop {
+        if core.shutdown.is_cancelled() {
+            break;
+        }
+        let idle = core.workers.lock().map(|w| w.is_empty()).unwrap_or(false);
+        if idle {
+            match core.read(|j| j.jobs()).await {
+                Ok(jobs) => {
+                    if let Some(id) = scheduler::next_job(&jobs) {
+                        start(&core, &tracker, id).await;
+                        continue;
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot read the queue"),
+            }
+        }
+        tokio::select! {
+            _ = core.kick.notified() => {}
+            _ = core.shutdown.cancelled() => break,
+        }
+    }
+    // Shutdown: stop the workers. Their jobs stay initializing/running in the journal, and the next
+    // start of the daemon deals with them (recovery).
+    if let Ok(workers) = core.workers.lock() {
+        for handle in workers.values() {
+            handle.stop.cancel();
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId) {
+    let job = match core.transition(id, JobState::Initializing, None, |_| {}).await {
+        Ok(job) => job,
+        Err(e) => {
+            // Cancelled between the read and now: nothing to start.
+            tracing::warn!(job = %id, error = %e, "cannot start job");
+            return;
+        }
+    };
+    match attempt::spawn(core, &job).await {
+        Ok(running) => {
+            let core = core.clone();
+            tracker.spawn(async move {
+                attempt::watch(core.clone(), id, running).await;
+                if let Ok(mut w) = core.workers.lock() {
+                    w.remove(&id);
+                }
+                core.kick.notify_one();
+            });
+        }
+        Err(e) => {
+            let reason = format!("cannot start worker: {e}");
+            tracing::error!(job = %id, %reason);
+            let _ = core.transition(id, JobState::Failed, Some(reason), |_| {}).await;
+            core.kick.notify_one();
+        }
+    }
+}
+
+/// Stops the worker of `job`, if one runs (SIGTERM, then SIGKILL after the grace). Returns at once.
+pub fn stop(core: &Core, job: JobId) {
+    if let Some(handle) = core.worker(job) {
+        handle.stop.cancel();
+    }
+}

@@ -1,0 +1,82 @@
+//! `lorad worker`: reads its task from the control channel, trains, reports, exits.
+//!
+//! The worker exits by itself when the channel closes (the daemon died): a reader thread watches it, so
+//! an orphaned worker never keeps training or holding a device.
+use crate::channel::{FromWorker, ToWorker, CONTROL_FD};
+use crate::worker::train;
+use lorad_schema::frame::{self, FrameError};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+
+/// Why the worker could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// fd 3 is not an open socket: `lorad worker` is internal and started only by the daemon.
+    #[error("no control channel on fd {CONTROL_FD}: `lorad worker` is started by the daemon, not by hand")]
+    NoChannel,
+    /// The channel broke.
+    #[error("control channel: {0}")]
+    Channel(#[from] FrameError),
+    /// The channel could not be duplicated.
+    #[error("control channel: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the worker; returns the process exit code.
+pub fn run() -> Result<i32, WorkerError> {
+    // Refuse early unless fd 3 is an open socket, instead of adopting a random descriptor.
+    // SAFETY: borrow_raw only wraps the number; fstat on a closed descriptor fails cleanly.
+    let is_socket = nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(CONTROL_FD) })
+        .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
+        .unwrap_or(false);
+    if !is_socket {
+        return Err(WorkerError::NoChannel);
+    }
+    // SAFETY: fd 3 is open (checked above), was set up by the supervisor for this process alone, and
+    // nothing else in the process owns it.
+    let stream = UnixStream::from(unsafe { OwnedFd::from_raw_fd(CONTROL_FD) });
+    let mut reader = stream.try_clone()?;
+    let writer = Mutex::new(stream);
+    let send = |msg: &FromWorker| {
+        if let Ok(mut w) = writer.lock() {
+            if let Err(e) = frame::write_msg(&mut *w, msg) {
+                tracing::warn!(error = %e, "cannot report to the daemon");
+            }
+        }
+    };
+
+    let task = match frame::read_msg::<ToWorker, _>(&mut reader, frame::MAX_FRAME)? {
+        ToWorker::Train { task } => task,
+    };
+    send(&FromWorker::Ready { pid: std::process::id() });
+
+    // Watch the channel: EOF means the daemon is gone, and a worker without a daemon must not go on.
+    std::thread::Builder::new().name("control".into()).spawn(move || loop {
+        match frame::read_msg::<ToWorker, _>(&mut reader, frame::MAX_FRAME) {
+            Ok(msg) => tracing::warn!(?msg, "unexpected control message while training"),
+            Err(_) => {
+                tracing::error!("control channel closed: the daemon is gone; exiting");
+                std::process::exit(3);
+            }
+        }
+    })?;
+
+    tracing::info!(job = %task.job, model = %task.base_model.display(), data = %task.dataset.display(), "worker started");
+    let mut on_event = |event| send(&FromWorker::Train { event });
+    match train::train(&task, &mut on_event) {
+        Ok(summary) => {
+            send(&FromWorker::Finished {
+                adapter_dir: task.adapter_dir.display().to_string(),
+                steps: summary.steps,
+            });
+            tracing::info!(adapter = %task.adapter_dir.display(), "training finished");
+            Ok(0)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "training failed");
+            send(&FromWorker::Failed { message: e.to_string() });
+            Ok(1)
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! Integration tests: each starts real `lorad` processes and drives them through lorad-client.
+mod bad_input;
+mod jobs;
+mod protocol;
+mod recovery;
+
+use lorad_client::blocking::Client;
+use lorad_schema::{EventBody, JobId, JobRecord, JobSpec, JobState};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Overrides that make the tiny model learn the 64-line dataset fast.
+pub const FAST: &[(&str, &str)] =
+    &[("lr", "3e-3"), ("epochs", "4"), ("batch_size", "8"), ("warmup_steps", "2"), ("lora_dropout", "0")];
+
+/// A job spec for `model` and `data` with `overrides`.
+pub fn spec(model: &Path, data: &Path, overrides: &[(&str, &str)]) -> JobSpec {
+    JobSpec {
+        name: Some("test".into()),
+        template: "basic-fine-tune".into(),
+        base_model: model.display().to_string(),
+        dataset: data.display().to_string(),
+        overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+        ..JobSpec::default()
+    }
+}
+
+/// Waits, on a subscription, until `job` reaches a state `until` accepts; returns the record and the
+/// states seen on the way (from the start of the job's history).
+pub fn wait_for(client: &Client, job: JobId, timeout: Duration, until: impl Fn(JobState) -> bool) -> (JobRecord, Vec<JobState>) {
+    let deadline = Instant::now() + timeout;
+    let mut sub = client.subscribe(Some(job), 0).expect("subscribe");
+    let mut seen = vec![JobState::Queued];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "job {job} did not reach the expected state in {timeout:?}; saw {seen:?}");
+        match sub.next_timeout(left) {
+            Ok(Some(event)) => {
+                if let EventBody::StateChanged { to, .. } = event.body {
+                    seen.push(to);
+                    if until(to) {
+                        return (client.get(job).expect("get"), seen);
+                    }
+                }
+            }
+            Ok(None) => panic!("subscription ended while waiting for job {job}"),
+            Err(_) => panic!("job {job} did not reach the expected state in {timeout:?}; saw {seen:?}"),
+        }
+    }
+}
