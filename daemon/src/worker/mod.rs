@@ -4,13 +4,17 @@
 //! plain synchronous candle code that knows nothing about the daemon: `train::train` takes a task and a
 //! callback and returns when the adapter is written.
 pub mod adapter;
+pub mod config;
 pub mod data;
+pub mod error;
 pub mod lora;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod process;
 pub mod tiny;
 pub mod train;
+pub mod weights;
 
 use lorad_schema::{JobId, MetricPoint, TrainSettings};
 use serde::{Deserialize, Serialize};

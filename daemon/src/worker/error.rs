@@ -1,0 +1,114 @@
+//! Errors of the training engine.
+//!
+//! Every variant names what the user has to look at: the file (and line, field or tensor), so that a
+//! failed job's message is actionable without reading the worker's log.
+use std::path::PathBuf;
+
+/// Why the engine could not load, train or save.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The base model directory is unusable (config, architecture, missing or malformed tensor).
+    #[error("model {}: {detail}", path.display())]
+    Model {
+        /// The file or directory at fault.
+        path: PathBuf,
+        /// What is wrong, naming the field or tensor.
+        detail: String,
+    },
+    /// The dataset is unusable; `line` is 1-based when one line is at fault.
+    #[error("dataset {}{}: {detail}", path.display(), line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    Dataset {
+        /// The dataset file.
+        path: PathBuf,
+        /// 1-based line number, when one line is at fault.
+        line: Option<usize>,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The tokenizer could not be loaded, trained or applied.
+    #[error("tokenizer {}: {detail}", path.display())]
+    Tokenizer {
+        /// tokenizer.json (or the directory it should be in).
+        path: PathBuf,
+        /// The tokenizers crate's message.
+        detail: String,
+    },
+    /// An adapter directory could not be read or is malformed.
+    #[error("adapter {}: {detail}", path.display())]
+    Adapter {
+        /// The adapter directory or file.
+        path: PathBuf,
+        /// What is wrong, naming the key or field.
+        detail: String,
+    },
+    /// The settings cannot be used with this model or machine.
+    #[error("setting '{field}': {detail}")]
+    Setting {
+        /// The settings field.
+        field: String,
+        /// Why.
+        detail: String,
+    },
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tensor operation failed (shape mismatch, device error, out of memory).
+    #[error("tensor: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// Training diverged: the loss is no longer a finite number.
+    #[error("training diverged at step {step}: loss is {loss}; lower lr or enable grad_clip")]
+    Diverged {
+        /// The optimizer step.
+        step: u64,
+        /// The loss seen.
+        loss: f64,
+    },
+}
+
+impl EngineError {
+    /// An `Io` error for `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        EngineError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A `Model` error for `path`.
+    pub fn model(path: impl Into<PathBuf>, detail: impl Into<String>) -> Self {
+        EngineError::Model {
+            path: path.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// A `Dataset` error for `path`, at 1-based `line` when given.
+    pub fn dataset(path: impl Into<PathBuf>, line: Option<usize>, detail: impl Into<String>) -> Self {
+        EngineError::Dataset {
+            path: path.into(),
+            line,
+            detail: detail.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_file_and_line() {
+        let e = EngineError::dataset("/x/d.jsonl", Some(7), "not valid JSON: oops");
+        assert_eq!(e.to_string(), "dataset /x/d.jsonl line 7: not valid JSON: oops");
+        let e = EngineError::dataset("/x/d.jsonl", None, "no examples");
+        assert_eq!(e.to_string(), "dataset /x/d.jsonl: no examples");
+    }
+}

@@ -1,0 +1,225 @@
+//! LoRA: a frozen linear layer plus a trainable low-rank update `B @ A`, as in PEFT.
+//!
+//! Initialisation and dropout draw from our own seeded ChaCha generator, because candle's CPU RNG
+//! cannot be seeded; that makes runs reproducible and (later) resumable from a saved RNG state.
+use super::ops::frozen_linear;
+use candle_core::{DType, Device, Result, Tensor, Var};
+use lorad_schema::TrainSettings;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// Which modules get an adapter and how it is shaped and scaled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// Rank.
+    pub r: usize,
+    /// Alpha.
+    pub alpha: f64,
+    /// Dropout probability on the adapter's input.
+    pub dropout: f64,
+    /// Target module names (`q_proj`, ...).
+    pub targets: Vec<String>,
+    /// Rank-stabilised scaling.
+    pub use_rslora: bool,
+}
+
+impl LoraConfig {
+    /// The LoRA part of the training settings.
+    pub fn from_settings(s: &TrainSettings) -> Self {
+        LoraConfig {
+            r: s.lora_r.max(1) as usize,
+            alpha: s.lora_alpha,
+            dropout: s.lora_dropout,
+            targets: s.target_modules.clone(),
+            use_rslora: s.use_rslora,
+        }
+    }
+
+    /// The update's scale: alpha / r, or alpha / sqrt(r) with rsLoRA (PEFT's `scaling`).
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// Whether `module` (e.g. `q_proj`) is adapted.
+    pub fn targets(&self, module: &str) -> bool {
+        self.targets.iter().any(|t| t == module)
+    }
+}
+
+/// The trainable pair of one adapted module.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    /// `[r, in]`, Kaiming-uniform.
+    pub a: Var,
+    /// `[out, r]`, zeros at init so the adapted model starts equal to the base.
+    pub b: Var,
+    /// alpha / r (or alpha / sqrt(r)).
+    pub scale: f64,
+    /// Dropout probability on the adapter input.
+    pub dropout: f64,
+}
+
+impl LoraPair {
+    /// PEFT's default init: A ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
+    pub fn init(
+        cfg: &LoraConfig,
+        in_dim: usize,
+        out_dim: usize,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> Result<Self> {
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let values: Vec<f32> = (0..cfg.r * in_dim)
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
+        let a = Var::from_tensor(&Tensor::from_vec(values, (cfg.r, in_dim), device)?)?;
+        let b = Var::zeros((out_dim, cfg.r), DType::F32, device)?;
+        Ok(LoraPair {
+            a,
+            b,
+            scale: cfg.scale(),
+            dropout: cfg.dropout,
+        })
+    }
+
+    /// A pair with given weights (a loaded adapter).
+    pub fn from_weights(a: &Tensor, b: &Tensor, scale: f64, dropout: f64) -> Result<Self> {
+        Ok(LoraPair {
+            a: Var::from_tensor(a)?,
+            b: Var::from_tensor(b)?,
+            scale,
+            dropout,
+        })
+    }
+}
+
+/// A linear layer with a frozen weight (`[out, in]`, a plain tensor, never a `Var`), an optional
+/// frozen bias, and an optional LoRA adapter.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    /// Frozen base weight `[out, in]`.
+    pub weight: Tensor,
+    /// Frozen bias `[out]` (Qwen2's q/k/v).
+    pub bias: Option<Tensor>,
+    /// The adapter, when this module is a target.
+    pub lora: Option<LoraPair>,
+}
+
+impl LoraLinear {
+    /// `x @ W^T + b + dropout(x) @ A^T @ B^T * scale` for `x` of shape `[.., in]`.
+    /// `dropout_rng` is `Some` while training (dropout active) and `None` for evaluation.
+    pub fn forward(&self, x: &Tensor, dropout_rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims.last().copied().unwrap_or(0);
+        let x2 = x.reshape(((), in_dim))?;
+        let mut y = frozen_linear(&x2, &self.weight, self.bias.as_ref())?;
+        if let Some(lora) = &self.lora {
+            let xin = match dropout_rng {
+                Some(rng) if lora.dropout > 0.0 => dropout(&x2, lora.dropout, rng)?,
+                _ => x2.clone(),
+            };
+            let update = xin
+                .matmul(&lora.a.t()?)?
+                .matmul(&lora.b.t()?)?
+                .affine(lora.scale, 0.0)?;
+            y = (y + update)?;
+        }
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
+        y.reshape(out_dims)
+    }
+}
+
+/// Inverted dropout with a mask from `rng`: kept values are scaled by 1/(1-p).
+pub fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    let keep = 1.0 - p;
+    let scale = (1.0 / keep) as f32;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn cfg() -> LoraConfig {
+        LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: vec!["q_proj".into()],
+            use_rslora: false,
+        }
+    }
+
+    #[test]
+    fn init_follows_peft() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let pair = LoraPair::init(&cfg(), 64, 32, &mut rng, &Device::Cpu).unwrap();
+        assert_eq!(pair.a.dims(), &[4, 64]);
+        assert_eq!(pair.b.dims(), &[32, 4]);
+        let a = pair.a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(a.iter().all(|v| v.abs() <= 0.125), "A within 1/sqrt(64)");
+        assert!(a.iter().any(|v| v.abs() > 0.1), "A spans its range");
+        assert!(pair
+            .b
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|v| *v == 0.0));
+        assert_eq!(pair.scale, 2.0);
+        let rs = LoraConfig {
+            use_rslora: true,
+            ..cfg()
+        };
+        assert_eq!(rs.scale(), 4.0);
+    }
+
+    #[test]
+    fn forward_adds_the_scaled_update() {
+        let dev = Device::Cpu;
+        let w = Tensor::from_slice(&[1f32, 0.0, 0.0, 1.0, 1.0, 1.0], (3, 2), &dev).unwrap();
+        let a = Tensor::from_slice(&[1f32, 2.0], (1, 2), &dev).unwrap();
+        let b = Tensor::from_slice(&[1f32, 0.0, -1.0], (3, 1), &dev).unwrap();
+        let lin = LoraLinear {
+            weight: w,
+            bias: None,
+            lora: Some(LoraPair::from_weights(&a, &b, 0.5, 0.0).unwrap()),
+        };
+        let x = Tensor::from_slice(&[1f32, 1.0], (1, 1, 2), &dev).unwrap();
+        let y = lin.forward(&x, None).unwrap();
+        assert_eq!(y.dims(), &[1, 1, 3]);
+        // base [1, 1, 2]; update: (1*1 + 1*2) = 3 -> B * 3 * 0.5 = [1.5, 0, -1.5].
+        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![2.5, 1.0, 0.5]);
+    }
+
+    #[test]
+    fn dropout_is_seeded_and_scaled() {
+        let x = Tensor::ones(1000, DType::F32, &Device::Cpu).unwrap();
+        let d1 = dropout(&x, 0.25, &mut ChaCha8Rng::seed_from_u64(3))
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let d2 = dropout(&x, 0.25, &mut ChaCha8Rng::seed_from_u64(3))
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(d1, d2);
+        let zeros = d1.iter().filter(|v| **v == 0.0).count();
+        assert!((150..350).contains(&zeros), "{zeros} dropped of 1000 at p=0.25");
+        assert!(d1.iter().all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-6));
+    }
+}

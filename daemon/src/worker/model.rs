@@ -1,0 +1,448 @@
+//! Llama-family causal LM (Llama, SmolLM, Mistral, Qwen2) built from differentiable ops only.
+//!
+//! Base weights are plain tensors loaded from safetensors (frozen by construction); the only `Var`s are
+//! the LoRA pairs inside `LoraLinear`s. Layout and numerics follow transformers' `modeling_llama.py`:
+//! RMSNorm, non-interleaved RoPE, grouped KV heads, SwiGLU MLP, optionally tied LM head.
+pub use super::config::{check_model_dir, ModelConfig};
+use super::error::EngineError;
+use super::lora::{LoraConfig, LoraLinear, LoraPair};
+use super::ops::{apply_rope, frozen_linear, nll_sum, rms_norm, softmax_last};
+use super::weights;
+use candle_core::{DType, Device, Result, Tensor, Var};
+use lorad_schema::TARGET_MODULES;
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Precomputed RoPE tables for positions `0..max_len`, each `[max_len, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// Tables for `max_len` positions (the training sequence length, not the model's whole context).
+    pub fn new(cfg: &ModelConfig, max_len: usize, device: &Device) -> Result<Self> {
+        let d = cfg.head_dim();
+        let p = cfg.rope();
+        let base = p.rope_theta.unwrap_or(10_000.0) as f32;
+        // f32 like transformers, so the angles match it to rounding.
+        let mut inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32)).collect();
+        match p.rope_type.as_deref() {
+            Some("linear") => {
+                let f = p.factor.unwrap_or(1.0) as f32;
+                inv.iter_mut().for_each(|v| *v /= f);
+            }
+            Some("llama3") => llama3_scaling(&mut inv, &p),
+            _ => {}
+        }
+        let mut freqs = Vec::with_capacity(max_len * d);
+        for pos in 0..max_len {
+            let row: Vec<f32> = inv.iter().map(|f| pos as f32 * f).collect();
+            freqs.extend_from_slice(&row);
+            freqs.extend_from_slice(&row);
+        }
+        let freqs = Tensor::from_vec(freqs, (max_len, d), device)?;
+        Ok(Rope {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+        })
+    }
+}
+
+/// transformers' `_compute_llama3_parameters`: low frequencies scaled by `factor`, a smooth blend between.
+fn llama3_scaling(inv: &mut [f32], p: &super::config::RopeParams) {
+    let factor = p.factor.unwrap_or(1.0);
+    let (low, high) = (p.low_freq_factor.unwrap_or(1.0), p.high_freq_factor.unwrap_or(4.0));
+    let old_ctx = p.original_max_position_embeddings.unwrap_or(8192) as f64;
+    let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
+    for f in inv.iter_mut() {
+        let freq = *f as f64;
+        let wavelen = 2.0 * std::f64::consts::PI / freq;
+        let scaled = if wavelen > low_wavelen { freq / factor } else { freq };
+        // wavelen is finite (freq > 0), so "not below and not above" is this range.
+        let medium = (high_wavelen..=low_wavelen).contains(&wavelen);
+        *f = if medium {
+            let smooth = (old_ctx / wavelen - low) / (high - low);
+            ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32
+        } else {
+            scaled as f32
+        };
+    }
+}
+
+/// Causal (and, when configured, sliding-window) additive mask `[t, t]`: 0 where allowed, -inf elsewhere.
+/// Right padding needs no extra mask: pads come after every real token, so causality keeps them out.
+fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                let outside = j > i || window.is_some_and(|w| i - j >= w);
+                if outside {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, t), device)
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: LoraLinear,
+    k: LoraLinear,
+    v: LoraLinear,
+    o: LoraLinear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let d = self.head_dim;
+        let split = |y: Tensor, h: usize| y.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous();
+        let q = split(self.q.forward(x, rng.as_deref_mut())?, self.heads)?;
+        let k = split(self.k.forward(x, rng.as_deref_mut())?, self.kv_heads)?;
+        let v = split(self.v.forward(x, rng.as_deref_mut())?, self.kv_heads)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
+        let out = softmax_last(&scores)?.matmul(&v)?;
+        let out = out.transpose(1, 2)?.contiguous()?.reshape((b, t, self.heads * d))?;
+        self.o.forward(&out, rng)
+    }
+
+    /// transformers' `repeat_kv`: each KV head serves `heads / kv_heads` consecutive query heads.
+    fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
+        let n_rep = self.heads / self.kv_heads;
+        if n_rep == 1 {
+            return Ok(x);
+        }
+        let (b, h, t, d) = x.dims4()?;
+        x.unsqueeze(2)?
+            .broadcast_as((b, h, n_rep, t, d))?
+            .contiguous()?
+            .reshape((b, h * n_rep, t, d))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: LoraLinear,
+    up: LoraLinear,
+    down: LoraLinear,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+/// The model: frozen base weights, LoRA pairs on the target modules.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: ModelConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: Rope,
+    max_len: usize,
+    device: Device,
+}
+
+/// Pulls named tensors out of a loaded checkpoint, checking shapes; errors name the tensor.
+struct Weights<'a> {
+    map: HashMap<String, Tensor>,
+    path: &'a Path,
+}
+
+impl Weights<'_> {
+    fn take(&mut self, name: &str, dims: &[usize]) -> std::result::Result<Tensor, EngineError> {
+        let t = self
+            .map
+            .remove(name)
+            .ok_or_else(|| EngineError::model(self.path, format!("missing tensor {name}")))?;
+        if t.dims() != dims {
+            return Err(EngineError::model(
+                self.path,
+                format!("tensor {name} has shape {:?}, config.json implies {dims:?}", t.dims()),
+            ));
+        }
+        Ok(t)
+    }
+}
+
+impl Llama {
+    /// Loads the model in `dir` (config.json + safetensors) with LoRA pairs initialised from `init_rng`
+    /// on the target modules, for sequences of at most `max_len` tokens.
+    pub fn load(
+        dir: &Path,
+        lora: &LoraConfig,
+        init_rng: &mut ChaCha8Rng,
+        max_len: usize,
+        device: &Device,
+    ) -> std::result::Result<Self, EngineError> {
+        let cfg = ModelConfig::load(dir)?;
+        let tensors = weights::load_weights(dir, device, DType::F32)?;
+        Self::from_tensors(cfg, tensors, dir, lora, init_rng, max_len, device)
+    }
+
+    /// Builds the model from already loaded tensors (HF names); `path` is used in error messages.
+    pub fn from_tensors(
+        cfg: ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        path: &Path,
+        lora: &LoraConfig,
+        init_rng: &mut ChaCha8Rng,
+        max_len: usize,
+        device: &Device,
+    ) -> std::result::Result<Self, EngineError> {
+        let mut w = Weights { map: tensors, path };
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed = w.take("model.embed_tokens.weight", &[v, h])?;
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let mut lin = |group: &str, module: &str| -> std::result::Result<LoraLinear, EngineError> {
+                let (din, dout) = cfg.module_dims(module).unwrap_or((0, 0));
+                let prefix = format!("model.layers.{i}.{group}.{module}");
+                let weight = w.take(&format!("{prefix}.weight"), &[dout, din])?;
+                let bias = match w.map.contains_key(&format!("{prefix}.bias")) {
+                    true => Some(w.take(&format!("{prefix}.bias"), &[dout])?),
+                    false => None,
+                };
+                let lora = match lora.targets(module) {
+                    true => Some(LoraPair::init(lora, din, dout, init_rng, device)?),
+                    false => None,
+                };
+                Ok(LoraLinear { weight, bias, lora })
+            };
+            let attn = Attention {
+                q: lin("self_attn", "q_proj")?,
+                k: lin("self_attn", "k_proj")?,
+                v: lin("self_attn", "v_proj")?,
+                o: lin("self_attn", "o_proj")?,
+                heads: cfg.num_attention_heads,
+                kv_heads: cfg.kv_heads(),
+                head_dim: cfg.head_dim(),
+            };
+            let mlp = Mlp {
+                gate: lin("mlp", "gate_proj")?,
+                up: lin("mlp", "up_proj")?,
+                down: lin("mlp", "down_proj")?,
+            };
+            let input_norm = w.take(&format!("model.layers.{i}.input_layernorm.weight"), &[h])?;
+            let post_norm = w.take(&format!("model.layers.{i}.post_attention_layernorm.weight"), &[h])?;
+            blocks.push(Block {
+                input_norm,
+                attn,
+                post_norm,
+                mlp,
+            });
+        }
+        let norm = w.take("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else if w.map.contains_key("lm_head.weight") {
+            w.take("lm_head.weight", &[v, h])?
+        } else {
+            return Err(EngineError::model(
+                path,
+                "missing tensor lm_head.weight (and tie_word_embeddings is false)",
+            ));
+        };
+        let rope = Rope::new(&cfg, max_len, device)?;
+        Ok(Llama {
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            max_len,
+            device: device.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Final hidden states (after the last norm), `[b, t, hidden]`, for token ids `[b, t]` (u32).
+    /// `dropout_rng` is `Some` in training (LoRA dropout on) and `None` in evaluation.
+    pub fn hidden(&self, ids: &Tensor, mut dropout_rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t > self.max_len {
+            candle_core::bail!(
+                "sequence of {t} tokens is longer than the {} the model was prepared for",
+                self.max_len
+            );
+        }
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        let cos = self.rope.cos.narrow(0, 0, t)?;
+        let sin = self.rope.sin.narrow(0, 0, t)?;
+        let mask = causal_mask(t, self.cfg.window(), &self.device)?;
+        let eps = self.cfg.rms_norm_eps;
+        for block in &self.blocks {
+            let a = block.attn.forward(
+                &rms_norm(&x, &block.input_norm, eps)?,
+                &cos,
+                &sin,
+                &mask,
+                dropout_rng.as_deref_mut(),
+            )?;
+            x = (x + a)?;
+            let n = rms_norm(&x, &block.post_norm, eps)?;
+            let gate = block.mlp.gate.forward(&n, dropout_rng.as_deref_mut())?.silu()?;
+            let up = block.mlp.up.forward(&n, dropout_rng.as_deref_mut())?;
+            x = (x + block.mlp.down.forward(&(gate * up)?, dropout_rng.as_deref_mut())?)?;
+        }
+        rms_norm(&x, &self.norm, eps)
+    }
+
+    /// Logits `[b, t, vocab]` (evaluation; training uses `loss_sum`, which only computes the rows it needs).
+    pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        let h = self.hidden(ids, None)?;
+        let (b, t, d) = h.dims3()?;
+        frozen_linear(&h.reshape((b * t, d))?, &self.lm_head, None)?.reshape((b, t, self.cfg.vocab_size))
+    }
+
+    /// Summed next-token NLL: `positions` (u32, flat indices into `b * t`) are the positions whose
+    /// prediction counts, `labels` the tokens they must predict. Logits are computed for those rows only.
+    pub fn loss_sum(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        labels: &Tensor,
+        dropout_rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let h = self.hidden(ids, dropout_rng)?;
+        let rows = h.reshape(((), self.cfg.hidden_size))?.index_select(positions, 0)?;
+        nll_sum(&frozen_linear(&rows, &self.lm_head, None)?, labels)
+    }
+
+    /// Every projection by HF module path (`model.layers.3.self_attn.q_proj`), in a fixed order:
+    /// layer, then q, k, v, o, gate, up, down.
+    fn linears(&self) -> Vec<(String, &LoraLinear)> {
+        let mut out = Vec::with_capacity(self.blocks.len() * TARGET_MODULES.len());
+        for (i, b) in self.blocks.iter().enumerate() {
+            let lins = [
+                &b.attn.q,
+                &b.attn.k,
+                &b.attn.v,
+                &b.attn.o,
+                &b.mlp.gate,
+                &b.mlp.up,
+                &b.mlp.down,
+            ];
+            for (k, (name, lin)) in TARGET_MODULES.iter().zip(lins).enumerate() {
+                // TARGET_MODULES lists the four attention projections first, then the three MLP ones.
+                let group = if k < 4 { "self_attn" } else { "mlp" };
+                out.push((format!("model.layers.{i}.{group}.{name}"), lin));
+            }
+        }
+        out
+    }
+
+    /// The adapted modules by HF path, in `linears` order: the order of `trainable_vars` and of the
+    /// adapter file.
+    pub fn lora_modules(&self) -> Vec<(String, &LoraPair)> {
+        self.linears()
+            .into_iter()
+            .filter_map(|(name, lin)| lin.lora.as_ref().map(|p| (name, p)))
+            .collect()
+    }
+
+    /// Every frozen base tensor by HF name (the LM head only when untied): for checks that training
+    /// never touches them, and for merging an adapter later.
+    pub fn base_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed)];
+        for (name, lin) in self.linears() {
+            if let Some(bias) = &lin.bias {
+                out.push((format!("{name}.bias"), bias));
+            }
+            out.push((format!("{name}.weight"), &lin.weight));
+        }
+        for (i, b) in self.blocks.iter().enumerate() {
+            out.push((format!("model.layers.{i}.input_layernorm.weight"), &b.input_norm));
+            out.push((
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                &b.post_norm,
+            ));
+        }
+        out.push(("model.norm.weight".to_string(), &self.norm));
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), &self.lm_head));
+        }
+        out
+    }
+
+    /// Every trainable variable: A then B of each adapted module, in `lora_modules` order.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        self.lora_modules()
+            .into_iter()
+            .flat_map(|(_, p)| [p.a.clone(), p.b.clone()])
+            .collect()
+    }
+
+    /// Replaces the LoRA weights with a loaded adapter's (`lora_A`/`lora_B` by module path).
+    pub fn set_lora_weights(
+        &self,
+        weights: &HashMap<String, (Tensor, Tensor)>,
+        source: &Path,
+    ) -> std::result::Result<(), EngineError> {
+        for (name, pair) in self.lora_modules() {
+            let Some((a, b)) = weights.get(&name) else {
+                return Err(EngineError::Adapter {
+                    path: PathBuf::from(source),
+                    detail: format!("no weights for {name}"),
+                });
+            };
+            if a.dims() != pair.a.dims() || b.dims() != pair.b.dims() {
+                return Err(EngineError::Adapter {
+                    path: PathBuf::from(source),
+                    detail: format!(
+                        "{name}: shapes {:?}/{:?} do not match the model's {:?}/{:?}",
+                        a.dims(),
+                        b.dims(),
+                        pair.a.dims(),
+                        pair.b.dims()
+                    ),
+                });
+            }
+            pair.a.set(&a.to_device(&self.device)?)?;
+            pair.b.set(&b.to_device(&self.device)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#[path = "model_tests.rs"]
+mod tests;

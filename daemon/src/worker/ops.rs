@@ -1,0 +1,195 @@
+//! Differentiable building blocks of the forward pass.
+//!
+//! candle 0.11's fused `candle_nn::ops::{rms_norm, softmax_last_dim, rotary_emb::*}` record no backward
+//! and silently cut the gradient (see CANDLE-NOTES.md), so everything here is composed from ops that
+//! do have one. `frozen_linear` is the one custom op: a product with a frozen weight whose backward
+//! returns only the input's gradient, because candle's matmul backward would also compute (and store)
+//! the gradient of every frozen base weight, which LoRA never uses.
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Result, Shape, Tensor, D};
+
+/// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension (HF `LlamaRMSNorm`).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let inv = x.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv)?.broadcast_mul(weight)
+}
+
+/// Softmax over the last dimension. The row maximum is detached: subtracting it does not change the
+/// result, so its gradient is exactly zero and need not be traced.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Summed negative log-likelihood of `labels` (u32, `[n]`) under `logits` (`[n, vocab]`).
+/// Summed, not averaged, so that gradient accumulation can divide by the step's total token count.
+pub fn nll_sum(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = shifted.gather(&labels.unsqueeze(1)?, 1)?;
+    (log_z - picked)?.sum_all()
+}
+
+/// HF's `rotate_half` (non-interleaved layout): `[x1, x2] -> [-x2, x1]` on the last dimension.
+pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// Applies rotary embeddings to `x` (`[b, heads, t, d]`) with `cos`/`sin` tables of shape `[t, d]`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
+}
+
+/// `x @ weight^T (+ bias)` for a frozen `weight` (`[out, in]`), `x` of shape `[n, in]`.
+///
+/// The product is computed on a detached input, then attached to the graph through an identity op
+/// whose backward is `grad @ weight`: the gradient reaches `x` (and the LoRA weights below it), while no
+/// gradient of `weight` is ever computed.
+pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.detach().matmul(&weight.t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op2(&y, FrozenMatmul { weight: weight.clone() })
+}
+
+/// The identity on its second argument; backward sends `grad @ weight` to the first.
+struct FrozenMatmul {
+    weight: Tensor,
+}
+
+/// The precomputed product is always fresh (contiguous from offset 0), so copying its storage is a
+/// copy of exactly the result.
+fn check_fresh(l: &Layout) -> Result<()> {
+    if l.is_contiguous() && l.start_offset() == 0 {
+        Ok(())
+    } else {
+        candle_core::bail!("frozen-linear: precomputed product is not a fresh contiguous tensor")
+    }
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        check_fresh(l2)?;
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        check_fresh(l2)?;
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout, s2: &MetalStorage, l2: &Layout) -> Result<(MetalStorage, Shape)> {
+        check_fresh(l2)?;
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&self.weight)?), None))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn rms_norm_matches_formula() {
+        let x = t(&[1.0, 2.0, 3.0, 4.0, -1.0, 0.5, 0.0, 2.0], &[2, 4]);
+        let w = t(&[1.0, 0.5, 2.0, 1.0], &[4]);
+        let y = rms_norm(&x, &w, 1e-6).unwrap().to_vec2::<f32>().unwrap();
+        let rms0 = ((1.0f32 + 4.0 + 9.0 + 16.0) / 4.0 + 1e-6).sqrt();
+        assert!((y[0][0] - 1.0 / rms0).abs() < 1e-6);
+        assert!((y[0][1] - 2.0 * 0.5 / rms0).abs() < 1e-6);
+        assert!((y[0][2] - 3.0 * 2.0 / rms0).abs() < 1e-6);
+        assert_eq!(rms_norm(&x, &w, 1e-6).unwrap().dims(), &[2, 4]);
+    }
+
+    #[test]
+    fn rms_norm_and_softmax_pass_gradients() {
+        let x = Var::from_tensor(&t(&[1.0, 2.0, 3.0, 4.0, -1.0, 0.5, 0.0, 2.0], &[2, 4])).unwrap();
+        let w = t(&[1.0, 0.5, 2.0, 1.0], &[4]);
+        let y = softmax_last(&rms_norm(&x, &w, 1e-6).unwrap()).unwrap();
+        let loss = (y * t(&[1.0, 2.0, 3.0, 4.0, 4.0, 3.0, 2.0, 1.0], &[2, 4]))
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let g = grads
+            .get(&x)
+            .expect("gradient of x")
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(g > 1e-4, "gradient reached x: {g}");
+    }
+
+    #[test]
+    fn rotate_half_layout() {
+        let x = t(&[1.0, 2.0, 3.0, 4.0], &[1, 1, 1, 4]);
+        let r = rotate_half(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(r, vec![-3.0, -4.0, 1.0, 2.0]);
+        // Position 0 (cos 1, sin 0) leaves x unchanged.
+        let cos = Tensor::ones((1, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let sin = Tensor::zeros((1, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let y = apply_rope(&x, &cos, &sin).unwrap();
+        assert_eq!(y.dims(), &[1, 1, 1, 4]);
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![1.0, 2.0, 3.0, 4.0]
+        );
+    }
+
+    #[test]
+    fn frozen_linear_matches_matmul_and_its_input_gradient() {
+        let w = t(&[0.1, -0.2, 0.3, 0.4, 0.5, -0.6], &[2, 3]);
+        let xv = t(&[1.0, 2.0, 3.0, -1.0, 0.0, 1.0], &[2, 3]);
+        let x = Var::from_tensor(&xv).unwrap();
+        let y = frozen_linear(&x, &w, None).unwrap();
+        let reference = xv.matmul(&w.t().unwrap()).unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap(), reference.to_vec2::<f32>().unwrap());
+        let weights = t(&[1.0, -2.0, 0.5, 3.0], &[2, 2]);
+        let grads = (y * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = grads.get(&x).unwrap().to_vec2::<f32>().unwrap();
+        let expected = weights.matmul(&w).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(gx, expected);
+        assert!(grads.get(&w).is_none(), "no gradient is computed for the frozen weight");
+    }
+
+    #[test]
+    fn nll_sum_matches_log_softmax() {
+        let logits = t(&[1.0, 2.0, 3.0, 0.0, 0.0, 0.0], &[2, 3]);
+        let labels = Tensor::from_slice(&[2u32, 1], 2, &Device::Cpu).unwrap();
+        let got = nll_sum(&logits, &labels).unwrap().to_scalar::<f32>().unwrap();
+        let lse0 = (1f32.exp() + 2f32.exp() + 3f32.exp()).ln();
+        let expected = (lse0 - 3.0) + 3f32.ln();
+        assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
+    }
+}

@@ -1,0 +1,246 @@
+//! The training loop: load, plan, step, save. Synchronous; reports through a callback so it knows
+//! nothing about the daemon (the worker process forwards events over its control channel).
+use super::adapter::save_adapter;
+use super::data::{read_jsonl, Encoder, Loader};
+use super::error::EngineError;
+use super::lora::LoraConfig;
+use super::model::{check_model_dir, Llama};
+use super::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use super::{Phase, TrainEvent, TrainTask};
+use candle_core::{Device, Tensor};
+use lorad_schema::{DType, MetricPoint, TrainSettings};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// What a finished run reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    /// Optimizer steps done.
+    pub steps: u64,
+    /// Loss of the last step.
+    pub final_loss: f64,
+    /// Loss of every step, in order.
+    pub losses: Vec<f64>,
+    /// Training examples.
+    pub examples: u64,
+    /// Trainable parameters.
+    pub trainable_params: u64,
+    /// Where the adapter was written.
+    pub adapter_dir: PathBuf,
+}
+
+/// Independent generator streams derived from the one seed, so that e.g. changing the dropout rate
+/// does not change the LoRA init or the data order.
+pub fn rng_for(seed: u64, stream: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    rng
+}
+/// Stream of the LoRA initialisation.
+pub const INIT_STREAM: u64 = 1;
+/// Stream of the LoRA dropout masks.
+pub const DROPOUT_STREAM: u64 = 2;
+
+/// The device named by the `device` setting: `auto` is CUDA 0 when built with CUDA and one is present,
+/// else the CPU.
+pub fn select_device(spec: &str) -> Result<Device, EngineError> {
+    let setting = |detail: String| EngineError::Setting {
+        field: "device".into(),
+        detail,
+    };
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" if cfg!(feature = "cuda") => Ok(Device::cuda_if_available(0)?),
+        "auto" => Ok(Device::Cpu),
+        other => {
+            let ordinal = match other {
+                "cuda" => 0,
+                _ => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+                    Some(n) => n,
+                    None => return Err(setting(format!("'{other}' is not auto, cpu or cuda:N"))),
+                },
+            };
+            if !cfg!(feature = "cuda") {
+                return Err(setting(format!("'{other}': this lorad was built without CUDA support")));
+            }
+            Device::new_cuda(ordinal).map_err(|e| setting(format!("'{other}': {e}")))
+        }
+    }
+}
+
+/// Optimizer steps for `examples` examples: `max_steps` if set, else ceil(examples / (batch * accum))
+/// per epoch times epochs (the last step of an epoch may accumulate fewer micro-batches).
+pub fn total_steps(s: &TrainSettings, examples: usize) -> u64 {
+    let batches = examples.div_ceil(s.batch_size.max(1) as usize) as u64;
+    s.max_steps
+        .unwrap_or_else(|| batches.div_ceil(s.grad_accum.max(1) as u64) * s.epochs as u64)
+}
+
+/// Trains one job and writes its adapter to `task.adapter_dir`.
+pub fn train(task: &TrainTask, on_event: &mut dyn FnMut(TrainEvent)) -> Result<TrainSummary, EngineError> {
+    let s = &task.settings;
+    s.validate().map_err(|e| EngineError::Setting {
+        field: "settings".into(),
+        detail: e.to_string(),
+    })?;
+    on_event(TrainEvent::Phase { phase: Phase::Loading });
+    let device = select_device(&s.device)?;
+    if s.dtype != DType::F32 {
+        tracing::warn!(dtype = ?s.dtype, "only f32 training is implemented yet; training in f32");
+    }
+    if s.packing {
+        tracing::warn!("packing is not implemented yet; examples are padded per batch instead");
+    }
+    if s.checkpoint_every > 0 {
+        tracing::info!("intermediate checkpoints are not written yet; only the final adapter is saved");
+    }
+    let cfg = check_model_dir(&task.base_model)?;
+    let max_len = (s.max_seq_len as usize).min(cfg.max_position_embeddings).max(2);
+
+    let examples = read_jsonl(&task.dataset)?;
+    let encoder = Encoder::load(&task.base_model, &cfg, max_len)?;
+    let mut tokenized = encoder.encode(&examples, &task.dataset)?;
+    let before = tokenized.len();
+    tokenized.retain(|t| t.trained.iter().any(|&b| b));
+    if tokenized.len() < before {
+        tracing::warn!(
+            skipped = before - tokenized.len(),
+            "examples with no token to predict were skipped"
+        );
+    }
+    if tokenized.is_empty() {
+        return Err(EngineError::dataset(
+            &task.dataset,
+            None,
+            "no example has a token to train on",
+        ));
+    }
+    let n_examples = tokenized.len();
+    let lora = LoraConfig::from_settings(s);
+    let model = Llama::load(
+        &task.base_model,
+        &lora,
+        &mut rng_for(s.seed, INIT_STREAM),
+        max_len,
+        &device,
+    )?;
+    let vars = model.trainable_vars();
+    let trainable_params: u64 = vars.iter().map(|v| v.elem_count() as u64).sum();
+    let pad = cfg.eos_token_id.or(cfg.bos_token_id).unwrap_or(0);
+    let mut loader = Loader::new(tokenized, s.batch_size as usize, s.seed, pad);
+    let total = total_steps(s, n_examples);
+    tracing::info!(total_steps = total, examples = n_examples, trainable_params, device = ?device, "training plan");
+    on_event(TrainEvent::Plan {
+        total_steps: total,
+        examples: n_examples as u64,
+        trainable_params,
+    });
+
+    on_event(TrainEvent::Phase { phase: Phase::Training });
+    let adam = AdamWConfig {
+        beta1: s.adam_beta1,
+        beta2: s.adam_beta2,
+        eps: s.adam_eps,
+        weight_decay: s.weight_decay,
+    };
+    let mut opt = AdamW::new(vars.clone(), adam)?;
+    let schedule = LrSchedule {
+        peak: s.lr,
+        warmup: s.warmup_steps,
+        total,
+        kind: s.schedule,
+    };
+    let mut dropout_rng = rng_for(s.seed, DROPOUT_STREAM);
+    let mut losses = Vec::with_capacity(total as usize);
+    for step in 1..=total {
+        let started = Instant::now();
+        // The step's micro-batches: grad_accum of them, fewer at the end of an epoch.
+        let mut batches = Vec::with_capacity(s.grad_accum as usize);
+        let mut data_wait = 0.0;
+        loop {
+            let t = Instant::now();
+            let batch = loader.next_batch(&device)?;
+            data_wait += t.elapsed().as_secs_f64() * 1000.0;
+            let end = batch.epoch_end;
+            batches.push(batch);
+            if end || batches.len() >= s.grad_accum as usize {
+                break;
+            }
+        }
+        // Normalise by the step's total target count, so accumulation equals one big batch.
+        let targets: usize = batches.iter().map(|b| b.targets).sum();
+        let mut grads: Vec<Tensor> = vars
+            .iter()
+            .map(|v| v.zeros_like())
+            .collect::<candle_core::Result<_>>()?;
+        let mut loss_sum = 0.0;
+        for b in &batches {
+            let loss = model.loss_sum(&b.ids, &b.positions, &b.labels, Some(&mut dropout_rng))?;
+            loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            let store = (loss / targets.max(1) as f64)?.backward()?;
+            for (g, v) in grads.iter_mut().zip(&vars) {
+                if let Some(d) = store.get(v) {
+                    *g = (&*g + d)?;
+                }
+            }
+        }
+        let loss = loss_sum / targets.max(1) as f64;
+        if !loss.is_finite() {
+            return Err(EngineError::Diverged { step, loss });
+        }
+        let grad_norm = clip_grad_norm(&mut grads, s.grad_clip)?;
+        let lr = schedule.lr(step);
+        opt.step(&grads, lr)?;
+        losses.push(loss);
+
+        let step_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let secs = (step_ms / 1000.0).max(1e-9);
+        let tokens: usize = batches.iter().map(|b| b.tokens).sum();
+        let samples: usize = batches.iter().map(|b| b.examples).sum();
+        let point = MetricPoint {
+            step,
+            epoch: loader.epoch_progress(),
+            loss,
+            lr,
+            grad_norm: Some(grad_norm),
+            tokens_per_s: tokens as f64 / secs,
+            samples_per_s: samples as f64 / secs,
+            step_ms,
+            data_wait_ms: data_wait,
+            gpu: None,
+            at_ms: lorad_schema::now_ms(),
+        };
+        tracing::info!(
+            step,
+            total_steps = total,
+            epoch = format_args!("{:.3}", point.epoch),
+            loss = format_args!("{loss:.4}"),
+            lr = format_args!("{lr:.3e}"),
+            grad_norm = format_args!("{grad_norm:.3}"),
+            tokens_per_s = format_args!("{:.0}", point.tokens_per_s),
+            step_ms = format_args!("{step_ms:.1}"),
+            data_wait_ms = format_args!("{data_wait:.2}"),
+            "step"
+        );
+        on_event(TrainEvent::Step { point });
+    }
+
+    on_event(TrainEvent::Phase { phase: Phase::Saving });
+    save_adapter(&task.adapter_dir, &model, &lora, &task.base_model)?;
+    tracing::info!(adapter = %task.adapter_dir.display(), steps = total, "adapter saved");
+    Ok(TrainSummary {
+        steps: total,
+        final_loss: losses.last().copied().unwrap_or(f64::NAN),
+        losses,
+        examples: n_examples as u64,
+        trainable_params,
+        adapter_dir: task.adapter_dir.clone(),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#[path = "train_tests.rs"]
+mod tests;

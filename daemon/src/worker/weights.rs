@@ -1,0 +1,151 @@
+//! safetensors files: the base model's weights (single file or sharded index) and the files lorad writes
+//! (adapters, the tiny model). One reader and one writer, so the tiny model exercises exactly the code
+//! path a real model goes through.
+use super::error::EngineError;
+use candle_core::{DType, Device, Tensor};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Single-file weights.
+pub const SINGLE: &str = "model.safetensors";
+/// Index of sharded weights (`weight_map`: tensor name -> shard file).
+pub const INDEX: &str = "model.safetensors.index.json";
+
+/// The weight files of a model directory, or a `Model` error naming what is missing.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
+    let single = dir.join(SINGLE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join(INDEX);
+    if !index.is_file() {
+        return Err(EngineError::model(
+            dir,
+            format!("no weights: neither {SINGLE} nor {INDEX} exists"),
+        ));
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| EngineError::model(&index, format!("not valid JSON: {e}")))?;
+    let Some(map) = value.get("weight_map").and_then(|m| m.as_object()) else {
+        return Err(EngineError::model(&index, "missing object field \"weight_map\""));
+    };
+    let mut files = BTreeSet::new();
+    for (name, file) in map {
+        let Some(file) = file.as_str() else {
+            return Err(EngineError::model(
+                &index,
+                format!("weight_map[\"{name}\"] is not a file name"),
+            ));
+        };
+        // A shard name is a plain file name inside the model directory, never a path elsewhere.
+        if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+            return Err(EngineError::model(
+                &index,
+                format!("weight_map[\"{name}\"]: bad shard name \"{file}\""),
+            ));
+        }
+        files.insert(file.to_string());
+    }
+    let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
+    if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+        return Err(EngineError::model(missing, "shard listed in the index does not exist"));
+    }
+    Ok(files)
+}
+
+/// Loads every tensor of the model in `dir` onto `device` as plain tensors (never `Var`s: base weights
+/// are frozen by construction), converted to `dtype`.
+pub fn load_weights(dir: &Path, device: &Device, dtype: DType) -> Result<HashMap<String, Tensor>, EngineError> {
+    let mut all = HashMap::new();
+    for file in weight_files(dir)? {
+        let tensors = candle_core::safetensors::load(&file, device)
+            .map_err(|e| EngineError::model(&file, format!("cannot read safetensors: {e}")))?;
+        for (name, t) in tensors {
+            let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
+            all.insert(name, t);
+        }
+    }
+    Ok(all)
+}
+
+/// A tensor's bytes prepared for writing (little-endian f32 on the CPU), so that serialization cannot
+/// fail half-way through a file.
+struct F32View {
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl safetensors::View for &F32View {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Writes `tensors` as f32 to `path` with the `{"format": "pt"}` metadata transformers expects, through
+/// a temporary file renamed into place.
+pub fn save_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<(), EngineError> {
+    let mut views = BTreeMap::new();
+    for (name, t) in tensors {
+        let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        views.insert(
+            name.clone(),
+            F32View {
+                shape: t.dims().to_vec(),
+                bytes,
+            },
+        );
+    }
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let tmp = tmp_sibling(path);
+    safetensors::serialize_to_file(views.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata), &tmp)
+        .map_err(|e| EngineError::io(&tmp, std::io::Error::other(e.to_string())))?;
+    std::fs::rename(&tmp, path).map_err(|e| EngineError::io(path, e))
+}
+
+/// Writes `text` to `path` through a temporary file renamed into place.
+pub fn write_text(path: &Path, text: &str) -> Result<(), EngineError> {
+    let tmp = tmp_sibling(path);
+    std::fs::write(&tmp, text).map_err(|e| EngineError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| EngineError::io(path, e))
+}
+
+/// `dir/.name.tmp-<pid>`: hidden, in the same directory (so rename is atomic), unique per process.
+pub fn tmp_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_then_load_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tensor::arange(0f32, 6.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let map = BTreeMap::from([("w".to_string(), t.clone())]);
+        save_tensors(&dir.path().join(SINGLE), &map).unwrap();
+        let loaded = load_weights(dir.path(), &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(loaded["w"].to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
+        let err = weight_files(&dir.path().join("nowhere")).unwrap_err().to_string();
+        assert!(err.contains("no weights"), "{err}");
+    }
+}
