@@ -32,8 +32,6 @@ pub struct FileConfig {
     pub max_frame: Option<usize>,
     /// Seconds between SIGTERM and SIGKILL for a worker.
     pub kill_grace_s: Option<u64>,
-    /// Directory for rolling log files (unused until log rotation lands).
-    pub log_dir: Option<PathBuf>,
 }
 
 /// Why the configuration could not be built.

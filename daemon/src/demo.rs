@@ -108,7 +108,8 @@ async fn drive(socket: &Path, model: &Path, data: &Path) -> anyhow::Result<()> {
                 bar.set_message(format!("loss {:.3}  {:.0} tok/s", point.loss, point.tokens_per_s));
             }
             EventBody::StateChanged { to, reason, .. } => {
-                bar.println(format!("  state: {to}{}", reason.map(|r| format!(" ({r})")).unwrap_or_default()));
+                let line = format!("  state: {to}{}", reason.map(|r| format!(" ({r})")).unwrap_or_default());
+                bar.suspend(|| println!("{line}"));
                 if to.is_terminal() {
                     break to;
                 }

@@ -167,9 +167,15 @@ impl Journal {
     }
 
     /// Stores a metric point once per (job, step), updates the job's progress, and logs a metrics event.
-    /// A point for a step already stored is ignored (returns None), so a replayed step never counts twice.
+    /// A point for a step already stored, or for a job that is no longer active, is ignored (returns None),
+    /// so a replayed step never counts twice.
     pub fn record_metric(&self, id: JobId, point: MetricPoint) -> Result<Option<(JobRecord, Event)>, JournalError> {
         let txn = self.db.begin_write()?;
+        let mut job = read_job(&txn, id)?;
+        // A worker that is being stopped may still report a step; the job's history ended already.
+        if !job.state.is_active() {
+            return Ok(None);
+        }
         {
             let mut metrics = txn.open_table(METRICS)?;
             if metrics.get((id.0, point.step))?.is_some() {
@@ -177,7 +183,6 @@ impl Journal {
             }
             metrics.insert((id.0, point.step), encode(&point)?.as_slice())?;
         }
-        let mut job = read_job(&txn, id)?;
         let p = &mut job.progress;
         p.step = point.step;
         p.epoch = point.epoch;

@@ -76,6 +76,8 @@ fn metric_points_are_stored_once_in_step_order() {
     let dir = tempfile::tempdir().unwrap();
     let j = Journal::open(&dir.path().join("j.redb")).unwrap();
     let (job, _) = j.insert_job(record).unwrap();
+    assert!(j.record_metric(job.id, point(1)).unwrap().is_none(), "a queued job has no steps");
+    j.transition(job.id, JobState::Initializing, None, |_| {}).unwrap();
     for s in [1, 2, 3] {
         assert!(j.record_metric(job.id, point(s)).unwrap().is_some());
     }

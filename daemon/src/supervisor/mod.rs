@@ -56,6 +56,12 @@ async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId) {
     };
     match attempt::spawn(core, &job).await {
         Ok(running) => {
+            // A cancel that committed before the worker was registered found nothing to stop: look again.
+            if let Ok(job) = core.read(move |j| j.job(id)).await {
+                if !job.state.is_active() {
+                    stop(core, id);
+                }
+            }
             let core = core.clone();
             tracker.spawn(async move {
                 attempt::watch(core.clone(), id, running).await;
