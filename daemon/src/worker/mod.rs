@@ -12,6 +12,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod process;
+pub mod rope;
 pub mod tiny;
 pub mod train;
 pub mod weights;

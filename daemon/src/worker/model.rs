@@ -7,70 +7,13 @@ pub use super::config::{check_model_dir, ModelConfig};
 use super::error::EngineError;
 use super::lora::{LoraConfig, LoraLinear, LoraPair};
 use super::ops::{apply_rope, frozen_linear, nll_sum, rms_norm, softmax_last};
+pub use super::rope::Rope;
 use super::weights;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use lorad_schema::TARGET_MODULES;
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-/// Precomputed RoPE tables for positions `0..max_len`, each `[max_len, head_dim]`.
-#[derive(Debug, Clone)]
-pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    /// Tables for `max_len` positions (the training sequence length, not the model's whole context).
-    pub fn new(cfg: &ModelConfig, max_len: usize, device: &Device) -> Result<Self> {
-        let d = cfg.head_dim();
-        let p = cfg.rope();
-        let base = p.rope_theta.unwrap_or(10_000.0) as f32;
-        // f32 like transformers, so the angles match it to rounding.
-        let mut inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32)).collect();
-        match p.rope_type.as_deref() {
-            Some("linear") => {
-                let f = p.factor.unwrap_or(1.0) as f32;
-                inv.iter_mut().for_each(|v| *v /= f);
-            }
-            Some("llama3") => llama3_scaling(&mut inv, &p),
-            _ => {}
-        }
-        let mut freqs = Vec::with_capacity(max_len * d);
-        for pos in 0..max_len {
-            let row: Vec<f32> = inv.iter().map(|f| pos as f32 * f).collect();
-            freqs.extend_from_slice(&row);
-            freqs.extend_from_slice(&row);
-        }
-        let freqs = Tensor::from_vec(freqs, (max_len, d), device)?;
-        Ok(Rope {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
-        })
-    }
-}
-
-/// transformers' `_compute_llama3_parameters`: low frequencies scaled by `factor`, a smooth blend between.
-fn llama3_scaling(inv: &mut [f32], p: &super::config::RopeParams) {
-    let factor = p.factor.unwrap_or(1.0);
-    let (low, high) = (p.low_freq_factor.unwrap_or(1.0), p.high_freq_factor.unwrap_or(4.0));
-    let old_ctx = p.original_max_position_embeddings.unwrap_or(8192) as f64;
-    let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
-    for f in inv.iter_mut() {
-        let freq = *f as f64;
-        let wavelen = 2.0 * std::f64::consts::PI / freq;
-        let scaled = if wavelen > low_wavelen { freq / factor } else { freq };
-        // wavelen is finite (freq > 0), so "not below and not above" is this range.
-        let medium = (high_wavelen..=low_wavelen).contains(&wavelen);
-        *f = if medium {
-            let smooth = (old_ctx / wavelen - low) / (high - low);
-            ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32
-        } else {
-            scaled as f32
-        };
-    }
-}
 
 /// Causal (and, when configured, sliding-window) additive mask `[t, t]`: 0 where allowed, -inf elsewhere.
 /// Right padding needs no extra mask: pads come after every real token, so causality keeps them out.

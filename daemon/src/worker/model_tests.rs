@@ -34,42 +34,6 @@ fn ids(rows: &[&[u32]]) -> Tensor {
 }
 
 #[test]
-fn rope_tables_follow_transformers() {
-    let cfg: ModelConfig = serde_json::from_str(
-        r#"{"model_type": "llama", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "vocab_size": 10, "rope_theta": 100.0}"#,
-    )
-    .unwrap();
-    let rope = Rope::new(&cfg, 3, &Device::Cpu).unwrap();
-    assert_eq!(rope.cos.dims(), &[3, 4]);
-    let cos = rope.cos.to_vec2::<f32>().unwrap();
-    let sin = rope.sin.to_vec2::<f32>().unwrap();
-    // head_dim 4: inv_freq = [1, 100^-0.5] = [1, 0.1]; the two halves repeat.
-    let expected = [2f32.cos(), 0.2f32.cos(), 2f32.cos(), 0.2f32.cos()];
-    for (got, want) in cos[2].iter().zip(expected) {
-        assert!((got - want).abs() < 1e-6, "{:?}", cos[2]);
-    }
-    assert_eq!(cos[0], vec![1.0; 4]);
-    assert!((sin[1][1] - 0.1f32.sin()).abs() < 1e-6);
-}
-
-#[test]
-fn llama3_rope_scaling_keeps_high_frequencies() {
-    let p = crate::worker::config::RopeParams {
-        rope_type: Some("llama3".into()),
-        factor: Some(8.0),
-        low_freq_factor: Some(1.0),
-        high_freq_factor: Some(4.0),
-        original_max_position_embeddings: Some(8192),
-        rope_theta: Some(500000.0),
-    };
-    let mut inv = vec![1.0f32, 1e-4];
-    llama3_scaling(&mut inv, &p);
-    assert_eq!(inv[0], 1.0, "short wavelengths unchanged");
-    assert!((inv[1] - 1e-4 / 8.0).abs() < 1e-9, "long wavelengths divided by factor");
-}
-
-#[test]
 fn causal_mask_and_window() {
     let m = causal_mask(3, None, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
     assert_eq!(m[0][1], f32::NEG_INFINITY);

@@ -1,7 +1,7 @@
 //! The training loop: load, plan, step, save. Synchronous; reports through a callback so it knows
 //! nothing about the daemon (the worker process forwards events over its control channel).
 use super::adapter::save_adapter;
-use super::data::{read_jsonl, Encoder, Loader};
+use super::data::{read_jsonl, Encoder, Loader, Tokenized};
 use super::error::EngineError;
 use super::lora::LoraConfig;
 use super::model::{check_model_dir, Llama};
@@ -238,6 +238,32 @@ pub fn train(task: &TrainTask, on_event: &mut dyn FnMut(TrainEvent)) -> Result<T
         trainable_params,
         adapter_dir: task.adapter_dir.clone(),
     })
+}
+
+/// Mean next-token loss of `model` over `data` without dropout (evaluation), averaged over all target
+/// tokens, one example at a time so no padding is involved.
+pub fn mean_loss(model: &Llama, data: &[Tokenized]) -> Result<f64, EngineError> {
+    let device = model.device();
+    let (mut sum, mut count) = (0.0, 0usize);
+    for ex in data {
+        let (positions, labels): (Vec<u32>, Vec<u32>) = (1..ex.ids.len())
+            .filter(|&p| ex.trained[p])
+            .map(|p| ((p - 1) as u32, ex.ids[p]))
+            .unzip();
+        if labels.is_empty() {
+            continue;
+        }
+        let ids = Tensor::from_slice(&ex.ids, (1, ex.ids.len()), device)?;
+        let n = labels.len();
+        let positions = Tensor::from_vec(positions, n, device)?;
+        let labels = Tensor::from_vec(labels, n, device)?;
+        sum += model
+            .loss_sum(&ids, &positions, &labels, None)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        count += n;
+    }
+    Ok(sum / count.max(1) as f64)
 }
 
 #[cfg(test)]

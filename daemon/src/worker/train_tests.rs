@@ -5,7 +5,7 @@ use crate::worker::adapter::{load_adapter, peft_key};
 use crate::worker::data::Loader;
 use crate::worker::tiny::make_tiny_model;
 use lorad_schema::JobId;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// 64 lines: 8 short sentences, each 8 times. Nearly every next token is determined by the ones
 /// before it, so a working trainer must drive the loss down fast.
@@ -357,4 +357,50 @@ fn plan_counts_steps_like_the_spec() {
         .unwrap_err()
         .to_string()
         .contains("setting 'device'"));
+}
+
+/// Writes a tiny model, the test dataset, an adapter trained with `fast_settings` and lorad's own
+/// evaluation losses (`lorad_losses.json`) to `$LORAD_PEFT_OUT`, for `bench/peft_check.py`.
+#[test]
+#[ignore = "produces the input of bench/peft_check.py; run by hand"]
+fn peft_fixture() {
+    let out = PathBuf::from(std::env::var("LORAD_PEFT_OUT").expect("set LORAD_PEFT_OUT to a directory"));
+    std::fs::create_dir_all(&out).unwrap();
+    let model_dir = out.join("model");
+    make_tiny_model(&model_dir, 3).unwrap();
+    write_dataset(&out.join("data.jsonl"));
+    let task = TrainTask {
+        job: JobId(1),
+        base_model: model_dir.clone(),
+        dataset: out.join("data.jsonl"),
+        adapter_dir: out.join("adapter"),
+        job_dir: out.join("job"),
+        settings: fast_settings(),
+    };
+    let summary = train(&task, &mut |_| {}).unwrap();
+    let cfg = check_model_dir(&model_dir).unwrap();
+    let examples = read_jsonl(&task.dataset).unwrap();
+    let data = Encoder::load(&model_dir, &cfg, 64)
+        .unwrap()
+        .encode(&examples, &task.dataset)
+        .unwrap();
+    let adapter = load_adapter(&task.adapter_dir).unwrap();
+    let model = Llama::load(
+        &model_dir,
+        &adapter.lora_config(),
+        &mut rng_for(0, INIT_STREAM),
+        64,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let base = mean_loss(&model, &data).unwrap();
+    model.set_lora_weights(&adapter.weights, &task.adapter_dir).unwrap();
+    let adapted = mean_loss(&model, &data).unwrap();
+    let report = serde_json::json!({"base_loss": base, "adapter_loss": adapted, "train_losses": summary.losses});
+    std::fs::write(
+        out.join("lorad_losses.json"),
+        serde_json::to_string_pretty(&report).unwrap(),
+    )
+    .unwrap();
+    eprintln!("lorad: base loss {base:.6}, with adapter {adapted:.6}");
 }
