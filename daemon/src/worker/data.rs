@@ -96,9 +96,11 @@ pub struct Tokenized {
 /// Turns examples into token ids with the model's tokenizer.json.
 pub struct Encoder {
     tokenizer: Tokenizer,
+    path: std::path::PathBuf,
     bos: Option<u32>,
     eos: Option<u32>,
     max_len: usize,
+    vocab_size: usize,
 }
 
 impl Encoder {
@@ -112,22 +114,37 @@ impl Encoder {
         })?;
         Ok(Encoder {
             tokenizer,
+            path,
             bos: cfg.bos_token_id,
             eos: cfg.eos_token_id,
             max_len,
+            vocab_size: cfg.vocab_size,
         })
     }
 
     /// Tokenizes `examples` (in parallel inside the tokenizers crate; the result is in input order).
-    pub fn encode(&self, examples: &[Example], path: &Path) -> Result<Vec<Tokenized>, EngineError> {
+    pub fn encode(&self, examples: &[Example]) -> Result<Vec<Tokenized>, EngineError> {
         let texts: Vec<&str> = examples.iter().map(|Example::Text(t)| t.as_str()).collect();
         let encodings = self
             .tokenizer
             .encode_batch(texts, false)
             .map_err(|e| EngineError::Tokenizer {
-                path: path.to_path_buf(),
+                path: self.path.clone(),
                 detail: e.to_string(),
             })?;
+        // A token id past the embedding matrix would fail deep inside the forward pass; name it here.
+        if let Some(id) = encodings
+            .iter()
+            .flat_map(|e| e.get_ids())
+            .chain(self.bos.iter())
+            .chain(self.eos.iter())
+            .find(|&&id| id as usize >= self.vocab_size)
+        {
+            return Err(EngineError::Tokenizer {
+                path: self.path.clone(),
+                detail: format!("token id {id} is outside the model's vocab_size {}", self.vocab_size),
+            });
+        }
         Ok(encodings
             .iter()
             .map(|enc| {

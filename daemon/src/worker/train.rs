@@ -101,7 +101,7 @@ pub fn train(task: &TrainTask, on_event: &mut dyn FnMut(TrainEvent)) -> Result<T
 
     let examples = read_jsonl(&task.dataset)?;
     let encoder = Encoder::load(&task.base_model, &cfg, max_len)?;
-    let mut tokenized = encoder.encode(&examples, &task.dataset)?;
+    let mut tokenized = encoder.encode(&examples)?;
     let before = tokenized.len();
     tokenized.retain(|t| t.trained.iter().any(|&b| b));
     if tokenized.len() < before {

@@ -100,7 +100,7 @@ fn every_lora_matrix_of_every_layer_gets_a_gradient() {
     let examples = read_jsonl(&task.dataset).unwrap();
     let tokenized = Encoder::load(&task.base_model, &cfg, 64)
         .unwrap()
-        .encode(&examples, &task.dataset)
+        .encode(&examples)
         .unwrap();
     let mut loader = Loader::new(tokenized, 4, 1, 0);
     let vars = model.trainable_vars();
@@ -167,7 +167,6 @@ fn loss_decreases_and_adapter_is_peft_shaped() {
         last < 0.7 * first,
         "loss fell from {first:.3} to {last:.3} (need -30%): {l:?}"
     );
-    eprintln!("40 steps in {elapsed:?}; loss {first:.3} -> {last:.3}");
 
     // Events: Loading, Plan, Training, one Step per optimizer step with sane metrics, Saving.
     assert!(matches!(events[0], TrainEvent::Phase { phase: Phase::Loading }));
@@ -198,6 +197,8 @@ fn loss_decreases_and_adapter_is_peft_shaped() {
         })
         .collect();
     assert_eq!(steps.len(), 40);
+    let step_ms = steps.iter().map(|p| p.step_ms).sum::<f64>() / 40.0;
+    eprintln!("train() took {elapsed:?}, {step_ms:.1} ms per step; loss {first:.3} -> {last:.3}");
     assert_eq!(steps[0].step, 1);
     assert!((steps[7].epoch - 1.0).abs() < 1e-9, "8 batches of 8 = one epoch of 64");
     assert!(steps
@@ -306,7 +307,7 @@ fn base_weights_are_bit_identical_after_training_steps() {
     let examples = read_jsonl(&task.dataset).unwrap();
     let tokenized = Encoder::load(&task.base_model, &cfg, 64)
         .unwrap()
-        .encode(&examples, &task.dataset)
+        .encode(&examples)
         .unwrap();
     let mut loader = Loader::new(tokenized, 8, 1, 0);
     let vars = model.trainable_vars();
@@ -380,10 +381,7 @@ fn peft_fixture() {
     let summary = train(&task, &mut |_| {}).unwrap();
     let cfg = check_model_dir(&model_dir).unwrap();
     let examples = read_jsonl(&task.dataset).unwrap();
-    let data = Encoder::load(&model_dir, &cfg, 64)
-        .unwrap()
-        .encode(&examples, &task.dataset)
-        .unwrap();
+    let data = Encoder::load(&model_dir, &cfg, 64).unwrap().encode(&examples).unwrap();
     let adapter = load_adapter(&task.adapter_dir).unwrap();
     let model = Llama::load(
         &model_dir,
