@@ -9,6 +9,18 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// Overrides of `basic-fine-tune` that make the tiny random model learn the demo dataset in seconds:
+/// a constant, high learning rate and short sequences. The integration tests submit the same job.
+pub const DEMO_OVERRIDES: &[(&str, &str)] = &[
+    ("lr", "0.01"),
+    ("max_steps", "80"),
+    ("batch_size", "8"),
+    ("warmup_steps", "0"),
+    ("schedule", "constant"),
+    ("lora_dropout", "0"),
+    ("max_seq_len", "64"),
+];
+
 /// The demo's dataset: 64 short, regular sentences, enough for a tiny model to visibly learn.
 pub fn demo_dataset() -> Vec<String> {
     let names = ["Ada", "Bram", "Chen", "Dara", "Emil", "Fia", "Gus", "Hana"];
@@ -23,10 +35,10 @@ pub fn demo_dataset() -> Vec<String> {
     lines
 }
 
-/// Writes the demo dataset as `{"text": ...}` lines.
-pub fn write_dataset(path: &Path) -> std::io::Result<()> {
+/// Writes the first `lines` lines of the demo dataset as `{"text": ...}` JSONL.
+pub fn write_dataset(path: &Path, lines: usize) -> std::io::Result<()> {
     let mut text = String::new();
-    for line in demo_dataset() {
+    for line in demo_dataset().into_iter().take(lines) {
         text.push_str(&serde_json::json!({ "text": line }).to_string());
         text.push('\n');
     }
@@ -50,7 +62,7 @@ pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
     let data = dir.join("demo.jsonl");
     println!("lorad demo in {}", dir.display());
     crate::worker::tiny::make_tiny_model(&model, 0).context("cannot make the tiny model")?;
-    write_dataset(&data)?;
+    write_dataset(&data, 64)?;
     println!("  model:   {} (random tiny Llama)", model.display());
     println!("  dataset: {} ({} lines)", data.display(), demo_dataset().len());
 
@@ -74,10 +86,7 @@ pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
 async fn drive(socket: &Path, model: &Path, data: &Path) -> anyhow::Result<()> {
     let client = lorad_client::Client::connect(socket).await?;
     let overrides: BTreeMap<String, String> =
-        [("lr", "3e-3"), ("epochs", "4"), ("batch_size", "8"), ("warmup_steps", "2"), ("lora_dropout", "0")]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        DEMO_OVERRIDES.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let spec = JobSpec {
         name: Some("demo".into()),
         template: "basic-fine-tune".into(),

@@ -142,18 +142,9 @@ pub fn tiny_model() -> &'static Path {
     path
 }
 
-/// 64 short regular sentences as `{"text"}` JSONL, the dataset of the end-to-end tests.
+/// The first `lines` lines of the demo's dataset (`{"text"}` JSONL), the dataset of the tests.
 pub fn write_dataset(path: &Path, lines: usize) {
-    let names = ["Ada", "Bram", "Chen", "Dara", "Emil", "Fia", "Gus", "Hana"];
-    let things = ["red kite", "blue boat", "green lamp", "gold ring", "old map", "tin drum", "silk fan", "oak desk"];
-    let mut text = String::new();
-    for i in 0..lines {
-        let (name, thing) = (names[i % 8], things[(i / 8) % 8]);
-        let line = format!("{name} keeps {} of the {thing} in the lorad lab.", (i % 5) + 2);
-        text.push_str(&serde_json::json!({ "text": line }).to_string());
-        text.push('\n');
-    }
-    std::fs::write(path, text).expect("write dataset");
+    lorad::demo::write_dataset(path, lines).expect("write dataset");
 }
 
 /// Whether a process with this pid exists (and is not a zombie).
