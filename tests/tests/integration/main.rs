@@ -1,5 +1,6 @@
 //! Integration tests: each starts real `lorad` processes and drives them through lorad-client.
 mod bad_input;
+mod cli;
 mod jobs;
 mod protocol;
 mod recovery;

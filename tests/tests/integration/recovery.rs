@@ -49,3 +49,24 @@ fn kill9_of_the_daemon_keeps_every_job() {
     let next = c.submit(spec(tiny_model(), &data, &[("max_steps", "1")])).expect("submit");
     assert_eq!(next.id.0, queued.id.0 + 1);
 }
+
+#[test]
+fn sigterm_stops_the_daemon_and_its_worker() {
+    let mut d = TestDaemon::start();
+    let data = d.dir.path().join("data.jsonl");
+    write_dataset(&data, 64);
+    let c = d.client();
+    let job = c.submit(spec(tiny_model(), &data, &[("max_steps", "100000")])).expect("submit");
+    let (running, _) = wait_for(&c, job.id, Duration::from_secs(120), |s| s == JobState::Running);
+    let worker = running.worker_pid.expect("worker pid");
+    drop(c);
+
+    let started = Instant::now();
+    let daemon = d.pid();
+    d.stop();
+    assert!(started.elapsed() < Duration::from_secs(15), "graceful stop took {:?}", started.elapsed());
+    assert!(!process_alive(daemon));
+    assert!(!process_alive(worker), "the worker outlived its daemon");
+    assert!(!d.socket().exists(), "the socket file is removed on a clean exit");
+    assert!(d.daemon_log().contains("SIGTERM"), "{}", d.daemon_log());
+}
