@@ -15,7 +15,10 @@
 //! ```
 use crate::error::ClientError;
 use crate::{LogChunk, ServerInfo};
-use lorad_schema::{DaemonStatus, Event, JobId, JobRecord, JobSpec, JobState, MetricPoint, Request, Response, Template};
+use lorad_schema::{
+    DaemonStatus, Event, JobId, JobRecord, JobSpec, JobState, MetricPoint, Request, Response,
+    Template,
+};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,9 +51,15 @@ impl Client {
             .thread_name("lorad-client")
             .enable_all()
             .build()
-            .map_err(|source| ClientError::Connect { path: path.to_path_buf(), source })?;
+            .map_err(|source| ClientError::Connect {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let inner = rt.block_on(crate::Client::connect_as(path, client_name))?;
-        Ok(Client { inner, rt: Arc::new(rt) })
+        Ok(Client {
+            inner,
+            rt: Arc::new(rt),
+        })
     }
 
     /// What the daemon announced in its `welcome`.
@@ -99,19 +108,35 @@ impl Client {
     }
 
     /// See [`crate::Client::metrics`].
-    pub fn metrics(&self, job: JobId, since_step: Option<u64>) -> Result<Vec<MetricPoint>, ClientError> {
+    pub fn metrics(
+        &self,
+        job: JobId,
+        since_step: Option<u64>,
+    ) -> Result<Vec<MetricPoint>, ClientError> {
         self.rt.block_on(self.inner.metrics(job, since_step))
     }
 
     /// See [`crate::Client::logs`].
-    pub fn logs(&self, job: JobId, offset: u64, max_bytes: Option<u64>) -> Result<LogChunk, ClientError> {
+    pub fn logs(
+        &self,
+        job: JobId,
+        offset: u64,
+        max_bytes: Option<u64>,
+    ) -> Result<LogChunk, ClientError> {
         self.rt.block_on(self.inner.logs(job, offset, max_bytes))
     }
 
     /// See [`crate::Client::subscribe`].
-    pub fn subscribe(&self, job: Option<JobId>, since_seq: u64) -> Result<Subscription, ClientError> {
+    pub fn subscribe(
+        &self,
+        job: Option<JobId>,
+        since_seq: u64,
+    ) -> Result<Subscription, ClientError> {
         let inner = self.rt.block_on(self.inner.subscribe(job, since_seq))?;
-        Ok(Subscription { inner, rt: self.rt.clone() })
+        Ok(Subscription {
+            inner,
+            rt: self.rt.clone(),
+        })
     }
 
     /// See [`crate::Client::unsubscribe`].
@@ -141,7 +166,11 @@ impl Subscription {
     /// Like [`Iterator::next`] (which blocks for the next event), giving up after `timeout`.
     pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<Event>, TimedOut> {
         let inner = &mut self.inner;
-        self.rt.block_on(async { tokio::time::timeout(timeout, inner.next()).await.map_err(|_| TimedOut) })
+        self.rt.block_on(async {
+            tokio::time::timeout(timeout, inner.next())
+                .await
+                .map_err(|_| TimedOut)
+        })
     }
 
     /// See [`crate::Subscription::id`].

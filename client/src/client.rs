@@ -7,8 +7,8 @@ use interprocess::local_socket::traits::tokio::Stream as _;
 use interprocess::local_socket::{GenericFilePath, ToFsName};
 use lorad_schema::frame::{self, FrameError};
 use lorad_schema::{
-    DaemonStatus, Handshake, JobId, JobRecord, JobSpec, JobState, MetricPoint, Request, Response, Template,
-    MAX_FRAME, PROTOCOL_VERSION,
+    DaemonStatus, Handshake, JobId, JobRecord, JobSpec, JobState, MetricPoint, Request, Response,
+    Template, MAX_FRAME, PROTOCOL_VERSION,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -74,7 +74,9 @@ impl Drop for Conn {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("server", &self.conn.info).finish_non_exhaustive()
+        f.debug_struct("Client")
+            .field("server", &self.conn.info)
+            .finish_non_exhaustive()
     }
 }
 
@@ -91,44 +93,66 @@ impl Client {
     }
 
     /// Like [`Client::connect`], introducing itself as `client_name` (the daemon logs it).
-    pub async fn connect_as(path: impl AsRef<Path>, client_name: &str) -> Result<Client, ClientError> {
+    pub async fn connect_as(
+        path: impl AsRef<Path>,
+        client_name: &str,
+    ) -> Result<Client, ClientError> {
         let path = path.as_ref();
-        let connect_err = |source| ClientError::Connect { path: path.to_path_buf(), source };
+        let connect_err = |source| ClientError::Connect {
+            path: path.to_path_buf(),
+            source,
+        };
         let name = path.to_fs_name::<GenericFilePath>().map_err(connect_err)?;
         let stream = Stream::connect(name).await.map_err(connect_err)?;
         // tokio's split: both halves own the stream, which closes once both tasks have ended.
         let (mut rd, mut wr) = tokio::io::split(stream);
 
-        let hello = Handshake::Hello { protocol: PROTOCOL_VERSION, client: client_name.to_string() };
+        let hello = Handshake::Hello {
+            protocol: PROTOCOL_VERSION,
+            client: client_name.to_string(),
+        };
         let handshake = async {
             frame::write_msg_async(&mut wr, &hello).await?;
             frame::read_msg_async::<Handshake, _>(&mut rd, MAX_FRAME).await
         };
-        let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await.map_err(|_| {
-            ClientError::Handshake(format!(
-                "no answer to hello from {} within {}s (is it a lorad socket?)",
-                path.display(),
-                HANDSHAKE_TIMEOUT.as_secs()
-            ))
-        })?;
+        let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| {
+                ClientError::Handshake(format!(
+                    "no answer to hello from {} within {}s (is it a lorad socket?)",
+                    path.display(),
+                    HANDSHAKE_TIMEOUT.as_secs()
+                ))
+            })?;
         let info = match answer {
-            Ok(Handshake::Welcome { protocol, daemon_version, features }) => {
-                ServerInfo { protocol, daemon_version, features }
-            }
+            Ok(Handshake::Welcome {
+                protocol,
+                daemon_version,
+                features,
+            }) => ServerInfo {
+                protocol,
+                daemon_version,
+                features,
+            },
             Ok(Handshake::Error { code, message }) => {
                 return Err(ClientError::Handshake(format!(
                     "lorad refused this client (protocol {PROTOCOL_VERSION}): {code}: {message}"
                 )))
             }
             Ok(Handshake::Hello { .. }) => {
-                return Err(ClientError::Handshake("the peer answered hello with hello; is it lorad?".into()))
+                return Err(ClientError::Handshake(
+                    "the peer answered hello with hello; is it lorad?".into(),
+                ))
             }
             // A transport failure (e.g. a daemon shutting down) is a disconnect, worth a retry.
             Err(e @ (FrameError::Closed | FrameError::Truncated | FrameError::Io(_))) => {
                 return Err(ClientError::Frame(e));
             }
             Err(e) => {
-                return Err(ClientError::Handshake(format!("no welcome from {}: {e}", path.display())));
+                return Err(ClientError::Handshake(format!(
+                    "no welcome from {}: {e}",
+                    path.display()
+                )));
             }
         };
 
@@ -136,7 +160,14 @@ impl Client {
         let shared = Arc::new(Shared::new(out));
         let reader = tokio::spawn(router::read_loop(shared.clone(), rd));
         let writer = tokio::spawn(router::write_loop(shared.clone(), out_rx, wr));
-        Ok(Client { conn: Arc::new(Conn { shared, info, reader, writer }) })
+        Ok(Client {
+            conn: Arc::new(Conn {
+                shared,
+                info,
+                reader,
+                writer,
+            }),
+        })
     }
 
     /// What the daemon announced in its `welcome`.
@@ -174,7 +205,11 @@ impl Client {
 
     /// The caller's jobs (every user's with `all`, admin only), optionally only those in `state`, in
     /// id order.
-    pub async fn list(&self, state: Option<JobState>, all: bool) -> Result<Vec<JobRecord>, ClientError> {
+    pub async fn list(
+        &self,
+        state: Option<JobState>,
+        all: bool,
+    ) -> Result<Vec<JobRecord>, ClientError> {
         match self.call(Request::List { state, all }).await? {
             Response::Jobs { jobs } => Ok(jobs),
             other => Err(unexpected("jobs", &other)),
@@ -192,7 +227,11 @@ impl Client {
     }
 
     /// A job's metric points in step order, only those with `step > since_step` when given.
-    pub async fn metrics(&self, job: JobId, since_step: Option<u64>) -> Result<Vec<MetricPoint>, ClientError> {
+    pub async fn metrics(
+        &self,
+        job: JobId,
+        since_step: Option<u64>,
+    ) -> Result<Vec<MetricPoint>, ClientError> {
         match self.call(Request::Metrics { job, since_step }).await? {
             Response::Metrics { points } => Ok(points),
             other => Err(unexpected("metrics", &other)),
@@ -201,20 +240,55 @@ impl Client {
 
     /// Up to `max_bytes` (the daemon caps it; `None` = the daemon's cap) of a job's log from byte
     /// `offset`.
-    pub async fn logs(&self, job: JobId, offset: u64, max_bytes: Option<u64>) -> Result<LogChunk, ClientError> {
-        match self.call(Request::Logs { job, offset, max_bytes }).await? {
-            Response::Logs { offset, text, next_offset, size } => Ok(LogChunk { offset, text, next_offset, size }),
+    pub async fn logs(
+        &self,
+        job: JobId,
+        offset: u64,
+        max_bytes: Option<u64>,
+    ) -> Result<LogChunk, ClientError> {
+        match self
+            .call(Request::Logs {
+                job,
+                offset,
+                max_bytes,
+            })
+            .await?
+        {
+            Response::Logs {
+                offset,
+                text,
+                next_offset,
+                size,
+            } => Ok(LogChunk {
+                offset,
+                text,
+                next_offset,
+                size,
+            }),
             other => Err(unexpected("logs", &other)),
         }
     }
 
     /// Subscribes to one job's events (`job: None` = every job, admin only). Events with
     /// `seq > since_seq` are replayed first (0 = everything), then new ones stream as they happen.
-    pub async fn subscribe(&self, job: Option<JobId>, since_seq: u64) -> Result<Subscription, ClientError> {
-        match self.conn.shared.request(Request::Subscribe { job, since_seq }).await? {
-            (Response::Subscribed { sub, last_seq }, Some(rx)) => {
-                Ok(Subscription::new(self.clone(), sub, since_seq, last_seq, rx))
-            }
+    pub async fn subscribe(
+        &self,
+        job: Option<JobId>,
+        since_seq: u64,
+    ) -> Result<Subscription, ClientError> {
+        match self
+            .conn
+            .shared
+            .request(Request::Subscribe { job, since_seq })
+            .await?
+        {
+            (Response::Subscribed { sub, last_seq }, Some(rx)) => Ok(Subscription::new(
+                self.clone(),
+                sub,
+                since_seq,
+                last_seq,
+                rx,
+            )),
             (other, _) => Err(unexpected("subscribed", &other)),
         }
     }
@@ -250,7 +324,10 @@ impl Client {
 }
 
 fn unexpected(expected: &'static str, got: &Response) -> ClientError {
-    ClientError::Unexpected { expected, got: response_kind(got).to_string() }
+    ClientError::Unexpected {
+        expected,
+        got: response_kind(got).to_string(),
+    }
 }
 
 /// The `type` name of a response.

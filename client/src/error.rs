@@ -54,7 +54,9 @@ impl ClientError {
             self,
             ClientError::Closed
                 | ClientError::Connect { .. }
-                | ClientError::Frame(FrameError::Closed | FrameError::Truncated | FrameError::Io(_))
+                | ClientError::Frame(
+                    FrameError::Closed | FrameError::Truncated | FrameError::Io(_)
+                )
         )
     }
 }

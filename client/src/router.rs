@@ -49,7 +49,11 @@ pub(crate) struct Shared {
 impl Shared {
     /// A table whose frames go to the writer task through `out`.
     pub(crate) fn new(out: mpsc::UnboundedSender<Vec<u8>>) -> Self {
-        Shared { next_id: AtomicU64::new(1), out, table: Mutex::new(Table::default()) }
+        Shared {
+            next_id: AtomicU64::new(1),
+            out,
+            table: Mutex::new(Table::default()),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
@@ -87,7 +91,10 @@ impl Shared {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // Its reply finds no waiter and is ignored.
-        if let Ok(bytes) = encode_frame(&ClientFrame { id, req: Request::Unsubscribe { sub } }) {
+        if let Ok(bytes) = encode_frame(&ClientFrame {
+            id,
+            req: Request::Unsubscribe { sub },
+        }) {
             let _ = self.out.send(bytes);
         }
     }
@@ -133,7 +140,10 @@ impl Shared {
                 Ok((Response::Subscribed { sub, last_seq }, Some(rx)))
             }
             (Some(ok), None) => Ok((ok, None)),
-            (None, None) => Err(ClientError::Unexpected { expected: "ok or err", got: "an empty reply".into() }),
+            (None, None) => Err(ClientError::Unexpected {
+                expected: "ok or err",
+                got: "an empty reply".into(),
+            }),
         };
         drop(t);
         if let Err(Ok((Response::Subscribed { sub, .. }, _))) = waiter.tx.send(result) {
@@ -187,7 +197,11 @@ impl Shared {
 fn encode_frame(msg: &ClientFrame) -> Result<Vec<u8>, ClientError> {
     let payload = frame::encode(msg)?;
     if payload.len() > MAX_FRAME {
-        return Err(FrameError::TooLarge { len: payload.len(), max: MAX_FRAME }.into());
+        return Err(FrameError::TooLarge {
+            len: payload.len(),
+            max: MAX_FRAME,
+        }
+        .into());
     }
     Ok(frame::frame_bytes(&payload)?)
 }

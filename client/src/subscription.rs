@@ -30,8 +30,21 @@ impl std::fmt::Debug for Subscription {
 }
 
 impl Subscription {
-    pub(crate) fn new(client: Client, id: u64, since_seq: u64, replay_until: u64, rx: EventRx) -> Self {
-        Subscription { client, id, replay_until, last_seq: since_seq, rx, active: true }
+    pub(crate) fn new(
+        client: Client,
+        id: u64,
+        since_seq: u64,
+        replay_until: u64,
+        rx: EventRx,
+    ) -> Self {
+        Subscription {
+            client,
+            id,
+            replay_until,
+            last_seq: since_seq,
+            rx,
+            active: true,
+        }
     }
 
     /// The next event, or `None` once the subscription or its connection has ended. Cancel-safe: it can

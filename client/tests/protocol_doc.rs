@@ -10,18 +10,37 @@
 //!
 //! The test also checks that every request, response, event kind and error code is documented.
 use lorad_client::lorad_schema::{
-    ClientFrame, DaemonStatus, DeviceInfo, ErrorCode, Event, EventBody, GpuSample, Handshake, JobRecord, JobSpec,
-    JobState, MetricPoint, Progress, Push, Reply, Request, Response, ServerFrame, Template, TrainSettings,
-    WireError,
+    ClientFrame, DaemonStatus, DeviceInfo, ErrorCode, Event, EventBody, GpuSample, Handshake,
+    JobRecord, JobSpec, JobState, MetricPoint, Progress, Push, Reply, Request, Response,
+    ServerFrame, Template, TrainSettings, WireError,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 use std::collections::BTreeSet;
 
 const REQUESTS: [&str; 11] = [
-    "status", "templates", "submit", "list", "get", "cancel", "metrics", "logs", "subscribe", "unsubscribe", "shutdown",
+    "status",
+    "templates",
+    "submit",
+    "list",
+    "get",
+    "cancel",
+    "metrics",
+    "logs",
+    "subscribe",
+    "unsubscribe",
+    "shutdown",
 ];
-const RESPONSES: [&str; 8] = ["status", "templates", "job", "jobs", "metrics", "logs", "subscribed", "done"];
+const RESPONSES: [&str; 8] = [
+    "status",
+    "templates",
+    "job",
+    "jobs",
+    "metrics",
+    "logs",
+    "subscribed",
+    "done",
+];
 const EVENTS: [&str; 4] = ["state_changed", "metrics", "log", "notice"];
 const HANDSHAKES: [&str; 3] = ["hello", "welcome", "error"];
 
@@ -125,22 +144,29 @@ fn contained(example: &Value, got: &Value, path: &str) -> Result<(), String> {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in a {
                 let path = format!("{path}.{k}");
-                let g = b.get(k).ok_or_else(|| format!("{path}: not a field of this type (misspelt?)"))?;
+                let g = b
+                    .get(k)
+                    .ok_or_else(|| format!("{path}: not a field of this type (misspelt?)"))?;
                 contained(v, g, &path)?;
             }
             Ok(())
         }
-        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
-            a.iter().zip(b).enumerate().try_for_each(|(i, (x, y))| contained(x, y, &format!("{path}[{i}]")))
-        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .try_for_each(|(i, (x, y))| contained(x, y, &format!("{path}[{i}]"))),
         (Value::Number(a), Value::Number(b)) if a.as_f64() == b.as_f64() => Ok(()),
         (a, b) if a == b => Ok(()),
-        (a, b) => Err(format!("{path}: the example says {a} but it decodes as {b}")),
+        (a, b) => Err(format!(
+            "{path}: the example says {a} but it decodes as {b}"
+        )),
     }
 }
 
 fn decode_as<T: DeserializeOwned + Serialize>(example: &Value, lenient: bool) -> Result<T, String> {
-    let bytes = rmp_serde::to_vec_named(example).map_err(|e| format!("cannot encode as MessagePack: {e}"))?;
+    let bytes = rmp_serde::to_vec_named(example)
+        .map_err(|e| format!("cannot encode as MessagePack: {e}"))?;
     let value: T = rmp_serde::from_slice(&bytes).map_err(|e| format!("does not decode: {e}"))?;
     if !lenient {
         let back = serde_json::to_value(&value).map_err(|e| format!("cannot re-encode: {e}"))?;
@@ -150,20 +176,29 @@ fn decode_as<T: DeserializeOwned + Serialize>(example: &Value, lenient: bool) ->
 }
 
 /// Decodes one example as the named type, recording what it covers.
-fn check_example(ty: &str, example: &Value, lenient: bool, cov: &mut Coverage) -> Result<(), String> {
+fn check_example(
+    ty: &str,
+    example: &Value,
+    lenient: bool,
+    cov: &mut Coverage,
+) -> Result<(), String> {
     match ty {
         "Handshake" => {
             let h: Handshake = decode_as(example, lenient)?;
             cov.handshakes.insert(handshake_kind(&h));
         }
         "ClientFrame" => {
-            cov.requests.insert(request_kind(&decode_as::<ClientFrame>(example, lenient)?.req));
+            cov.requests.insert(request_kind(
+                &decode_as::<ClientFrame>(example, lenient)?.req,
+            ));
         }
         "Request" => {
-            cov.requests.insert(request_kind(&decode_as::<Request>(example, lenient)?));
+            cov.requests
+                .insert(request_kind(&decode_as::<Request>(example, lenient)?));
         }
         "Response" => {
-            cov.responses.insert(response_kind(&decode_as::<Response>(example, lenient)?));
+            cov.responses
+                .insert(response_kind(&decode_as::<Response>(example, lenient)?));
         }
         "Reply" => cov.reply(&decode_as::<Reply>(example, lenient)?),
         "ServerFrame" => match decode_as::<ServerFrame>(example, lenient)? {
@@ -173,13 +208,16 @@ fn check_example(ty: &str, example: &Value, lenient: bool, cov: &mut Coverage) -
             }
         },
         "Push" => {
-            cov.events.insert(event_kind(&decode_as::<Push>(example, lenient)?.event.body));
+            cov.events
+                .insert(event_kind(&decode_as::<Push>(example, lenient)?.event.body));
         }
         "Event" => {
-            cov.events.insert(event_kind(&decode_as::<Event>(example, lenient)?.body));
+            cov.events
+                .insert(event_kind(&decode_as::<Event>(example, lenient)?.body));
         }
         "EventBody" => {
-            cov.events.insert(event_kind(&decode_as::<EventBody>(example, lenient)?));
+            cov.events
+                .insert(event_kind(&decode_as::<EventBody>(example, lenient)?));
         }
         "WireError" => {
             decode_as::<WireError>(example, lenient)?;
@@ -228,10 +266,15 @@ fn check_frame(ty: &str, hex: &str) -> Result<(), String> {
         .split_whitespace()
         .map(|b| u8::from_str_radix(b, 16).map_err(|e| format!("bad hex byte '{b}': {e}")))
         .collect::<Result<_, _>>()?;
-    let (header, payload) = bytes.split_at_checked(4).ok_or("shorter than the 4-byte length")?;
+    let (header, payload) = bytes
+        .split_at_checked(4)
+        .ok_or("shorter than the 4-byte length")?;
     let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
     if len != payload.len() {
-        return Err(format!("the length prefix says {len} bytes but {} follow", payload.len()));
+        return Err(format!(
+            "the length prefix says {len} bytes but {} follow",
+            payload.len()
+        ));
     }
     match ty {
         "Handshake" => rmp_serde::from_slice::<Handshake>(payload).map(drop),
@@ -252,7 +295,10 @@ fn check_doc(text: &str) -> Result<Coverage, Vec<String>> {
     while i < lines.len() {
         let line = lines[i].trim();
         let lineno = i + 1;
-        if let Some(inner) = line.strip_prefix("<!--").and_then(|l| l.strip_suffix("-->")) {
+        if let Some(inner) = line
+            .strip_prefix("<!--")
+            .and_then(|l| l.strip_suffix("-->"))
+        {
             let inner = inner.trim();
             for kind in ["decode:", "frame:"] {
                 if let Some(args) = inner.strip_prefix(kind) {
@@ -285,13 +331,17 @@ fn check_doc(text: &str) -> Result<Coverage, Vec<String>> {
                         problems.push(format!("line {lineno}: {ty} example: {e}"));
                     }
                 }
-                ("json", _) => problems.push(format!("line {lineno}: json block without a `<!-- decode: TYPE -->` line")),
+                ("json", _) => problems.push(format!(
+                    "line {lineno}: json block without a `<!-- decode: TYPE -->` line"
+                )),
                 (_, Some((_, "frame:", ty))) => {
                     if let Err(e) = check_frame(ty, &body) {
                         problems.push(format!("line {lineno}: {ty} frame: {e}"));
                     }
                 }
-                (_, Some((at, ..))) => problems.push(format!("line {at}: marker not followed by a json block")),
+                (_, Some((at, ..))) => {
+                    problems.push(format!("line {at}: marker not followed by a json block"))
+                }
                 (_, None) => {}
             }
             i = end + 1;
@@ -320,7 +370,10 @@ fn protocol_md() -> String {
 }
 
 fn missing(documented: &BTreeSet<&'static str>, all: &[&'static str]) -> Vec<&'static str> {
-    all.iter().copied().filter(|k| !documented.contains(k)).collect()
+    all.iter()
+        .copied()
+        .filter(|k| !documented.contains(k))
+        .collect()
 }
 
 #[test]
@@ -328,18 +381,47 @@ fn every_example_in_protocol_md_decodes() {
     let doc = protocol_md();
     let cov = match check_doc(&doc) {
         Ok(cov) => cov,
-        Err(problems) => panic!("docs/PROTOCOL.md has broken examples:\n  {}", problems.join("\n  ")),
+        Err(problems) => panic!(
+            "docs/PROTOCOL.md has broken examples:\n  {}",
+            problems.join("\n  ")
+        ),
     };
-    assert!(cov.examples >= 20, "only {} examples found; is the marker convention still used?", cov.examples);
-    assert_eq!(missing(&cov.requests, &REQUESTS), Vec::<&str>::new(), "requests without an example");
-    assert_eq!(missing(&cov.responses, &RESPONSES), Vec::<&str>::new(), "responses without an example");
-    assert_eq!(missing(&cov.events, &EVENTS), Vec::<&str>::new(), "events without an example");
-    assert_eq!(missing(&cov.handshakes, &HANDSHAKES), Vec::<&str>::new(), "handshake messages without an example");
+    assert!(
+        cov.examples >= 20,
+        "only {} examples found; is the marker convention still used?",
+        cov.examples
+    );
+    assert_eq!(
+        missing(&cov.requests, &REQUESTS),
+        Vec::<&str>::new(),
+        "requests without an example"
+    );
+    assert_eq!(
+        missing(&cov.responses, &RESPONSES),
+        Vec::<&str>::new(),
+        "responses without an example"
+    );
+    assert_eq!(
+        missing(&cov.events, &EVENTS),
+        Vec::<&str>::new(),
+        "events without an example"
+    );
+    assert_eq!(
+        missing(&cov.handshakes, &HANDSHAKES),
+        Vec::<&str>::new(),
+        "handshake messages without an example"
+    );
     for (_, name) in error_codes() {
-        assert!(doc.contains(&format!("`{name}`")), "error code {name} is not documented");
+        assert!(
+            doc.contains(&format!("`{name}`")),
+            "error code {name} is not documented"
+        );
     }
     for name in REQUESTS {
-        assert!(doc.contains(&format!("### {name}\n")), "request {name} has no section");
+        assert!(
+            doc.contains(&format!("### {name}\n")),
+            "request {name} has no section"
+        );
     }
 }
 
@@ -371,5 +453,8 @@ fn broken_examples_fail() {
         assert!(check_doc(doc).is_err(), "accepted a broken example:\n{doc}");
     }
     let lenient = "<!-- decode: Request lenient -->\n```json\n{\"type\": \"metrics\", \"job\": 1, \"since\": 3}\n```\n";
-    assert!(check_doc(lenient).is_ok(), "lenient examples may carry unknown fields");
+    assert!(
+        check_doc(lenient).is_ok(),
+        "lenient examples may carry unknown fields"
+    );
 }

@@ -6,8 +6,9 @@ use interprocess::local_socket::traits::tokio::Listener as _;
 use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
 use lorad_client::lorad_schema::frame::{self, FrameError};
 use lorad_client::lorad_schema::{
-    ClientFrame, DaemonStatus, ErrorCode, Event, EventBody, Handshake, JobId, JobRecord, JobState, Progress, Push,
-    Reply, Request, Response, ServerFrame, TrainSettings, WireError, MAX_FRAME, PROTOCOL_VERSION,
+    ClientFrame, DaemonStatus, ErrorCode, Event, EventBody, Handshake, JobId, JobRecord, JobState,
+    Progress, Push, Reply, Request, Response, ServerFrame, TrainSettings, WireError, MAX_FRAME,
+    PROTOCOL_VERSION,
 };
 use lorad_client::{Client, ClientError};
 use std::path::PathBuf;
@@ -27,14 +28,20 @@ impl Fake {
         let path = dir.path().join("lorad.sock");
         let name = path.clone().to_fs_name::<GenericFilePath>().unwrap();
         let listener = ListenerOptions::new().name(name).create_tokio().unwrap();
-        Fake { _dir: dir, path, listener }
+        Fake {
+            _dir: dir,
+            path,
+            listener,
+        }
     }
 
     /// Accepts one connection and reads its hello.
     async fn accept_hello(&self) -> (Conn, Handshake) {
         let stream = self.listener.accept().await.unwrap();
         let mut conn = Conn { stream };
-        let hello: Handshake = frame::read_msg_async(&mut conn.stream, MAX_FRAME).await.unwrap();
+        let hello: Handshake = frame::read_msg_async(&mut conn.stream, MAX_FRAME)
+            .await
+            .unwrap();
         (conn, hello)
     }
 
@@ -46,7 +53,9 @@ impl Fake {
             daemon_version: "9.9.9-fake".into(),
             features: vec!["subscribe".into()],
         };
-        frame::write_msg_async(&mut conn.stream, &welcome).await.unwrap();
+        frame::write_msg_async(&mut conn.stream, &welcome)
+            .await
+            .unwrap();
         conn
     }
 
@@ -64,10 +73,13 @@ struct Conn {
 
 impl Conn {
     async fn recv(&mut self) -> ClientFrame {
-        tokio::time::timeout(Duration::from_secs(10), frame::read_msg_async(&mut self.stream, MAX_FRAME))
-            .await
-            .expect("no request within 10s")
-            .unwrap()
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            frame::read_msg_async(&mut self.stream, MAX_FRAME),
+        )
+        .await
+        .expect("no request within 10s")
+        .unwrap()
     }
 
     async fn send(&mut self, f: ServerFrame) {
@@ -75,7 +87,12 @@ impl Conn {
     }
 
     async fn reply(&mut self, id: u64, ok: Response) {
-        self.send(ServerFrame::Reply(Reply { id, ok: Some(ok), err: None })).await;
+        self.send(ServerFrame::Reply(Reply {
+            id,
+            ok: Some(ok),
+            err: None,
+        }))
+        .await;
     }
 
     async fn push(&mut self, sub: u64, event: Event) {
@@ -128,7 +145,16 @@ fn status() -> DaemonStatus {
 }
 
 fn state_event(seq: u64, job: u64, to: JobState) -> Event {
-    Event { seq, job: Some(JobId(job)), at_ms: seq, body: EventBody::StateChanged { from: JobState::Running, to, reason: None } }
+    Event {
+        seq,
+        job: Some(JobId(job)),
+        at_ms: seq,
+        body: EventBody::StateChanged {
+            from: JobState::Running,
+            to,
+            reason: None,
+        },
+    }
 }
 
 #[tokio::test]
@@ -136,8 +162,14 @@ async fn handshake_is_accepted_and_welcome_kept() {
     let fake = Fake::new();
     let (client, (conn, hello)) = tokio::join!(Client::connect(&fake.path), async {
         let (mut conn, hello) = fake.accept_hello().await;
-        let welcome = Handshake::Welcome { protocol: 1, daemon_version: "9.9.9-fake".into(), features: vec!["x".into()] };
-        frame::write_msg_async(&mut conn.stream, &welcome).await.unwrap();
+        let welcome = Handshake::Welcome {
+            protocol: 1,
+            daemon_version: "9.9.9-fake".into(),
+            features: vec!["x".into()],
+        };
+        frame::write_msg_async(&mut conn.stream, &welcome)
+            .await
+            .unwrap();
         (conn, hello)
     });
     let client = client.unwrap();
@@ -158,14 +190,22 @@ async fn handshake_error_names_both_versions() {
     let fake = Fake::new();
     let (client, _conn) = tokio::join!(Client::connect(&fake.path), async {
         let (mut conn, _) = fake.accept_hello().await;
-        let refuse = Handshake::Error { code: ErrorCode::Unsupported, message: "this daemon speaks protocol 2".into() };
-        frame::write_msg_async(&mut conn.stream, &refuse).await.unwrap();
+        let refuse = Handshake::Error {
+            code: ErrorCode::Unsupported,
+            message: "this daemon speaks protocol 2".into(),
+        };
+        frame::write_msg_async(&mut conn.stream, &refuse)
+            .await
+            .unwrap();
         conn
     });
     let err = client.unwrap_err();
     assert!(matches!(err, ClientError::Handshake(_)), "{err:?}");
     let text = err.to_string();
-    assert!(text.contains("protocol 1") && text.contains("protocol 2") && text.contains("unsupported"), "{text}");
+    assert!(
+        text.contains("protocol 1") && text.contains("protocol 2") && text.contains("unsupported"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -176,7 +216,10 @@ async fn connect_error_names_the_path_and_the_fix() {
     assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
     let text = err.to_string();
     assert!(text.contains(&path.display().to_string()), "{text}");
-    assert!(text.contains("is the daemon running? set --socket or LORAD_SOCKET"), "{text}");
+    assert!(
+        text.contains("is the daemon running? set --socket or LORAD_SOCKET"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -190,7 +233,9 @@ async fn replies_reach_their_callers_when_answered_out_of_order() {
     assert_ne!(a.id, b.id, "request ids are unique");
     // Answer the later request first.
     for f in [b, a] {
-        let Request::Get { job } = f.req else { panic!("expected get, got {:?}", f.req) };
+        let Request::Get { job } = f.req else {
+            panic!("expected get, got {:?}", f.req)
+        };
         conn.reply(f.id, Response::Job(record(job.0))).await;
     }
     assert_eq!(first.await.unwrap().unwrap().id, JobId(1));
@@ -205,7 +250,12 @@ async fn server_errors_keep_their_code() {
     let f = conn.recv().await;
     assert_eq!(f.req, Request::Cancel { job: JobId(7) });
     let err = WireError::new(ErrorCode::NotFound, "job 7 not found");
-    conn.send(ServerFrame::Reply(Reply { id: f.id, ok: None, err: Some(err.clone()) })).await;
+    conn.send(ServerFrame::Reply(Reply {
+        id: f.id,
+        ok: None,
+        err: Some(err.clone()),
+    }))
+    .await;
     let got = call.await.unwrap().unwrap_err();
     assert_eq!(got.code(), Some(ErrorCode::NotFound));
     assert!(matches!(got, ClientError::Server(w) if w == err));
@@ -219,7 +269,10 @@ async fn a_response_of_the_wrong_kind_is_unexpected() {
     let f = conn.recv().await;
     conn.reply(f.id, Response::Done).await;
     let err = call.await.unwrap().unwrap_err();
-    assert!(matches!(err, ClientError::Unexpected { expected: "job", ref got } if got == "done"), "{err:?}");
+    assert!(
+        matches!(err, ClientError::Unexpected { expected: "job", ref got } if got == "done"),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -229,15 +282,33 @@ async fn pushes_reach_their_subscription() {
     let server = async {
         for _ in 0..2 {
             let f = conn.recv().await;
-            let Request::Subscribe { job: Some(job), since_seq } = f.req else { panic!("{:?}", f.req) };
+            let Request::Subscribe {
+                job: Some(job),
+                since_seq,
+            } = f.req
+            else {
+                panic!("{:?}", f.req)
+            };
             assert_eq!(since_seq, 4);
-            conn.reply(f.id, Response::Subscribed { sub: 100 + job.0, last_seq: 5 }).await;
+            conn.reply(
+                f.id,
+                Response::Subscribed {
+                    sub: 100 + job.0,
+                    last_seq: 5,
+                },
+            )
+            .await;
         }
         conn.push(102, state_event(6, 2, JobState::Paused)).await;
         conn.push(101, state_event(7, 1, JobState::Completed)).await;
         conn
     };
-    let subs = async { (client.subscribe(Some(JobId(1)), 4).await.unwrap(), client.subscribe(Some(JobId(2)), 4).await.unwrap()) };
+    let subs = async {
+        (
+            client.subscribe(Some(JobId(1)), 4).await.unwrap(),
+            client.subscribe(Some(JobId(2)), 4).await.unwrap(),
+        )
+    };
     let ((mut s1, mut s2), _conn) = tokio::join!(subs, server);
     assert_eq!((s1.id(), s2.id()), (101, 102));
     assert_eq!((s1.replay_until(), s1.last_seq()), (5, 4));
@@ -258,13 +329,24 @@ async fn pushes_that_overtake_the_subscribed_reply_are_kept() {
         let f = conn.recv().await;
         conn.push(55, state_event(1, 3, JobState::Running)).await;
         conn.push(55, state_event(2, 3, JobState::Completed)).await;
-        conn.reply(f.id, Response::Subscribed { sub: 55, last_seq: 2 }).await;
+        conn.reply(
+            f.id,
+            Response::Subscribed {
+                sub: 55,
+                last_seq: 2,
+            },
+        )
+        .await;
         conn.push(55, state_event(3, 3, JobState::Queued)).await;
         conn
     };
     let (sub, _conn) = tokio::join!(client.subscribe(Some(JobId(3)), 0), server);
     let mut sub = sub.unwrap();
-    let seqs = [sub.next().await.unwrap().seq, sub.next().await.unwrap().seq, sub.next().await.unwrap().seq];
+    let seqs = [
+        sub.next().await.unwrap().seq,
+        sub.next().await.unwrap().seq,
+        sub.next().await.unwrap().seq,
+    ];
     assert_eq!(seqs, [1, 2, 3]);
 }
 
@@ -274,7 +356,14 @@ async fn dropping_a_subscription_unsubscribes() {
     let (client, mut conn) = fake.pair().await;
     let server = async {
         let f = conn.recv().await;
-        conn.reply(f.id, Response::Subscribed { sub: 9, last_seq: 0 }).await;
+        conn.reply(
+            f.id,
+            Response::Subscribed {
+                sub: 9,
+                last_seq: 0,
+            },
+        )
+        .await;
         conn
     };
     let (sub, mut conn) = tokio::join!(client.subscribe(None, 0), server);
@@ -297,7 +386,14 @@ async fn frames_from_a_newer_daemon_do_not_break_the_connection() {
     let (client, mut conn) = fake.pair().await;
     let server = async {
         let f = conn.recv().await;
-        conn.reply(f.id, Response::Subscribed { sub: 1, last_seq: 0 }).await;
+        conn.reply(
+            f.id,
+            Response::Subscribed {
+                sub: 1,
+                last_seq: 0,
+            },
+        )
+        .await;
         // An event type this client does not know is skipped...
         conn.send_raw(serde_json::json!({"sub": 1, "event": {"seq": 1, "at_ms": 0,
             "body": {"type": "checkpoint", "meta": {"step": 10}}}}))
@@ -305,7 +401,8 @@ async fn frames_from_a_newer_daemon_do_not_break_the_connection() {
         conn.push(1, state_event(2, 1, JobState::Completed)).await;
         // ...and a response type it does not know fails only the call it answers.
         let f = conn.recv().await;
-        conn.send_raw(serde_json::json!({"id": f.id, "ok": {"type": "hologram"}})).await;
+        conn.send_raw(serde_json::json!({"id": f.id, "ok": {"type": "hologram"}}))
+            .await;
         conn
     };
     let client_side = async {
@@ -316,7 +413,10 @@ async fn frames_from_a_newer_daemon_do_not_break_the_connection() {
     };
     let ((event, err), _conn) = tokio::join!(client_side, server);
     assert_eq!(event.seq, 2);
-    assert!(matches!(err, ClientError::Frame(FrameError::Decode(_))), "{err:?}");
+    assert!(
+        matches!(err, ClientError::Frame(FrameError::Decode(_))),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -325,7 +425,14 @@ async fn pending_calls_fail_with_closed_when_the_daemon_goes_away() {
     let (client, mut conn) = fake.pair().await;
     let server = async {
         let f = conn.recv().await;
-        conn.reply(f.id, Response::Subscribed { sub: 1, last_seq: 0 }).await;
+        conn.reply(
+            f.id,
+            Response::Subscribed {
+                sub: 1,
+                last_seq: 0,
+            },
+        )
+        .await;
         let _status = conn.recv().await;
         let _list = conn.recv().await;
         drop(conn);
@@ -343,14 +450,20 @@ async fn pending_calls_fail_with_closed_when_the_daemon_goes_away() {
     assert!(matches!(b, Err(ClientError::Closed)), "{b:?}");
     assert!(ended.is_none(), "the subscription ends with the connection");
     let later = client.get(JobId(1)).await.unwrap_err();
-    assert!(matches!(later, ClientError::Closed) && later.is_disconnect(), "{later:?}");
+    assert!(
+        matches!(later, ClientError::Closed) && later.is_disconnect(),
+        "{later:?}"
+    );
 }
 
 #[test]
 fn blocking_client_calls_and_follows() {
     let (tx, rx) = std::sync::mpsc::channel();
     let server = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let fake = Fake::new();
             tx.send(fake.path.clone()).unwrap();
@@ -359,7 +472,14 @@ fn blocking_client_calls_and_follows() {
             assert_eq!(f.req, Request::Status);
             conn.reply(f.id, Response::Status(status())).await;
             let f = conn.recv().await;
-            conn.reply(f.id, Response::Subscribed { sub: 3, last_seq: 0 }).await;
+            conn.reply(
+                f.id,
+                Response::Subscribed {
+                    sub: 3,
+                    last_seq: 0,
+                },
+            )
+            .await;
             conn.push(3, state_event(1, 1, JobState::Completed)).await;
             // Stay until the client hangs up.
             let _ = frame::read_frame_async(&mut conn.stream, MAX_FRAME).await;
@@ -371,7 +491,10 @@ fn blocking_client_calls_and_follows() {
     let mut sub = client.subscribe(Some(JobId(1)), 0).unwrap();
     let event = sub.next().unwrap();
     assert_eq!(event.seq, 1);
-    assert!(sub.next_timeout(Duration::from_millis(50)).is_err(), "no second event");
+    assert!(
+        sub.next_timeout(Duration::from_millis(50)).is_err(),
+        "no second event"
+    );
     drop(sub);
     drop(client);
     server.join().unwrap();

@@ -61,17 +61,30 @@ pub enum ConfigError {
 impl FileConfig {
     /// Reads a TOML config file.
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), detail: e.to_string() })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            detail: e.to_string(),
+        })
     }
 }
 
 /// Default paths for a user daemon (`--user`) or the system daemon.
 pub fn default_paths(user: bool) -> Result<(PathBuf, PathBuf), ConfigError> {
     if !user {
-        return Ok((PathBuf::from(lorad_schema::paths::SYSTEM_SOCKET), PathBuf::from("/var/lib/lorad")));
+        return Ok((
+            PathBuf::from(lorad_schema::paths::SYSTEM_SOCKET),
+            PathBuf::from("/var/lib/lorad"),
+        ));
     }
-    let env_dir = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env_dir = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     let state = env_dir("XDG_STATE_HOME")
         .or_else(|| env_dir("HOME").map(|h| h.join(".local/state")))
         .ok_or(ConfigError::NoStateDir)?

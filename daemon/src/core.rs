@@ -61,7 +61,9 @@ impl Core {
         R: Send + 'static,
     {
         let journal = self.journal.clone();
-        tokio::task::spawn_blocking(move || f(&journal)).await.map_err(join_error)?
+        tokio::task::spawn_blocking(move || f(&journal))
+            .await
+            .map_err(join_error)?
     }
 
     /// Runs a journal write on the blocking pool; the events it returns are published to live

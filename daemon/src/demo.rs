@@ -24,12 +24,23 @@ pub const DEMO_OVERRIDES: &[(&str, &str)] = &[
 /// The demo's dataset: 64 short, regular sentences, enough for a tiny model to visibly learn.
 pub fn demo_dataset() -> Vec<String> {
     let names = ["Ada", "Bram", "Chen", "Dara", "Emil", "Fia", "Gus", "Hana"];
-    let things = ["red kite", "blue boat", "green lamp", "gold ring", "old map", "tin drum", "silk fan", "oak desk"];
+    let things = [
+        "red kite",
+        "blue boat",
+        "green lamp",
+        "gold ring",
+        "old map",
+        "tin drum",
+        "silk fan",
+        "oak desk",
+    ];
     let mut lines = Vec::new();
     for (i, name) in names.iter().enumerate() {
         for (k, thing) in things.iter().enumerate() {
             let count = (i + k) % 5 + 2;
-            lines.push(format!("{name} keeps {count} of the {thing} in the lorad lab."));
+            lines.push(format!(
+                "{name} keeps {count} of the {thing} in the lorad lab."
+            ));
         }
     }
     lines
@@ -53,10 +64,17 @@ pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
             std::fs::create_dir_all(&d)?;
             d
         }
-        None => tempfile::Builder::new().prefix("lorad-demo-").tempdir()?.keep(),
+        None => tempfile::Builder::new()
+            .prefix("lorad-demo-")
+            .tempdir()?
+            .keep(),
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 
     let model = dir.join("tiny-model");
     let data = dir.join("demo.jsonl");
@@ -64,10 +82,16 @@ pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
     crate::worker::tiny::make_tiny_model(&model, 0).context("cannot make the tiny model")?;
     write_dataset(&data, 64)?;
     println!("  model:   {} (random tiny Llama)", model.display());
-    println!("  dataset: {} ({} lines)", data.display(), demo_dataset().len());
+    println!(
+        "  dataset: {} ({} lines)",
+        data.display(),
+        demo_dataset().len()
+    );
 
     let config = Config::new(dir.join("lorad.sock"), dir.join("state"));
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let listener = crate::server::bind(&config.socket, config.socket_mode)?;
         let socket = config.socket.clone();
@@ -85,8 +109,10 @@ pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
 
 async fn drive(socket: &Path, model: &Path, data: &Path) -> anyhow::Result<()> {
     let client = lorad_client::Client::connect(socket).await?;
-    let overrides: BTreeMap<String, String> =
-        DEMO_OVERRIDES.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let overrides: BTreeMap<String, String> = DEMO_OVERRIDES
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let spec = JobSpec {
         name: Some("demo".into()),
         template: "basic-fine-tune".into(),
@@ -96,7 +122,12 @@ async fn drive(socket: &Path, model: &Path, data: &Path) -> anyhow::Result<()> {
         ..JobSpec::default()
     };
     let job = client.submit(spec).await?;
-    println!("submitted job {} (template {}, {} overrides)", job.id, job.template, job.overrides.len());
+    println!(
+        "submitted job {} (template {}, {} overrides)",
+        job.id,
+        job.template,
+        job.overrides.len()
+    );
 
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -106,7 +137,9 @@ async fn drive(socket: &Path, model: &Path, data: &Path) -> anyhow::Result<()> {
     );
     let mut sub = client.subscribe(Some(job.id), 0).await?;
     let final_state = loop {
-        let Some(event) = sub.next().await else { bail!("the daemon closed the connection") };
+        let Some(event) = sub.next().await else {
+            bail!("the daemon closed the connection")
+        };
         match event.body {
             EventBody::Metrics { point } => {
                 if bar.length() == Some(0) {
@@ -114,10 +147,16 @@ async fn drive(socket: &Path, model: &Path, data: &Path) -> anyhow::Result<()> {
                     bar.set_length(total);
                 }
                 bar.set_position(point.step);
-                bar.set_message(format!("loss {:.3}  {:.0} tok/s", point.loss, point.tokens_per_s));
+                bar.set_message(format!(
+                    "loss {:.3}  {:.0} tok/s",
+                    point.loss, point.tokens_per_s
+                ));
             }
             EventBody::StateChanged { to, reason, .. } => {
-                let line = format!("  state: {to}{}", reason.map(|r| format!(" ({r})")).unwrap_or_default());
+                let line = format!(
+                    "  state: {to}{}",
+                    reason.map(|r| format!(" ({r})")).unwrap_or_default()
+                );
                 bar.suspend(|| println!("{line}"));
                 if to.is_terminal() {
                     break to;
@@ -129,12 +168,25 @@ async fn drive(socket: &Path, model: &Path, data: &Path) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let job = client.get(job.id).await?;
     if final_state != JobState::Completed {
-        bail!("job {} ended {}: {}", job.id, final_state, job.reason.unwrap_or_default());
+        bail!(
+            "job {} ended {}: {}",
+            job.id,
+            final_state,
+            job.reason.unwrap_or_default()
+        );
     }
     let points = client.metrics(job.id, None).await?;
     if let (Some(first), Some(last)) = (points.first(), points.last()) {
-        println!("loss {:.3} -> {:.3} over {} steps", first.loss, last.loss, points.len());
+        println!(
+            "loss {:.3} -> {:.3} over {} steps",
+            first.loss,
+            last.loss,
+            points.len()
+        );
     }
-    println!("adapter (HF PEFT layout): {}", job.adapter_dir.unwrap_or(job.output_dir));
+    println!(
+        "adapter (HF PEFT layout): {}",
+        job.adapter_dir.unwrap_or(job.output_dir)
+    );
     Ok(())
 }

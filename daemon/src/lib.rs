@@ -47,8 +47,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let state_dir = config.state_dir.clone();
-    std::fs::create_dir_all(state_dir.join("jobs"))
-        .map_err(|source| RunError::StateDir { path: state_dir.clone(), source })?;
+    std::fs::create_dir_all(state_dir.join("jobs")).map_err(|source| RunError::StateDir {
+        path: state_dir.clone(),
+        source,
+    })?;
     let journal_path = config.journal_path();
     let journal = tokio::task::spawn_blocking(move || Journal::open(&journal_path))
         .await
@@ -70,7 +72,8 @@ async fn recover(core: &Core) -> Result<(), JournalError> {
     let jobs = core.read(|j| j.jobs()).await?;
     for job in jobs.into_iter().filter(|j| j.state.is_active()) {
         let reason = Some("interrupted: daemon restarted".to_string());
-        core.transition(job.id, JobState::Failed, reason, |_| {}).await?;
+        core.transition(job.id, JobState::Failed, reason, |_| {})
+            .await?;
     }
     Ok(())
 }

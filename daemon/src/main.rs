@@ -52,8 +52,13 @@ enum Command {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
 }
 
 fn main() -> anyhow::Result<()> {
@@ -102,14 +107,21 @@ fn serve(cli: Cli) -> anyhow::Result<()> {
         config.socket_mode = 0o660;
     }
     if !cli.plugin_dir.is_empty() {
-        eprintln!("lorad: note: --plugin-dir is accepted but plugins are not loaded by this version yet");
+        eprintln!(
+            "lorad: note: --plugin-dir is accepted but plugins are not loaded by this version yet"
+        );
     }
     if cli.daemonize {
-        daemonize::Daemonize::new().working_directory("/").start().context("cannot daemonize")?;
+        daemonize::Daemonize::new()
+            .working_directory("/")
+            .start()
+            .context("cannot daemonize")?;
     }
     init_tracing();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let listener = lorad::server::bind(&config.socket, config.socket_mode)
             .with_context(|| format!("cannot listen on {}", config.socket.display()))?;
@@ -124,7 +136,10 @@ fn serve(cli: Cli) -> anyhow::Result<()> {
 
 async fn on_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };

@@ -39,13 +39,21 @@ mod tests {
 
     #[test]
     fn priority_then_age() {
-        let jobs = [job(1, JobState::Queued, 0), job(2, JobState::Queued, 5), job(3, JobState::Queued, 5)];
+        let jobs = [
+            job(1, JobState::Queued, 0),
+            job(2, JobState::Queued, 5),
+            job(3, JobState::Queued, 5),
+        ];
         assert_eq!(next_job(&jobs), Some(JobId(2)));
     }
 
     #[test]
     fn only_queued_jobs_run() {
-        let jobs = [job(1, JobState::Completed, 9), job(2, JobState::Paused, 9), job(3, JobState::Running, 0)];
+        let jobs = [
+            job(1, JobState::Completed, 9),
+            job(2, JobState::Paused, 9),
+            job(3, JobState::Running, 0),
+        ];
         assert_eq!(next_job(&jobs), None);
     }
 }

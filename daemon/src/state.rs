@@ -37,7 +37,11 @@ mod tests {
 
     #[test]
     fn lifecycle_paths() {
-        for (a, b) in [(Queued, Initializing), (Initializing, Running), (Running, Completed)] {
+        for (a, b) in [
+            (Queued, Initializing),
+            (Initializing, Running),
+            (Running, Completed),
+        ] {
             check(a, b).unwrap();
         }
         check(Running, Cancelled).unwrap();
@@ -53,7 +57,10 @@ mod tests {
         assert!(check(Cancelled, Completed).is_err());
         assert!(check(Cancelled, Failed).is_err());
         assert!(check(Failed, Completed).is_err());
-        assert!(check(Queued, Running).is_err(), "a job initializes before it runs");
+        assert!(
+            check(Queued, Running).is_err(),
+            "a job initializes before it runs"
+        );
         assert!(check(Queued, Completed).is_err());
     }
 

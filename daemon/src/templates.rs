@@ -12,7 +12,8 @@ pub fn builtin() -> Vec<Template> {
     vec![
         Template {
             name: "basic-fine-tune".into(),
-            description: "General-purpose LoRA on attention q/v: r=8, lr 2e-4, cosine, 3 epochs".into(),
+            description: "General-purpose LoRA on attention q/v: r=8, lr 2e-4, cosine, 3 epochs"
+                .into(),
             settings: TrainSettings {
                 lora_r: 8,
                 lora_alpha: 16.0,
@@ -30,7 +31,9 @@ pub fn builtin() -> Vec<Template> {
         },
         Template {
             name: "efficient-fine-tune".into(),
-            description: "Smallest adapter for quick experiments: r=4 on q/v, short sequences, 1 epoch".into(),
+            description:
+                "Smallest adapter for quick experiments: r=4 on q/v, short sequences, 1 epoch"
+                    .into(),
             settings: TrainSettings {
                 lora_r: 4,
                 lora_alpha: 8.0,
@@ -46,12 +49,21 @@ pub fn builtin() -> Vec<Template> {
         },
         Template {
             name: "advanced-fine-tune".into(),
-            description: "Higher-capacity LoRA on all attention and MLP projections: r=32, rsLoRA".into(),
+            description: "Higher-capacity LoRA on all attention and MLP projections: r=32, rsLoRA"
+                .into(),
             settings: TrainSettings {
                 lora_r: 32,
                 lora_alpha: 64.0,
                 lora_dropout: 0.05,
-                target_modules: targets(&["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+                target_modules: targets(&[
+                    "q_proj",
+                    "k_proj",
+                    "v_proj",
+                    "o_proj",
+                    "gate_proj",
+                    "up_proj",
+                    "down_proj",
+                ]),
                 use_rslora: true,
                 lr: 1e-4,
                 weight_decay: 0.01,

@@ -50,8 +50,10 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
 
 /// Prefixes an encoded payload with its length.
 pub fn frame_bytes(payload: &[u8]) -> Result<Vec<u8>, FrameError> {
-    let len = u32::try_from(payload.len())
-        .map_err(|_| FrameError::TooLarge { len: payload.len(), max: u32::MAX as usize })?;
+    let len = u32::try_from(payload.len()).map_err(|_| FrameError::TooLarge {
+        len: payload.len(),
+        max: u32::MAX as usize,
+    })?;
     let mut out = Vec::with_capacity(4 + payload.len());
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(payload);
@@ -67,13 +69,20 @@ fn check_len(header: [u8; 4], max: usize) -> Result<usize, FrameError> {
 }
 
 /// Reads one raw frame payload from an async stream.
-pub async fn read_frame_async<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Vec<u8>, FrameError> {
+pub async fn read_frame_async<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Vec<u8>, FrameError> {
     let mut header = [0u8; 4];
     let mut got = 0;
     while got < 4 {
         let n = r.read(&mut header[got..]).await?;
         if n == 0 {
-            return Err(if got == 0 { FrameError::Closed } else { FrameError::Truncated });
+            return Err(if got == 0 {
+                FrameError::Closed
+            } else {
+                FrameError::Truncated
+            });
         }
         got += n;
     }
@@ -87,12 +96,18 @@ pub async fn read_frame_async<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Re
 }
 
 /// Reads and decodes one message from an async stream.
-pub async fn read_msg_async<T: DeserializeOwned, R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<T, FrameError> {
+pub async fn read_msg_async<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<T, FrameError> {
     decode(&read_frame_async(r, max).await?)
 }
 
 /// Encodes and writes one message to an async stream.
-pub async fn write_msg_async<T: Serialize, W: AsyncWrite + Unpin>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+pub async fn write_msg_async<T: Serialize, W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &T,
+) -> Result<(), FrameError> {
     let bytes = frame_bytes(&encode(msg)?)?;
     w.write_all(&bytes).await?;
     w.flush().await?;
@@ -110,7 +125,11 @@ pub fn read_frame<R: Read>(r: &mut R, max: usize) -> Result<Vec<u8>, FrameError>
             Err(e) => return Err(e.into()),
         };
         if n == 0 {
-            return Err(if got == 0 { FrameError::Closed } else { FrameError::Truncated });
+            return Err(if got == 0 {
+                FrameError::Closed
+            } else {
+                FrameError::Truncated
+            });
         }
         got += n;
     }
@@ -143,7 +162,12 @@ mod tests {
 
     #[test]
     fn roundtrip_blocking() {
-        let msg = ClientFrame { id: 7, req: Request::Get { job: crate::JobId(42) } };
+        let msg = ClientFrame {
+            id: 7,
+            req: Request::Get {
+                job: crate::JobId(42),
+            },
+        };
         let mut buf = Vec::new();
         write_msg(&mut buf, &msg).unwrap();
         let back: ClientFrame = read_msg(&mut buf.as_slice(), MAX_FRAME).unwrap();
@@ -160,9 +184,18 @@ mod tests {
 
     #[test]
     fn truncated_and_closed_are_distinguished() {
-        assert!(matches!(read_frame(&mut [].as_slice(), MAX_FRAME), Err(FrameError::Closed)));
-        assert!(matches!(read_frame(&mut [0, 0].as_slice(), MAX_FRAME), Err(FrameError::Truncated)));
-        assert!(matches!(read_frame(&mut [0, 0, 0, 9, 1].as_slice(), MAX_FRAME), Err(FrameError::Truncated)));
+        assert!(matches!(
+            read_frame(&mut [].as_slice(), MAX_FRAME),
+            Err(FrameError::Closed)
+        ));
+        assert!(matches!(
+            read_frame(&mut [0, 0].as_slice(), MAX_FRAME),
+            Err(FrameError::Truncated)
+        ));
+        assert!(matches!(
+            read_frame(&mut [0, 0, 0, 9, 1].as_slice(), MAX_FRAME),
+            Err(FrameError::Truncated)
+        ));
     }
 
     #[test]
@@ -187,7 +220,15 @@ mod tests {
     #[tokio::test]
     async fn roundtrip_async() {
         let (mut a, mut b) = tokio::io::duplex(1024);
-        write_msg_async(&mut a, &ClientFrame { id: 1, req: Request::Status }).await.unwrap();
+        write_msg_async(
+            &mut a,
+            &ClientFrame {
+                id: 1,
+                req: Request::Status,
+            },
+        )
+        .await
+        .unwrap();
         let got: ClientFrame = read_msg_async(&mut b, MAX_FRAME).await.unwrap();
         assert!(matches!(got.req, Request::Status));
     }

@@ -61,7 +61,10 @@ impl JobState {
 
     /// True for states a job never leaves by itself (completed, failed, cancelled).
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Completed | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Completed | JobState::Failed | JobState::Cancelled
+        )
     }
 
     /// True while a worker process may exist for the job.

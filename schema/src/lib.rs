@@ -17,7 +17,7 @@ pub mod settings;
 pub use error::{ErrorCode, WireError};
 pub use frame::{FrameError, MAX_FRAME};
 pub use job::{
-    Event, EventBody, JobId, JobRecord, JobSpec, JobState, MetricPoint, Progress, GpuSample,
+    Event, EventBody, GpuSample, JobId, JobRecord, JobSpec, JobState, MetricPoint, Progress,
 };
 pub use proto::{
     ClientFrame, DaemonStatus, DeviceInfo, Handshake, Push, Reply, Request, Response, ServerFrame,

@@ -179,6 +179,8 @@ pub struct DaemonStatus {
 }
 
 /// Successful answers.
+// Replies are short-lived and mostly job records; boxing would only complicate every match.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
@@ -246,6 +248,7 @@ pub struct Push {
 }
 
 /// Any frame the daemon sends after the handshake.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ServerFrame {
@@ -262,9 +265,16 @@ mod tests {
 
     #[test]
     fn requests_are_type_tagged_maps() {
-        let bytes = encode(&ClientFrame { id: 7, req: Request::Get { job: JobId(42) } }).unwrap();
+        let bytes = encode(&ClientFrame {
+            id: 7,
+            req: Request::Get { job: JobId(42) },
+        })
+        .unwrap();
         let v: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap();
-        assert_eq!(v, serde_json::json!({"id": 7, "req": {"type": "get", "job": 42}}));
+        assert_eq!(
+            v,
+            serde_json::json!({"id": 7, "req": {"type": "get", "job": 42}})
+        );
     }
 
     #[test]
@@ -281,7 +291,11 @@ mod tests {
 
     #[test]
     fn server_frames_decode_both_shapes() {
-        let reply = ServerFrame::Reply(Reply { id: 3, ok: Some(Response::Done), err: None });
+        let reply = ServerFrame::Reply(Reply {
+            id: 3,
+            ok: Some(Response::Done),
+            err: None,
+        });
         let back: ServerFrame = decode(&encode(&reply).unwrap()).unwrap();
         assert_eq!(back, reply);
         let push = ServerFrame::Push(Push {
@@ -290,7 +304,11 @@ mod tests {
                 seq: 9,
                 job: Some(JobId(2)),
                 at_ms: 5,
-                body: crate::EventBody::StateChanged { from: JobState::Queued, to: JobState::Running, reason: None },
+                body: crate::EventBody::StateChanged {
+                    from: JobState::Queued,
+                    to: JobState::Running,
+                    reason: None,
+                },
             },
         });
         let back: ServerFrame = decode(&encode(&push).unwrap()).unwrap();
@@ -299,8 +317,15 @@ mod tests {
 
     #[test]
     fn hello_is_a_bare_map() {
-        let bytes = encode(&Handshake::Hello { protocol: 1, client: "x".into() }).unwrap();
+        let bytes = encode(&Handshake::Hello {
+            protocol: 1,
+            client: "x".into(),
+        })
+        .unwrap();
         let v: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap();
-        assert_eq!(v, serde_json::json!({"type": "hello", "protocol": 1, "client": "x"}));
+        assert_eq!(
+            v,
+            serde_json::json!({"type": "hello", "protocol": 1, "client": "x"})
+        );
     }
 }

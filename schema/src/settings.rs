@@ -26,7 +26,15 @@ pub enum DType {
 }
 
 /// The LoRA modules lorad knows how to adapt.
-pub const TARGET_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const TARGET_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 /// Every training setting. A template gives all of them; overrides change some.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,7 +185,10 @@ impl TrainSettings {
             _ => unreachable_settings(),
         };
         let Some(current) = map.get(key).cloned() else {
-            return Err(SettingError::UnknownField { key: key.into(), known: Self::field_names().join(", ") });
+            return Err(SettingError::UnknownField {
+                key: key.into(),
+                known: Self::field_names().join(", "),
+            });
         };
         let candidates = text_candidates(&current, value);
         let mut last_err = String::new();
@@ -192,7 +203,11 @@ impl TrainSettings {
                 Err(e) => last_err = e.to_string(),
             }
         }
-        Err(SettingError::BadValue { key: key.into(), value: value.into(), detail: describe_type(&current, &last_err) })
+        Err(SettingError::BadValue {
+            key: key.into(),
+            value: value.into(),
+            detail: describe_type(&current, &last_err),
+        })
     }
 
     /// Checks every field's range.
@@ -204,27 +219,55 @@ impl TrainSettings {
     }
 
     fn validate_field(&self, key: &str) -> Result<(), SettingError> {
-        let bad = |detail: String| Err(SettingError::OutOfRange { key: key.into(), detail });
+        let bad = |detail: String| {
+            Err(SettingError::OutOfRange {
+                key: key.into(),
+                detail,
+            })
+        };
         match key {
             "lora_r" if self.lora_r == 0 => bad("must be at least 1".into()),
-            "lora_alpha" if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) => bad("must be > 0".into()),
-            "lora_dropout" if !(0.0..1.0).contains(&self.lora_dropout) => bad("must be in [0, 1)".into()),
+            "lora_alpha" if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) => {
+                bad("must be > 0".into())
+            }
+            "lora_dropout" if !(0.0..1.0).contains(&self.lora_dropout) => {
+                bad("must be in [0, 1)".into())
+            }
             "target_modules" => {
                 if self.target_modules.is_empty() {
                     return bad("needs at least one module".into());
                 }
-                match self.target_modules.iter().find(|m| !TARGET_MODULES.contains(&m.as_str())) {
-                    Some(m) => bad(format!("unknown module '{m}' (known: {})", TARGET_MODULES.join(", "))),
+                match self
+                    .target_modules
+                    .iter()
+                    .find(|m| !TARGET_MODULES.contains(&m.as_str()))
+                {
+                    Some(m) => bad(format!(
+                        "unknown module '{m}' (known: {})",
+                        TARGET_MODULES.join(", ")
+                    )),
                     None => Ok(()),
                 }
             }
             "lr" if !(self.lr.is_finite() && self.lr > 0.0) => bad("must be > 0".into()),
-            "weight_decay" if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) => bad("must be >= 0".into()),
-            "adam_beta1" if !(0.0..1.0).contains(&self.adam_beta1) => bad("must be in [0, 1)".into()),
-            "adam_beta2" if !(0.0..1.0).contains(&self.adam_beta2) => bad("must be in [0, 1)".into()),
-            "adam_eps" if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) => bad("must be > 0".into()),
-            "grad_clip" if !(self.grad_clip.is_finite() && self.grad_clip >= 0.0) => bad("must be >= 0".into()),
-            "epochs" if self.epochs == 0 && self.max_steps.is_none() => bad("must be at least 1".into()),
+            "weight_decay" if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) => {
+                bad("must be >= 0".into())
+            }
+            "adam_beta1" if !(0.0..1.0).contains(&self.adam_beta1) => {
+                bad("must be in [0, 1)".into())
+            }
+            "adam_beta2" if !(0.0..1.0).contains(&self.adam_beta2) => {
+                bad("must be in [0, 1)".into())
+            }
+            "adam_eps" if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) => {
+                bad("must be > 0".into())
+            }
+            "grad_clip" if !(self.grad_clip.is_finite() && self.grad_clip >= 0.0) => {
+                bad("must be >= 0".into())
+            }
+            "epochs" if self.epochs == 0 && self.max_steps.is_none() => {
+                bad("must be at least 1".into())
+            }
             "max_steps" if self.max_steps == Some(0) => bad("must be at least 1".into()),
             "batch_size" if self.batch_size == 0 => bad("must be at least 1".into()),
             "grad_accum" if self.grad_accum == 0 => bad("must be at least 1".into()),
@@ -234,7 +277,9 @@ impl TrainSettings {
             "stall_timeout" if self.stall_timeout == 0 => bad("must be at least 1 second".into()),
             "device" => {
                 let d = self.device.as_str();
-                let cuda_ok = d.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok());
+                let cuda_ok = d
+                    .strip_prefix("cuda:")
+                    .is_some_and(|n| n.parse::<u32>().is_ok());
                 if d == "auto" || d == "cpu" || d == "cuda" || cuda_ok {
                     Ok(())
                 } else {
@@ -256,8 +301,12 @@ fn text_candidates(current: &serde_json::Value, text: &str) -> Vec<serde_json::V
     use serde_json::Value;
     let text = text.trim();
     if current.is_array() {
-        let items: Vec<Value> =
-            text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| Value::String(s.into())).collect();
+        let items: Vec<Value> = text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| Value::String(s.into()))
+            .collect();
         return vec![Value::Array(items)];
     }
     let mut out = Vec::new();
@@ -286,15 +335,14 @@ fn text_candidates(current: &serde_json::Value, text: &str) -> Vec<serde_json::V
 
 fn describe_type(current: &serde_json::Value, serde_err: &str) -> String {
     use serde_json::Value;
-    let expected = match current {
+    match current {
         Value::Bool(_) => "expected true or false".to_string(),
         Value::Number(n) if n.is_u64() => "expected a non-negative integer".to_string(),
         Value::Number(_) => "expected a number".to_string(),
         Value::Null => "expected an integer or 'none'".to_string(),
-        Value::String(_) => return serde_err.to_string(),
+        Value::String(_) => serde_err.to_string(),
         _ => "expected a comma-separated list".to_string(),
-    };
-    expected
+    }
 }
 
 #[cfg(test)]
@@ -318,13 +366,34 @@ mod tests {
         assert!(s.packing);
 
         let before = s.clone();
-        assert!(matches!(s.set("lr", "fast"), Err(SettingError::BadValue { .. })));
-        assert!(matches!(s.set("batch_size", "-1"), Err(SettingError::BadValue { .. })));
-        assert!(matches!(s.set("batch_size", "2.5"), Err(SettingError::BadValue { .. })));
-        assert!(matches!(s.set("schedule", "zigzag"), Err(SettingError::BadValue { .. })));
-        assert!(matches!(s.set("nope", "1"), Err(SettingError::UnknownField { .. })));
-        assert!(matches!(s.set("lora_r", "0"), Err(SettingError::OutOfRange { .. })));
-        assert!(matches!(s.set("target_modules", "q_proj,wq"), Err(SettingError::OutOfRange { .. })));
+        assert!(matches!(
+            s.set("lr", "fast"),
+            Err(SettingError::BadValue { .. })
+        ));
+        assert!(matches!(
+            s.set("batch_size", "-1"),
+            Err(SettingError::BadValue { .. })
+        ));
+        assert!(matches!(
+            s.set("batch_size", "2.5"),
+            Err(SettingError::BadValue { .. })
+        ));
+        assert!(matches!(
+            s.set("schedule", "zigzag"),
+            Err(SettingError::BadValue { .. })
+        ));
+        assert!(matches!(
+            s.set("nope", "1"),
+            Err(SettingError::UnknownField { .. })
+        ));
+        assert!(matches!(
+            s.set("lora_r", "0"),
+            Err(SettingError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            s.set("target_modules", "q_proj,wq"),
+            Err(SettingError::OutOfRange { .. })
+        ));
         assert_eq!(s, before, "a rejected override changes nothing");
     }
 

@@ -17,7 +17,11 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let path = dir.join(name);
-    assert!(path.exists(), "{} is not built; run the tests with `cargo test --workspace`", path.display());
+    assert!(
+        path.exists(),
+        "{} is not built; run the tests with `cargo test --workspace`",
+        path.display()
+    );
     path
 }
 
@@ -31,7 +35,10 @@ pub struct TestDaemon {
 impl TestDaemon {
     /// Starts a daemon in a new temp dir.
     pub fn start() -> TestDaemon {
-        let dir = tempfile::Builder::new().prefix("lorad-test-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("lorad-test-")
+            .tempdir()
+            .expect("tempdir");
         let mut d = TestDaemon { dir, child: None };
         d.restart();
         d
@@ -49,7 +56,10 @@ impl TestDaemon {
 
     /// The daemon's pid.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).expect("daemon not running")
+        self.child
+            .as_ref()
+            .map(|c| c.id())
+            .expect("daemon not running")
     }
 
     /// Starts the daemon (again) on the same socket and state dir, and waits until it answers.
@@ -80,10 +90,21 @@ impl TestDaemon {
                     return;
                 }
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("lorad exited during start ({status}); log:\n{}", self.daemon_log());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "lorad exited during start ({status}); log:\n{}",
+                    self.daemon_log()
+                );
             }
-            assert!(Instant::now() < deadline, "lorad did not answer within 30 s; log:\n{}", self.daemon_log());
+            assert!(
+                Instant::now() < deadline,
+                "lorad did not answer within 30 s; log:\n{}",
+                self.daemon_log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -104,7 +125,10 @@ impl TestDaemon {
     /// SIGTERM and wait (up to 30 s, then SIGKILL).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -133,10 +157,21 @@ impl Drop for TestDaemon {
 pub fn tiny_model() -> &'static Path {
     static MODEL: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     let (_, path) = MODEL.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("lorad-tiny-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("lorad-tiny-")
+            .tempdir()
+            .expect("tempdir");
         let path = dir.path().join("tiny-model");
-        let out = Command::new(bin("lorad")).arg("make-tiny-model").arg(&path).output().expect("make-tiny-model");
-        assert!(out.status.success(), "make-tiny-model failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(bin("lorad"))
+            .arg("make-tiny-model")
+            .arg(&path)
+            .output()
+            .expect("make-tiny-model");
+        assert!(
+            out.status.success(),
+            "make-tiny-model failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         (dir, path)
     });
     path
@@ -152,7 +187,10 @@ pub fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // The state is the field after the parenthesised command name.
-            let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next());
             state != Some("Z")
         }
         Err(_) => false,

@@ -10,7 +10,10 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     // Usage errors exit with 2 here, from clap.
     let args = cli::Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("loractl: error: cannot start the async runtime: {e}");

@@ -109,7 +109,9 @@ pub struct SubmitArgs {
 /// Parses `key=value` (the value may itself contain '=').
 pub fn parse_set(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
-        Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_string(), value.to_string())),
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_string(), value.to_string()))
+        }
         Some(_) => Err(format!("'{s}' has no key before '='")),
         None => Err(format!("'{s}' is not KEY=VALUE")),
     }
@@ -148,7 +150,11 @@ impl SubmitArgs {
             template: self.template.clone(),
             base_model: path_string("model", &self.model, cwd)?,
             dataset: path_string("data", &self.data, cwd)?,
-            output_dir: self.out.as_deref().map(|p| path_string("output", p, cwd)).transpose()?,
+            output_dir: self
+                .out
+                .as_deref()
+                .map(|p| path_string("output", p, cwd))
+                .transpose()?,
             priority: self.priority,
             overrides,
         })
@@ -167,7 +173,10 @@ mod tests {
     #[test]
     fn set_splits_at_the_first_equals() {
         assert_eq!(parse_set("lr=1e-3"), Ok(("lr".into(), "1e-3".into())));
-        assert_eq!(parse_set("target_modules=q_proj,v_proj"), Ok(("target_modules".into(), "q_proj,v_proj".into())));
+        assert_eq!(
+            parse_set("target_modules=q_proj,v_proj"),
+            Ok(("target_modules".into(), "q_proj,v_proj".into()))
+        );
         assert_eq!(parse_set("name=a=b"), Ok(("name".into(), "a=b".into())));
         assert_eq!(parse_set("max_steps="), Ok(("max_steps".into(), "".into())));
         assert!(parse_set("lr").is_err());
@@ -176,7 +185,10 @@ mod tests {
 
     #[test]
     fn malformed_set_is_a_usage_error_with_exit_code_2() {
-        let err = parse(&["submit", "-t", "x", "--model", "m", "--data", "d", "--set", "lr"]).unwrap_err();
+        let err = parse(&[
+            "submit", "-t", "x", "--model", "m", "--data", "d", "--set", "lr",
+        ])
+        .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::ValueValidation);
         assert_eq!(err.exit_code(), 2);
     }
@@ -184,21 +196,48 @@ mod tests {
     #[test]
     fn relative_paths_become_absolute_against_cwd() {
         let cwd = Path::new("/home/u/work");
-        assert_eq!(absolutize(Path::new("data/train.jsonl"), cwd), Path::new("/home/u/work/data/train.jsonl"));
-        assert_eq!(absolutize(Path::new("./m"), cwd), Path::new("/home/u/work/m"));
-        assert_eq!(absolutize(Path::new("../m"), cwd), Path::new("/home/u/work/../m"));
+        assert_eq!(
+            absolutize(Path::new("data/train.jsonl"), cwd),
+            Path::new("/home/u/work/data/train.jsonl")
+        );
+        assert_eq!(
+            absolutize(Path::new("./m"), cwd),
+            Path::new("/home/u/work/m")
+        );
+        assert_eq!(
+            absolutize(Path::new("../m"), cwd),
+            Path::new("/home/u/work/../m")
+        );
         assert_eq!(absolutize(Path::new("/abs/m"), cwd), Path::new("/abs/m"));
     }
 
     #[test]
     fn submit_builds_the_spec() {
         let cli = parse(&[
-            "submit", "--template", "basic-fine-tune", "--model", "models/tiny", "--data", "/d/train.jsonl",
-            "--name", "n", "--priority", "-3", "--out", "out", "--set", "lr=1e-3", "--set", "max_steps=30",
-            "--set", "lr=2e-3",
+            "submit",
+            "--template",
+            "basic-fine-tune",
+            "--model",
+            "models/tiny",
+            "--data",
+            "/d/train.jsonl",
+            "--name",
+            "n",
+            "--priority",
+            "-3",
+            "--out",
+            "out",
+            "--set",
+            "lr=1e-3",
+            "--set",
+            "max_steps=30",
+            "--set",
+            "lr=2e-3",
         ])
         .unwrap();
-        let Command::Submit(args) = cli.command else { panic!("not submit") };
+        let Command::Submit(args) = cli.command else {
+            panic!("not submit")
+        };
         let spec = args.to_spec(Path::new("/cwd")).unwrap();
         assert_eq!(spec.template, "basic-fine-tune");
         assert_eq!(spec.base_model, "/cwd/models/tiny");
@@ -206,20 +245,57 @@ mod tests {
         assert_eq!(spec.output_dir.as_deref(), Some("/cwd/out"));
         assert_eq!(spec.name.as_deref(), Some("n"));
         assert_eq!(spec.priority, -3);
-        assert_eq!(spec.overrides.get("lr").map(String::as_str), Some("2e-3"), "the last --set wins");
-        assert_eq!(spec.overrides.get("max_steps").map(String::as_str), Some("30"));
+        assert_eq!(
+            spec.overrides.get("lr").map(String::as_str),
+            Some("2e-3"),
+            "the last --set wins"
+        );
+        assert_eq!(
+            spec.overrides.get("max_steps").map(String::as_str),
+            Some("30")
+        );
     }
 
     #[test]
     fn global_flags_and_states() {
-        let cli = parse(&["list", "--state", "running", "--json", "--socket", "/tmp/x.sock"]).unwrap();
+        let cli = parse(&[
+            "list",
+            "--state",
+            "running",
+            "--json",
+            "--socket",
+            "/tmp/x.sock",
+        ])
+        .unwrap();
         assert!(cli.json);
         assert_eq!(cli.socket.as_deref(), Some(Path::new("/tmp/x.sock")));
-        assert!(matches!(cli.command, Command::List { state: Some(JobState::Running), all: false }));
-        assert_eq!(parse(&["list", "--state", "sleeping"]).unwrap_err().exit_code(), 2);
+        assert!(matches!(
+            cli.command,
+            Command::List {
+                state: Some(JobState::Running),
+                all: false
+            }
+        ));
+        assert_eq!(
+            parse(&["list", "--state", "sleeping"])
+                .unwrap_err()
+                .exit_code(),
+            2
+        );
         assert_eq!(parse(&["show"]).unwrap_err().exit_code(), 2);
-        assert_eq!(parse(&["wait", "4", "--timeout", "-1"]).unwrap_err().exit_code(), 2);
-        assert!(matches!(parse(&["logs", "-f", "7"]).unwrap().command, Command::Logs { job: 7, follow: true }));
+        assert_eq!(
+            parse(&["wait", "4", "--timeout", "-1"])
+                .unwrap_err()
+                .exit_code(),
+            2
+        );
+        assert!(matches!(
+            parse(&["logs", "-f", "7"]).unwrap().command,
+            Command::Logs {
+                job: 7,
+                follow: true
+            }
+        ));
     }
 
     #[test]

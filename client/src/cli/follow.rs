@@ -39,7 +39,13 @@ pub struct Follow<'a> {
 impl<'a> Follow<'a> {
     /// Follows `job`, reporting reconnections through `notice`.
     pub fn new(ctx: &'a Ctx, job: JobId, notice: impl Fn(&str) + 'a) -> Self {
-        Follow { ctx, job, first: None, seen: None, notice: Box::new(notice) }
+        Follow {
+            ctx,
+            job,
+            first: None,
+            seen: None,
+            notice: Box::new(notice),
+        }
     }
 
     /// Uses `client` for the first attachment instead of a new connection.
@@ -92,13 +98,18 @@ impl<'a> Follow<'a> {
         let sub = client.subscribe(Some(self.job), since).await?;
         let record = client.get(self.job).await?;
         self.saw(since);
-        Ok(Attached { client, sub, record })
+        Ok(Attached {
+            client,
+            sub,
+            record,
+        })
     }
 }
 
 /// True when `e` is a lost connection, after which re-attaching may help.
 pub fn is_disconnect(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<ClientError>().is_some_and(ClientError::is_disconnect)
+    e.downcast_ref::<ClientError>()
+        .is_some_and(ClientError::is_disconnect)
 }
 
 /// Waits for the next event of `a` that ends the job live (not replayed history, which the record
@@ -158,10 +169,18 @@ pub fn finish(ctx: &Ctx, record: &JobRecord, jsonl: bool) -> anyhow::Result<Exit
     } else if ctx.json {
         print_json(record)?;
     } else {
-        let reason = record.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+        let reason = record
+            .reason
+            .as_deref()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default();
         write_out(&format!("job {} {}{reason}\n", record.id, record.state))?;
     }
-    Ok(if record.state == JobState::Completed { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILURE) })
+    Ok(if record.state == JobState::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILURE)
+    })
 }
 
 /// Prints the log from `offset` up to its current end; returns the new offset.
@@ -169,7 +188,8 @@ async fn page(client: &Client, job: JobId, mut offset: u64) -> anyhow::Result<u6
     loop {
         let chunk = client.logs(job, offset, None).await?;
         write_out(&chunk.text)?;
-        let caught_up = chunk.text.is_empty() || chunk.next_offset >= chunk.size || chunk.next_offset <= offset;
+        let caught_up =
+            chunk.text.is_empty() || chunk.next_offset >= chunk.size || chunk.next_offset <= offset;
         offset = chunk.next_offset.max(offset);
         if caught_up {
             return Ok(offset);

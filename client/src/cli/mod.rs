@@ -38,8 +38,14 @@ impl Ctx {
 
 /// Runs one command; the exit code on success (wait and watch report the job's outcome through it).
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let socket = cli.socket.filter(|p| !p.as_os_str().is_empty()).unwrap_or_else(lorad_client::lorad_schema::paths::default_socket);
-    let ctx = Ctx { socket, json: cli.json };
+    let socket = cli
+        .socket
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(lorad_client::lorad_schema::paths::default_socket);
+    let ctx = Ctx {
+        socket,
+        json: cli.json,
+    };
     match cli.command {
         Command::Status => {
             let status = ctx.connect().await?.status().await?;
@@ -78,7 +84,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Prints `value` as pretty JSON with `--json`, else as `human` renders it.
-fn show<T: serde::Serialize + ?Sized>(ctx: &Ctx, value: &T, human: impl Fn(&T) -> String) -> anyhow::Result<ExitCode> {
+fn show<T: serde::Serialize + ?Sized>(
+    ctx: &Ctx,
+    value: &T,
+    human: impl Fn(&T) -> String,
+) -> anyhow::Result<ExitCode> {
     if ctx.json {
         print_json(value)?;
     } else {

@@ -68,7 +68,12 @@ pub fn timestamp(ms: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 /// The `list` table.
@@ -129,11 +134,18 @@ pub fn job_details(j: &JobRecord) -> String {
         lines.push(("adapter_dir", dir.clone()));
     }
     if !j.overrides.is_empty() {
-        let o: Vec<String> = j.overrides.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let o: Vec<String> = j
+            .overrides
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         lines.push(("overrides", o.join(" ")));
     }
     let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
-    lines.iter().map(|(k, v)| format!("{:<width$} {v}\n", format!("{k}:"))).collect()
+    lines
+        .iter()
+        .map(|(k, v)| format!("{:<width$} {v}\n", format!("{k}:")))
+        .collect()
 }
 
 /// The `status` summary.
@@ -158,7 +170,10 @@ pub fn status(s: &DaemonStatus) -> String {
         })
         .collect();
     out.push_str("devices:\n");
-    for line in table(&["DEVICE", "JOB", "DESCRIPTION"], &rows).lines().skip(1) {
+    for line in table(&["DEVICE", "JOB", "DESCRIPTION"], &rows)
+        .lines()
+        .skip(1)
+    {
         let _ = writeln!(out, "  {line}");
     }
     out
@@ -187,7 +202,9 @@ pub fn templates(templates: &[Template]) -> String {
 /// A value written the way `--set` accepts it.
 fn settings_pairs(settings: &lorad_schema::TrainSettings) -> Vec<String> {
     use serde_json::Value;
-    let Ok(Value::Object(map)) = serde_json::to_value(settings) else { return Vec::new() };
+    let Ok(Value::Object(map)) = serde_json::to_value(settings) else {
+        return Vec::new();
+    };
     map.into_iter()
         .map(|(k, v)| {
             let v = match v {
@@ -214,14 +231,30 @@ pub fn metrics_table(points: &[MetricPoint]) -> String {
                 p.step.to_string(),
                 format!("{:.3}", p.epoch),
                 format!("{:.4}", p.loss),
-                if p.lr == 0.0 { "0".into() } else { format!("{:.3e}", p.lr) },
-                p.grad_norm.map_or_else(|| "-".into(), |g| format!("{g:.3}")),
+                if p.lr == 0.0 {
+                    "0".into()
+                } else {
+                    format!("{:.3e}", p.lr)
+                },
+                p.grad_norm
+                    .map_or_else(|| "-".into(), |g| format!("{g:.3}")),
                 format!("{:.0}", p.tokens_per_s),
                 format!("{:.0}", p.step_ms),
             ]
         })
         .collect();
-    table(&["STEP", "EPOCH", "LOSS", "LR", "GRAD_NORM", "TOK/S", "STEP_MS"], &rows)
+    table(
+        &[
+            "STEP",
+            "EPOCH",
+            "LOSS",
+            "LR",
+            "GRAD_NORM",
+            "TOK/S",
+            "STEP_MS",
+        ],
+        &rows,
+    )
 }
 
 #[cfg(test)]
@@ -245,7 +278,10 @@ mod tests {
 
     #[test]
     fn tables_align_columns() {
-        let t = table(&["ID", "NAME"], &[vec!["1".into(), "a".into()], vec!["100".into(), "b".into()]]);
+        let t = table(
+            &["ID", "NAME"],
+            &[vec!["1".into(), "a".into()], vec!["100".into(), "b".into()]],
+        );
         assert_eq!(t, "ID   NAME\n1    a\n100  b\n");
         assert_eq!(step_of(3, 0), "3/?");
         assert_eq!(loss(Some(2.0)), "2.0000");

@@ -35,11 +35,17 @@ impl View {
             self.tokens_per_s = Some(p.tokens_per_s);
         }
         // An exponential moving average keeps the ETA from jumping with every step.
-        self.step_ms = Some(self.step_ms.map_or(p.step_ms, |avg| 0.8 * avg + 0.2 * p.step_ms));
+        self.step_ms = Some(
+            self.step_ms
+                .map_or(p.step_ms, |avg| 0.8 * avg + 0.2 * p.step_ms),
+        );
     }
 
     fn eta(&self) -> Option<f64> {
-        let remaining = self.total.checked_sub(self.step).filter(|_| self.total > 0)?;
+        let remaining = self
+            .total
+            .checked_sub(self.step)
+            .filter(|_| self.total > 0)?;
         match self.step_ms {
             Some(ms) => Some(remaining as f64 * ms / 1000.0),
             None => self.eta_s,
@@ -66,11 +72,18 @@ struct Bar {
 
 impl Bar {
     fn new(hidden: bool) -> Bar {
-        let bar = if hidden { ProgressBar::hidden() } else { ProgressBar::new(0) };
+        let bar = if hidden {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(0)
+        };
         if let Ok(style) = ProgressStyle::with_template("{prefix} {msg}") {
             bar.set_style(style);
         }
-        Bar { bar, with_total: None }
+        Bar {
+            bar,
+            with_total: None,
+        }
     }
 
     fn render(&mut self, job: JobId, view: &View) {
@@ -78,8 +91,11 @@ impl Bar {
         self.bar.set_position(view.step);
         let with_total = view.total > 0;
         if self.with_total != Some(with_total) {
-            let template =
-                if with_total { "{prefix} [{wide_bar}] {pos}/{len} {msg}" } else { "{prefix} step {pos} {msg}" };
+            let template = if with_total {
+                "{prefix} [{wide_bar}] {pos}/{len} {msg}"
+            } else {
+                "{prefix} step {pos} {msg}"
+            };
             if let Ok(style) = ProgressStyle::with_template(template) {
                 self.bar.set_style(style.progress_chars("=> "));
             }
@@ -110,7 +126,13 @@ pub async fn watch(ctx: &Ctx, job: JobId) -> anyhow::Result<ExitCode> {
         view.record(&a.record);
         if view.tokens_per_s.is_none() && a.record.progress.step > 0 {
             let since = a.record.progress.step.saturating_sub(1);
-            if let Some(p) = a.client.metrics(job, Some(since)).await.ok().and_then(|mut v| v.pop()) {
+            if let Some(p) = a
+                .client
+                .metrics(job, Some(since))
+                .await
+                .ok()
+                .and_then(|mut v| v.pop())
+            {
                 view.point(&p);
             }
         }
@@ -172,7 +194,11 @@ mod tests {
 
     #[test]
     fn view_tracks_the_newest_step_and_estimates_eta() {
-        let mut v = View { state: Some(JobState::Running), total: 10, ..View::default() };
+        let mut v = View {
+            state: Some(JobState::Running),
+            total: 10,
+            ..View::default()
+        };
         v.point(&point(2, 2.5, 1000.0));
         v.point(&point(1, 9.0, 1000.0)); // replayed, older: does not move the bar back
         assert_eq!(v.step, 2);

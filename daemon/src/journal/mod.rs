@@ -51,7 +51,13 @@ macro_rules! db_err {
         fn from(e: $t) -> Self { JournalError::Db(e.into()) }
     })*};
 }
-db_err!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+db_err!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 /// A handle to the journal; cheap to clone.
 #[derive(Clone)]
@@ -60,11 +66,20 @@ pub struct Journal {
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, JournalError> {
-    frame::encode(v).map_err(|e| JournalError::Corrupt { what: "encode".into(), detail: e.to_string() })
+    frame::encode(v).map_err(|e| JournalError::Corrupt {
+        what: "encode".into(),
+        detail: e.to_string(),
+    })
 }
 
-fn decode<T: serde::de::DeserializeOwned>(what: impl Fn() -> String, bytes: &[u8]) -> Result<T, JournalError> {
-    frame::decode(bytes).map_err(|e| JournalError::Corrupt { what: what(), detail: e.to_string() })
+fn decode<T: serde::de::DeserializeOwned>(
+    what: impl Fn() -> String,
+    bytes: &[u8],
+) -> Result<T, JournalError> {
+    frame::decode(bytes).map_err(|e| JournalError::Corrupt {
+        what: what(),
+        detail: e.to_string(),
+    })
 }
 
 fn next_counter(txn: &WriteTransaction, key: &str, first: u64) -> Result<u64, JournalError> {
@@ -74,10 +89,20 @@ fn next_counter(txn: &WriteTransaction, key: &str, first: u64) -> Result<u64, Jo
     Ok(value)
 }
 
-fn append_event(txn: &WriteTransaction, job: Option<JobId>, body: EventBody) -> Result<Event, JournalError> {
+fn append_event(
+    txn: &WriteTransaction,
+    job: Option<JobId>,
+    body: EventBody,
+) -> Result<Event, JournalError> {
     let seq = next_counter(txn, meta::NEXT_SEQ, 1)?;
-    let event = Event { seq, job, at_ms: now_ms(), body };
-    txn.open_table(EVENTS)?.insert(seq, encode(&event)?.as_slice())?;
+    let event = Event {
+        seq,
+        job,
+        at_ms: now_ms(),
+        body,
+    };
+    txn.open_table(EVENTS)?
+        .insert(seq, encode(&event)?.as_slice())?;
     Ok(event)
 }
 
@@ -88,7 +113,8 @@ fn read_job(txn: &WriteTransaction, id: JobId) -> Result<JobRecord, JournalError
 }
 
 fn write_job(txn: &WriteTransaction, job: &JobRecord) -> Result<(), JournalError> {
-    txn.open_table(JOBS)?.insert(job.id.0, encode(job)?.as_slice())?;
+    txn.open_table(JOBS)?
+        .insert(job.id.0, encode(job)?.as_slice())?;
     Ok(())
 }
 
@@ -102,7 +128,10 @@ impl Journal {
             let version = meta.get(meta::SCHEMA_VERSION)?.map(|v| v.value());
             match version {
                 Some(v) if v > SCHEMA_VERSION => {
-                    return Err(JournalError::TooNew { found: v, supported: SCHEMA_VERSION });
+                    return Err(JournalError::TooNew {
+                        found: v,
+                        supported: SCHEMA_VERSION,
+                    });
                 }
                 Some(_) => {}
                 None => {
@@ -118,12 +147,22 @@ impl Journal {
     }
 
     /// Allocates the next id, stores the job `make(id)` returns, and logs a notice event.
-    pub fn insert_job(&self, make: impl FnOnce(JobId) -> JobRecord) -> Result<(JobRecord, Event), JournalError> {
+    pub fn insert_job(
+        &self,
+        make: impl FnOnce(JobId) -> JobRecord,
+    ) -> Result<(JobRecord, Event), JournalError> {
         let txn = self.db.begin_write()?;
         let id = JobId(next_counter(&txn, meta::NEXT_JOB, 1)?);
         let job = make(id);
         write_job(&txn, &job)?;
-        let event = append_event(&txn, Some(id), EventBody::Notice { level: "info".into(), text: format!("job {id} submitted: {}", job.name) })?;
+        let event = append_event(
+            &txn,
+            Some(id),
+            EventBody::Notice {
+                level: "info".into(),
+                text: format!("job {id} submitted: {}", job.name),
+            },
+        )?;
         txn.commit()?;
         Ok((job, event))
     }
@@ -157,7 +196,11 @@ impl Journal {
     }
 
     /// Changes a job's record without a state change (progress totals and the like).
-    pub fn update_job(&self, id: JobId, edit: impl FnOnce(&mut JobRecord)) -> Result<JobRecord, JournalError> {
+    pub fn update_job(
+        &self,
+        id: JobId,
+        edit: impl FnOnce(&mut JobRecord),
+    ) -> Result<JobRecord, JournalError> {
         let txn = self.db.begin_write()?;
         let mut job = read_job(&txn, id)?;
         edit(&mut job);
@@ -169,7 +212,11 @@ impl Journal {
     /// Stores a metric point once per (job, step), updates the job's progress, and logs a metrics event.
     /// A point for a step already stored, or for a job that is no longer active, is ignored (returns None),
     /// so a replayed step never counts twice.
-    pub fn record_metric(&self, id: JobId, point: MetricPoint) -> Result<Option<(JobRecord, Event)>, JournalError> {
+    pub fn record_metric(
+        &self,
+        id: JobId,
+        point: MetricPoint,
+    ) -> Result<Option<(JobRecord, Event)>, JournalError> {
         let txn = self.db.begin_write()?;
         let mut job = read_job(&txn, id)?;
         // A worker that is being stopped may still report a step; the job's history ended already.
@@ -233,7 +280,12 @@ impl Journal {
     }
 
     /// Up to `limit` events with `seq > since`, optionally of one job, in seq order.
-    pub fn events_since(&self, since: u64, job: Option<JobId>, limit: usize) -> Result<Vec<Event>, JournalError> {
+    pub fn events_since(
+        &self,
+        since: u64,
+        job: Option<JobId>,
+        limit: usize,
+    ) -> Result<Vec<Event>, JournalError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(EVENTS)?;
         let mut out = Vec::new();
@@ -254,7 +306,10 @@ impl Journal {
     pub fn last_seq(&self) -> Result<u64, JournalError> {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;
-        Ok(meta.get(meta::NEXT_SEQ)?.map(|v| v.value().saturating_sub(1)).unwrap_or(0))
+        Ok(meta
+            .get(meta::NEXT_SEQ)?
+            .map(|v| v.value().saturating_sub(1))
+            .unwrap_or(0))
     }
 
     /// Number of jobs.

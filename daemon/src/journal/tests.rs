@@ -20,7 +20,7 @@ fn record(id: JobId) -> JobRecord {
         started_at_ms: None,
         finished_at_ms: None,
         adapter_dir: None,
-            worker_pid: None,
+        worker_pid: None,
     }
 }
 
@@ -60,15 +60,30 @@ fn invalid_transition_changes_nothing() {
     let j = Journal::open(&dir.path().join("j.redb")).unwrap();
     let (job, _) = j.insert_job(record).unwrap();
     let seq = j.last_seq().unwrap();
-    let err = j.transition(job.id, JobState::Completed, None, |_| {}).unwrap_err();
+    let err = j
+        .transition(job.id, JobState::Completed, None, |_| {})
+        .unwrap_err();
     assert!(matches!(err, JournalError::Transition(_)));
     assert_eq!(j.job(job.id).unwrap(), job);
-    assert_eq!(j.last_seq().unwrap(), seq, "no event for a refused transition");
+    assert_eq!(
+        j.last_seq().unwrap(),
+        seq,
+        "no event for a refused transition"
+    );
 
-    let (after, ev) = j.transition(job.id, JobState::Initializing, Some("start".into()), |_| {}).unwrap();
+    let (after, ev) = j
+        .transition(job.id, JobState::Initializing, Some("start".into()), |_| {})
+        .unwrap();
     assert_eq!(after.state, JobState::Initializing);
     assert_eq!(ev.seq, seq + 1);
-    assert!(matches!(ev.body, EventBody::StateChanged { from: JobState::Queued, to: JobState::Initializing, .. }));
+    assert!(matches!(
+        ev.body,
+        EventBody::StateChanged {
+            from: JobState::Queued,
+            to: JobState::Initializing,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -76,15 +91,32 @@ fn metric_points_are_stored_once_in_step_order() {
     let dir = tempfile::tempdir().unwrap();
     let j = Journal::open(&dir.path().join("j.redb")).unwrap();
     let (job, _) = j.insert_job(record).unwrap();
-    assert!(j.record_metric(job.id, point(1)).unwrap().is_none(), "a queued job has no steps");
-    j.transition(job.id, JobState::Initializing, None, |_| {}).unwrap();
+    assert!(
+        j.record_metric(job.id, point(1)).unwrap().is_none(),
+        "a queued job has no steps"
+    );
+    j.transition(job.id, JobState::Initializing, None, |_| {})
+        .unwrap();
     for s in [1, 2, 3] {
         assert!(j.record_metric(job.id, point(s)).unwrap().is_some());
     }
-    assert!(j.record_metric(job.id, point(2)).unwrap().is_none(), "a replayed step is ignored");
-    let steps: Vec<u64> = j.metrics(job.id, None).unwrap().iter().map(|p| p.step).collect();
+    assert!(
+        j.record_metric(job.id, point(2)).unwrap().is_none(),
+        "a replayed step is ignored"
+    );
+    let steps: Vec<u64> = j
+        .metrics(job.id, None)
+        .unwrap()
+        .iter()
+        .map(|p| p.step)
+        .collect();
     assert_eq!(steps, vec![1, 2, 3]);
-    let since: Vec<u64> = j.metrics(job.id, Some(1)).unwrap().iter().map(|p| p.step).collect();
+    let since: Vec<u64> = j
+        .metrics(job.id, Some(1))
+        .unwrap()
+        .iter()
+        .map(|p| p.step)
+        .collect();
     assert_eq!(since, vec![2, 3]);
     assert_eq!(j.job(job.id).unwrap().progress.step, 3);
 }
@@ -95,7 +127,8 @@ fn events_replay_by_seq_and_job() {
     let j = Journal::open(&dir.path().join("j.redb")).unwrap();
     let (a, _) = j.insert_job(record).unwrap();
     let (b, _) = j.insert_job(record).unwrap();
-    j.transition(a.id, JobState::Cancelled, None, |_| {}).unwrap();
+    j.transition(a.id, JobState::Cancelled, None, |_| {})
+        .unwrap();
     let all = j.events_since(0, None, 100).unwrap();
     assert_eq!(all.len(), 3);
     assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));

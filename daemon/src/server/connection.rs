@@ -5,7 +5,9 @@ use crate::core::Core;
 use interprocess::local_socket::tokio::Stream;
 use interprocess::local_socket::traits::StreamCommon as _;
 use lorad_schema::frame::{self, FrameError};
-use lorad_schema::{ClientFrame, ErrorCode, Handshake, Reply, ServerFrame, WireError, PROTOCOL_VERSION};
+use lorad_schema::{
+    ClientFrame, ErrorCode, Handshake, Reply, ServerFrame, WireError, PROTOCOL_VERSION,
+};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +33,10 @@ pub struct Conn {
 /// Serves one connection until the client leaves, breaks the protocol, or the daemon shuts down.
 pub async fn handle(core: Arc<Core>, stream: Stream) {
     let peer = match stream.peer_creds() {
-        Ok(creds) => Peer::new(creds.euid().unwrap_or(u32::MAX), creds.pid().unwrap_or(0) as u32),
+        Ok(creds) => Peer::new(
+            creds.euid().unwrap_or(u32::MAX),
+            creds.pid().unwrap_or(0) as u32,
+        ),
         Err(e) => {
             tracing::warn!(error = %e, "no peer credentials; dropping connection");
             return;
@@ -43,7 +48,11 @@ pub async fn handle(core: Arc<Core>, stream: Stream) {
     let mut wr = &*stream;
 
     // Handshake.
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, frame::read_msg_async::<Handshake, _>(&mut rd, MAX_HELLO)).await;
+    let hello = tokio::time::timeout(
+        HELLO_TIMEOUT,
+        frame::read_msg_async::<Handshake, _>(&mut rd, MAX_HELLO),
+    )
+    .await;
     let client = match hello {
         Ok(Ok(Handshake::Hello { protocol, client })) if protocol == PROTOCOL_VERSION => client,
         Ok(Ok(Handshake::Hello { protocol, .. })) => {
@@ -85,7 +94,11 @@ pub async fn handle(core: Arc<Core>, stream: Stream) {
         let _ = wr.flush().await;
     });
 
-    let mut conn = Conn { peer, out, subs: HashMap::new() };
+    let mut conn = Conn {
+        peer,
+        out,
+        subs: HashMap::new(),
+    };
     loop {
         let read = tokio::select! {
             r = frame::read_frame_async(&mut rd, core.config.max_frame) => r,
@@ -95,7 +108,12 @@ pub async fn handle(core: Arc<Core>, stream: Stream) {
             Ok(bytes) => bytes,
             Err(FrameError::Closed) => break,
             Err(e @ FrameError::TooLarge { .. }) => {
-                send_reply(&conn, 0, Err(WireError::new(ErrorCode::TooLarge, e.to_string()))).await;
+                send_reply(
+                    &conn,
+                    0,
+                    Err(WireError::new(ErrorCode::TooLarge, e.to_string())),
+                )
+                .await;
                 tracing::debug!(uid = peer.uid, error = %e, "closing connection");
                 break;
             }
@@ -111,11 +129,24 @@ pub async fn handle(core: Arc<Core>, stream: Stream) {
                 // connection stays (forward compatibility); anything else is garbage and closes it.
                 match frame::decode::<IdOnly>(&bytes) {
                     Ok(IdOnly { id }) => {
-                        send_reply(&conn, id, Err(WireError::new(ErrorCode::InvalidArgument, bad_request(&e)))).await;
+                        send_reply(
+                            &conn,
+                            id,
+                            Err(WireError::new(ErrorCode::InvalidArgument, bad_request(&e))),
+                        )
+                        .await;
                         continue;
                     }
                     Err(_) => {
-                        send_reply(&conn, 0, Err(WireError::new(ErrorCode::InvalidArgument, "undecodable frame"))).await;
+                        send_reply(
+                            &conn,
+                            0,
+                            Err(WireError::new(
+                                ErrorCode::InvalidArgument,
+                                "undecodable frame",
+                            )),
+                        )
+                        .await;
                         break;
                     }
                 }
@@ -147,8 +178,16 @@ fn bad_request(e: &FrameError) -> String {
 
 async fn send_reply(conn: &Conn, id: u64, result: Result<lorad_schema::Response, WireError>) {
     let reply = match result {
-        Ok(ok) => Reply { id, ok: Some(ok), err: None },
-        Err(err) => Reply { id, ok: None, err: Some(err) },
+        Ok(ok) => Reply {
+            id,
+            ok: Some(ok),
+            err: None,
+        },
+        Err(err) => Reply {
+            id,
+            ok: None,
+            err: Some(err),
+        },
     };
     match frame::encode(&ServerFrame::Reply(reply)).and_then(|b| frame::frame_bytes(&b)) {
         Ok(bytes) => {

@@ -27,7 +27,10 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<Listener> {
         std::fs::remove_file(path)?;
     }
     let name = path.to_fs_name::<GenericFilePath>()?;
-    ListenerOptions::new().name(name).mode(mode as libc::mode_t).create_tokio()
+    ListenerOptions::new()
+        .name(name)
+        .mode(mode as libc::mode_t)
+        .create_tokio()
 }
 
 /// Accepts connections until shutdown, then waits for open connections to close.

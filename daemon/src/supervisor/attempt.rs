@@ -56,7 +56,10 @@ pub async fn spawn(core: &Core, job: &JobRecord) -> Result<Running, SpawnError> 
             std::fs::OpenOptions::new().append(true).open(&log_path)
         })
         .await
-        .map_err(|e| SpawnError::Io { what: "open job.log", source: std::io::Error::other(e) })?
+        .map_err(|e| SpawnError::Io {
+            what: "open job.log",
+            source: std::io::Error::other(e),
+        })?
         .map_err(io("open job.log"))?
     };
 
@@ -66,12 +69,18 @@ pub async fn spawn(core: &Core, job: &JobRecord) -> Result<Running, SpawnError> 
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(io("dup job.log"))?)
         .stderr(log)
-        .env("RUST_LOG", std::env::var("LORAD_WORKER_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("LORAD_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .env_remove("LORAD_SOCKET")
         .process_group(0)
         .kill_on_drop(true);
-    cmd.fd_mappings(vec![FdMapping { parent_fd: theirs.into(), child_fd: CONTROL_FD }])
-        .map_err(|e| SpawnError::Fd(e.to_string()))?;
+    cmd.fd_mappings(vec![FdMapping {
+        parent_fd: theirs.into(),
+        child_fd: CONTROL_FD,
+    }])
+    .map_err(|e| SpawnError::Fd(e.to_string()))?;
     let child = cmd.spawn().map_err(io("spawn lorad worker"))?;
     // Drop our copy of the worker's end, so that its exit closes the channel.
     drop(cmd);
@@ -91,10 +100,20 @@ pub async fn spawn(core: &Core, job: &JobRecord) -> Result<Running, SpawnError> 
 
     let stop = CancellationToken::new();
     if let Ok(mut workers) = core.workers.lock() {
-        workers.insert(job.id, WorkerHandle { pid, stop: stop.clone() });
+        workers.insert(
+            job.id,
+            WorkerHandle {
+                pid,
+                stop: stop.clone(),
+            },
+        );
     }
     tracing::info!(job = %job.id, pid, "worker started");
-    Ok(Running { child, control, stop })
+    Ok(Running {
+        child,
+        control,
+        stop,
+    })
 }
 
 /// Follows the worker until it exits, recording its reports; stops it when asked.
@@ -148,36 +167,62 @@ pub async fn watch(core: Arc<Core>, id: JobId, mut running: Running) {
     };
     if let Ok(job) = core.read(move |j| j.job(id)).await {
         if job.state.is_active() {
-            if let Err(e) = core.transition(id, JobState::Failed, Some(reason), |_| {}).await {
+            if let Err(e) = core
+                .transition(id, JobState::Failed, Some(reason), |_| {})
+                .await
+            {
                 tracing::error!(job = %id, error = %e, "cannot record the failure");
             }
         }
     }
 }
 
-async fn handle(core: &Core, id: JobId, msg: FromWorker, failure: &mut Option<String>, finished: &mut bool) {
+async fn handle(
+    core: &Core,
+    id: JobId,
+    msg: FromWorker,
+    failure: &mut Option<String>,
+    finished: &mut bool,
+) {
     let result = match msg {
         FromWorker::Ready { pid } => {
             tracing::debug!(job = %id, pid, "worker ready");
-            core.write(move |j| Ok((j.update_job(id, |job| job.worker_pid = Some(pid))?, vec![]))).await.map(|_| ())
+            core.write(move |j| Ok((j.update_job(id, |job| job.worker_pid = Some(pid))?, vec![])))
+                .await
+                .map(|_| ())
         }
-        FromWorker::Train { event: TrainEvent::Phase { phase: Phase::Training } } => {
+        FromWorker::Train {
+            event: TrainEvent::Phase {
+                phase: Phase::Training,
+            },
+        } => {
             let job = core.read(move |j| j.job(id)).await;
             match job {
-                Ok(job) if job.state == JobState::Initializing => {
-                    core.transition(id, JobState::Running, None, |_| {}).await.map(|_| ())
-                }
+                Ok(job) if job.state == JobState::Initializing => core
+                    .transition(id, JobState::Running, None, |_| {})
+                    .await
+                    .map(|_| ()),
                 Ok(_) => Ok(()),
                 Err(e) => Err(e),
             }
         }
-        FromWorker::Train { event: TrainEvent::Phase { .. } } => Ok(()),
-        FromWorker::Train { event: TrainEvent::Plan { total_steps, .. } } => {
-            core.write(move |j| Ok((j.update_job(id, |job| job.progress.total_steps = total_steps)?, vec![])))
-                .await
-                .map(|_| ())
-        }
-        FromWorker::Train { event: TrainEvent::Step { point } } => {
+        FromWorker::Train {
+            event: TrainEvent::Phase { .. },
+        } => Ok(()),
+        FromWorker::Train {
+            event: TrainEvent::Plan { total_steps, .. },
+        } => core
+            .write(move |j| {
+                Ok((
+                    j.update_job(id, |job| job.progress.total_steps = total_steps)?,
+                    vec![],
+                ))
+            })
+            .await
+            .map(|_| ()),
+        FromWorker::Train {
+            event: TrainEvent::Step { point },
+        } => {
             core.write(move |j| {
                 Ok(match j.record_metric(id, point)? {
                     Some((_, event)) => ((), vec![event]),
@@ -188,10 +233,15 @@ async fn handle(core: &Core, id: JobId, msg: FromWorker, failure: &mut Option<St
         }
         FromWorker::Finished { adapter_dir, steps } => {
             *finished = true;
-            core.transition(id, JobState::Completed, Some(format!("trained {steps} steps")), move |job| {
-                job.adapter_dir = Some(adapter_dir);
-                job.progress.eta_s = Some(0.0);
-            })
+            core.transition(
+                id,
+                JobState::Completed,
+                Some(format!("trained {steps} steps")),
+                move |job| {
+                    job.adapter_dir = Some(adapter_dir);
+                    job.progress.eta_s = Some(0.0);
+                },
+            )
             .await
             .map(|_| ())
         }
@@ -220,5 +270,7 @@ async fn terminate(child: &mut Child, grace: std::time::Duration) {
 }
 
 fn signal_name(sig: i32) -> String {
-    nix::sys::signal::Signal::try_from(sig).map(|s| format!(" ({s})")).unwrap_or_default()
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| format!(" ({s})"))
+        .unwrap_or_default()
 }

@@ -46,7 +46,10 @@ pub async fn run(core: Arc<Core>) {
 }
 
 async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId) {
-    let job = match core.transition(id, JobState::Initializing, None, |_| {}).await {
+    let job = match core
+        .transition(id, JobState::Initializing, None, |_| {})
+        .await
+    {
         Ok(job) => job,
         Err(e) => {
             // Cancelled between the read and now: nothing to start.
@@ -74,7 +77,9 @@ async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId) {
         Err(e) => {
             let reason = format!("cannot start worker: {e}");
             tracing::error!(job = %id, %reason);
-            let _ = core.transition(id, JobState::Failed, Some(reason), |_| {}).await;
+            let _ = core
+                .transition(id, JobState::Failed, Some(reason), |_| {})
+                .await;
             core.kick.notify_one();
         }
     }

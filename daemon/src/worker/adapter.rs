@@ -60,7 +60,12 @@ pub fn adapter_config_json(lora: &LoraConfig, base_model: &Path) -> serde_json::
 
 /// Writes the model's adapter to `dir`: into a temporary sibling directory first, renamed into place,
 /// so `dir` is never seen half-written. An existing `dir` is replaced.
-pub fn save_adapter(dir: &Path, model: &Llama, lora: &LoraConfig, base_model: &Path) -> Result<(), EngineError> {
+pub fn save_adapter(
+    dir: &Path,
+    model: &Llama,
+    lora: &LoraConfig,
+    base_model: &Path,
+) -> Result<(), EngineError> {
     let mut tensors = BTreeMap::new();
     for (module, pair) in model.lora_modules() {
         tensors.insert(peft_key(&module, 'A'), pair.a.as_tensor().clone());
@@ -75,7 +80,8 @@ pub fn save_adapter(dir: &Path, model: &Llama, lora: &LoraConfig, base_model: &P
     }
     std::fs::create_dir(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
     save_tensors(&tmp.join(WEIGHTS_FILE), &tensors)?;
-    let config = serde_json::to_string_pretty(&adapter_config_json(lora, base_model)).unwrap_or_default();
+    let config =
+        serde_json::to_string_pretty(&adapter_config_json(lora, base_model)).unwrap_or_default();
     write_text(&tmp.join(CONFIG_FILE), &(config + "\n"))?;
     sync_dir(&tmp)?;
     if dir.exists() {
@@ -161,10 +167,13 @@ pub fn load_adapter(dir: &Path) -> Result<LoadedAdapter, EngineError> {
     let bad = |path: PathBuf, detail: String| EngineError::Adapter { path, detail };
     let cfg_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| EngineError::io(&cfg_path, e))?;
-    let config: AdapterConfig =
-        serde_json::from_str(&text).map_err(|e| bad(cfg_path.clone(), format!("cannot parse: {e}")))?;
+    let config: AdapterConfig = serde_json::from_str(&text)
+        .map_err(|e| bad(cfg_path.clone(), format!("cannot parse: {e}")))?;
     if config.peft_type != "LORA" {
-        return Err(bad(cfg_path, format!("peft_type \"{}\" is not LORA", config.peft_type)));
+        return Err(bad(
+            cfg_path,
+            format!("peft_type \"{}\" is not LORA", config.peft_type),
+        ));
     }
     let w_path = dir.join(WEIGHTS_FILE);
     let tensors = candle_core::safetensors::load(&w_path, &Device::Cpu)
@@ -193,7 +202,11 @@ pub fn load_adapter(dir: &Path) -> Result<LoadedAdapter, EngineError> {
                 format!("{} has no matching lora_B", peft_key(&module, 'A')),
             ));
         };
-        if a.dims().len() != 2 || b.dims().len() != 2 || a.dim(0)? != config.r || b.dim(1)? != config.r {
+        if a.dims().len() != 2
+            || b.dims().len() != 2
+            || a.dim(0)? != config.r
+            || b.dim(1)? != config.r
+        {
             return Err(bad(
                 w_path,
                 format!(
@@ -207,7 +220,10 @@ pub fn load_adapter(dir: &Path) -> Result<LoadedAdapter, EngineError> {
         weights.insert(module, (a, b));
     }
     if let Some(module) = b_by_module.keys().next() {
-        return Err(bad(w_path, format!("{} has no matching lora_A", peft_key(module, 'B'))));
+        return Err(bad(
+            w_path,
+            format!("{} has no matching lora_A", peft_key(module, 'B')),
+        ));
     }
     Ok(LoadedAdapter { config, weights })
 }

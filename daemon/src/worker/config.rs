@@ -8,7 +8,8 @@ use std::path::Path;
 /// Qwen2's q/k/v biases are loaded when the checkpoint has them.
 pub const SUPPORTED_MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
 /// `architectures` entries accepted, matching the model types above.
-pub const SUPPORTED_ARCHITECTURES: [&str; 3] = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 3] =
+    ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
 
 /// RoPE parameters: `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -104,14 +105,18 @@ fn default_max_pos() -> usize {
 fn first_id<'de, De: serde::Deserializer<'de>>(d: De) -> Result<Option<u32>, De::Error> {
     let v = serde_json::Value::deserialize(d)?;
     let first = match &v {
-        serde_json::Value::Array(items) => items.first().cloned().unwrap_or(serde_json::Value::Null),
+        serde_json::Value::Array(items) => {
+            items.first().cloned().unwrap_or(serde_json::Value::Null)
+        }
         other => other.clone(),
     };
     match first {
         serde_json::Value::Null => Ok(None),
         serde_json::Value::Number(n) => match n.as_u64().and_then(|n| u32::try_from(n).ok()) {
             Some(id) => Ok(Some(id)),
-            None => Err(serde::de::Error::custom(format!("token id {n} is not a u32"))),
+            None => Err(serde::de::Error::custom(format!(
+                "token id {n} is not a u32"
+            ))),
         },
         other => Err(serde::de::Error::custom(format!(
             "token id must be an integer, got {other}"
@@ -124,9 +129,10 @@ impl ModelConfig {
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| EngineError::io(&path, e))?;
-        let cfg: ModelConfig =
-            serde_json::from_str(&text).map_err(|e| EngineError::model(&path, format!("cannot parse: {e}")))?;
-        cfg.validate().map_err(|detail| EngineError::model(&path, detail))?;
+        let cfg: ModelConfig = serde_json::from_str(&text)
+            .map_err(|e| EngineError::model(&path, format!("cannot parse: {e}")))?;
+        cfg.validate()
+            .map_err(|detail| EngineError::model(&path, detail))?;
         Ok(cfg)
     }
 
@@ -285,7 +291,10 @@ mod tests {
 
     #[test]
     fn reads_both_rope_spellings_and_lists_of_ids() {
-        let old = parse(&format!(r#"{{"model_type": "llama", {BASE}, "rope_theta": 500000.0}}"#)).unwrap();
+        let old = parse(&format!(
+            r#"{{"model_type": "llama", {BASE}, "rope_theta": 500000.0}}"#
+        ))
+        .unwrap();
         assert_eq!(old.rope().rope_theta, Some(500000.0));
         assert_eq!(old.kv_heads(), 4);
         assert_eq!(old.head_dim(), 16);
@@ -305,7 +314,10 @@ mod tests {
         assert!(e.contains("model_type \"gpt2\""), "{e}");
         let e = parse(&format!(r#"{{"architectures": ["BertModel"], {BASE}}}"#)).unwrap_err();
         assert!(e.contains("architectures entry \"BertModel\""), "{e}");
-        let e = parse(&format!(r#"{{"model_type": "llama", {BASE}, "hidden_act": "gelu"}}"#)).unwrap_err();
+        let e = parse(&format!(
+            r#"{{"model_type": "llama", {BASE}, "hidden_act": "gelu"}}"#
+        ))
+        .unwrap_err();
         assert!(e.contains("hidden_act"), "{e}");
         let e = parse(&format!(
             r#"{{"model_type": "llama", {BASE}, "num_key_value_heads": 3}}"#

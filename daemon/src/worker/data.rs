@@ -22,13 +22,17 @@ pub enum Example {
 
 /// Parses one JSONL line; the error says what is wrong with it (the caller adds path and line).
 fn parse_line(line: &str) -> Result<Example, String> {
-    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
     let Some(obj) = value.as_object() else {
         return Err("expected a JSON object".into());
     };
     match obj.get("text") {
         Some(serde_json::Value::String(s)) => Ok(Example::Text(s.clone())),
-        Some(other) => Err(format!("field \"text\" must be a string, got {}", json_kind(other))),
+        Some(other) => Err(format!(
+            "field \"text\" must be a string, got {}",
+            json_kind(other)
+        )),
         None => Err("missing string field \"text\"".into()),
     }
 }
@@ -51,7 +55,9 @@ fn scan_jsonl(path: &Path, mut f: impl FnMut(Example)) -> Result<usize, EngineEr
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line_no = i + 1;
         let line = line.map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidData => EngineError::dataset(path, Some(line_no), "not valid UTF-8"),
+            std::io::ErrorKind::InvalidData => {
+                EngineError::dataset(path, Some(line_no), "not valid UTF-8")
+            }
             _ => EngineError::io(path, e),
         })?;
         if line.trim().is_empty() {
@@ -125,13 +131,13 @@ impl Encoder {
     /// Tokenizes `examples` (in parallel inside the tokenizers crate; the result is in input order).
     pub fn encode(&self, examples: &[Example]) -> Result<Vec<Tokenized>, EngineError> {
         let texts: Vec<&str> = examples.iter().map(|Example::Text(t)| t.as_str()).collect();
-        let encodings = self
-            .tokenizer
-            .encode_batch(texts, false)
-            .map_err(|e| EngineError::Tokenizer {
-                path: self.path.clone(),
-                detail: e.to_string(),
-            })?;
+        let encodings =
+            self.tokenizer
+                .encode_batch(texts, false)
+                .map_err(|e| EngineError::Tokenizer {
+                    path: self.path.clone(),
+                    detail: e.to_string(),
+                })?;
         // A token id past the embedding matrix would fail deep inside the forward pass; name it here.
         if let Some(id) = encodings
             .iter()
@@ -142,7 +148,10 @@ impl Encoder {
         {
             return Err(EngineError::Tokenizer {
                 path: self.path.clone(),
-                detail: format!("token id {id} is outside the model's vocab_size {}", self.vocab_size),
+                detail: format!(
+                    "token id {id} is outside the model's vocab_size {}",
+                    self.vocab_size
+                ),
             });
         }
         Ok(encodings
@@ -246,7 +255,10 @@ impl Loader {
             self.order = self.shuffled(self.epoch);
         }
         let end = (self.pos + self.batch_size).min(self.order.len());
-        let picked: Vec<&Tokenized> = self.order[self.pos..end].iter().map(|&i| &self.examples[i]).collect();
+        let picked: Vec<&Tokenized> = self.order[self.pos..end]
+            .iter()
+            .map(|&i| &self.examples[i])
+            .collect();
         self.pos = end;
         let t = picked.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(1);
         let mut ids = vec![self.pad_id; picked.len() * t];
@@ -300,10 +312,16 @@ mod tests {
         let good = "{\"text\": \"ok\"}\n";
         let f = file(&format!("{}{{\"text\": oops}}\n", good.repeat(6)));
         let e = validate_jsonl(f.path()).unwrap_err();
-        assert!(matches!(e, EngineError::Dataset { line: Some(7), .. }), "{e:?}");
+        assert!(
+            matches!(e, EngineError::Dataset { line: Some(7), .. }),
+            "{e:?}"
+        );
         let msg = e.to_string();
         assert!(
-            msg.starts_with(&format!("dataset {} line 7: not valid JSON: ", f.path().display())),
+            msg.starts_with(&format!(
+                "dataset {} line 7: not valid JSON: ",
+                f.path().display()
+            )),
             "{msg}"
         );
 
@@ -311,7 +329,10 @@ mod tests {
         let msg = validate_jsonl(f.path()).unwrap_err().to_string();
         assert_eq!(
             msg,
-            format!("dataset {} line 3: missing string field \"text\"", f.path().display())
+            format!(
+                "dataset {} line 3: missing string field \"text\"",
+                f.path().display()
+            )
         );
 
         let f = file("{\"text\": 5}\n");
@@ -365,7 +386,10 @@ mod tests {
         for p in [(l, 5), (l + 1, 6), (l + 2, 0), (s, 7), (s + 1, 0)] {
             assert!(pairs.contains(&p), "{p:?} in {pairs:?}");
         }
-        assert!(!pairs.iter().any(|(p, _)| *p == s + 2), "no target at padding");
+        assert!(
+            !pairs.iter().any(|(p, _)| *p == s + 2),
+            "no target at padding"
+        );
     }
 
     #[test]

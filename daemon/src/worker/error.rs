@@ -90,7 +90,11 @@ impl EngineError {
     }
 
     /// A `Dataset` error for `path`, at 1-based `line` when given.
-    pub fn dataset(path: impl Into<PathBuf>, line: Option<usize>, detail: impl Into<String>) -> Self {
+    pub fn dataset(
+        path: impl Into<PathBuf>,
+        line: Option<usize>,
+        detail: impl Into<String>,
+    ) -> Self {
         EngineError::Dataset {
             path: path.into(),
             line,
@@ -107,7 +111,10 @@ mod tests {
     #[test]
     fn messages_name_file_and_line() {
         let e = EngineError::dataset("/x/d.jsonl", Some(7), "not valid JSON: oops");
-        assert_eq!(e.to_string(), "dataset /x/d.jsonl line 7: not valid JSON: oops");
+        assert_eq!(
+            e.to_string(),
+            "dataset /x/d.jsonl line 7: not valid JSON: oops"
+        );
         let e = EngineError::dataset("/x/d.jsonl", None, "no examples");
         assert_eq!(e.to_string(), "dataset /x/d.jsonl: no examples");
     }

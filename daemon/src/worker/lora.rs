@@ -141,7 +141,13 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     let keep = 1.0 - p;
     let scale = (1.0 / keep) as f32;
     let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 })
+        .map(|_| {
+            if rng.random::<f64>() < keep {
+                scale
+            } else {
+                0.0
+            }
+        })
         .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x * mask
@@ -203,7 +209,10 @@ mod tests {
         let y = lin.forward(&x, None).unwrap();
         assert_eq!(y.dims(), &[1, 1, 3]);
         // base [1, 1, 2]; update: (1*1 + 1*2) = 3 -> B * 3 * 0.5 = [1.5, 0, -1.5].
-        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![2.5, 1.0, 0.5]);
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![2.5, 1.0, 0.5]
+        );
     }
 
     #[test]
@@ -219,7 +228,12 @@ mod tests {
             .unwrap();
         assert_eq!(d1, d2);
         let zeros = d1.iter().filter(|v| **v == 0.0).count();
-        assert!((150..350).contains(&zeros), "{zeros} dropped of 1000 at p=0.25");
-        assert!(d1.iter().all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-6));
+        assert!(
+            (150..350).contains(&zeros),
+            "{zeros} dropped of 1000 at p=0.25"
+        );
+        assert!(d1
+            .iter()
+            .all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-6));
     }
 }

@@ -62,9 +62,13 @@ impl Attention {
         let q = apply_rope(&q, cos, sin)?;
         let k = apply_rope(&k, cos, sin)?;
         let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
+        let scores =
+            (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
         let out = softmax_last(&scores)?.matmul(&v)?;
-        let out = out.transpose(1, 2)?.contiguous()?.reshape((b, t, self.heads * d))?;
+        let out = out
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, self.heads * d))?;
         self.o.forward(&out, rng)
     }
 
@@ -125,7 +129,10 @@ impl Weights<'_> {
         if t.dims() != dims {
             return Err(EngineError::model(
                 self.path,
-                format!("tensor {name} has shape {:?}, config.json implies {dims:?}", t.dims()),
+                format!(
+                    "tensor {name} has shape {:?}, config.json implies {dims:?}",
+                    t.dims()
+                ),
             ));
         }
         Ok(t)
@@ -162,20 +169,21 @@ impl Llama {
         let embed = w.take("model.embed_tokens.weight", &[v, h])?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let mut lin = |group: &str, module: &str| -> std::result::Result<LoraLinear, EngineError> {
-                let (din, dout) = cfg.module_dims(module).unwrap_or((0, 0));
-                let prefix = format!("model.layers.{i}.{group}.{module}");
-                let weight = w.take(&format!("{prefix}.weight"), &[dout, din])?;
-                let bias = match w.map.contains_key(&format!("{prefix}.bias")) {
-                    true => Some(w.take(&format!("{prefix}.bias"), &[dout])?),
-                    false => None,
+            let mut lin =
+                |group: &str, module: &str| -> std::result::Result<LoraLinear, EngineError> {
+                    let (din, dout) = cfg.module_dims(module).unwrap_or((0, 0));
+                    let prefix = format!("model.layers.{i}.{group}.{module}");
+                    let weight = w.take(&format!("{prefix}.weight"), &[dout, din])?;
+                    let bias = match w.map.contains_key(&format!("{prefix}.bias")) {
+                        true => Some(w.take(&format!("{prefix}.bias"), &[dout])?),
+                        false => None,
+                    };
+                    let lora = match lora.targets(module) {
+                        true => Some(LoraPair::init(lora, din, dout, init_rng, device)?),
+                        false => None,
+                    };
+                    Ok(LoraLinear { weight, bias, lora })
                 };
-                let lora = match lora.targets(module) {
-                    true => Some(LoraPair::init(lora, din, dout, init_rng, device)?),
-                    false => None,
-                };
-                Ok(LoraLinear { weight, bias, lora })
-            };
             let attn = Attention {
                 q: lin("self_attn", "q_proj")?,
                 k: lin("self_attn", "k_proj")?,
@@ -191,7 +199,10 @@ impl Llama {
                 down: lin("mlp", "down_proj")?,
             };
             let input_norm = w.take(&format!("model.layers.{i}.input_layernorm.weight"), &[h])?;
-            let post_norm = w.take(&format!("model.layers.{i}.post_attention_layernorm.weight"), &[h])?;
+            let post_norm = w.take(
+                &format!("model.layers.{i}.post_attention_layernorm.weight"),
+                &[h],
+            )?;
             blocks.push(Block {
                 input_norm,
                 attn,
@@ -243,10 +254,11 @@ impl Llama {
                 self.max_len
             );
         }
-        let mut x = self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        ))?;
         let cos = self.rope.cos.narrow(0, 0, t)?;
         let sin = self.rope.sin.narrow(0, 0, t)?;
         let mask = causal_mask(t, self.cfg.window(), &self.device)?;
@@ -261,9 +273,16 @@ impl Llama {
             )?;
             x = (x + a)?;
             let n = rms_norm(&x, &block.post_norm, eps)?;
-            let gate = block.mlp.gate.forward(&n, dropout_rng.as_deref_mut())?.silu()?;
+            let gate = block
+                .mlp
+                .gate
+                .forward(&n, dropout_rng.as_deref_mut())?
+                .silu()?;
             let up = block.mlp.up.forward(&n, dropout_rng.as_deref_mut())?;
-            x = (x + block.mlp.down.forward(&(gate * up)?, dropout_rng.as_deref_mut())?)?;
+            x = (x + block
+                .mlp
+                .down
+                .forward(&(gate * up)?, dropout_rng.as_deref_mut())?)?;
         }
         rms_norm(&x, &self.norm, eps)
     }
@@ -272,7 +291,11 @@ impl Llama {
     pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
         let h = self.hidden(ids, None)?;
         let (b, t, d) = h.dims3()?;
-        frozen_linear(&h.reshape((b * t, d))?, &self.lm_head, None)?.reshape((b, t, self.cfg.vocab_size))
+        frozen_linear(&h.reshape((b * t, d))?, &self.lm_head, None)?.reshape((
+            b,
+            t,
+            self.cfg.vocab_size,
+        ))
     }
 
     /// Summed next-token NLL: `positions` (u32, flat indices into `b * t`) are the positions whose
@@ -285,7 +308,9 @@ impl Llama {
         dropout_rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
         let h = self.hidden(ids, dropout_rng)?;
-        let rows = h.reshape(((), self.cfg.hidden_size))?.index_select(positions, 0)?;
+        let rows = h
+            .reshape(((), self.cfg.hidden_size))?
+            .index_select(positions, 0)?;
         nll_sum(&frozen_linear(&rows, &self.lm_head, None)?, labels)
     }
 
@@ -332,7 +357,10 @@ impl Llama {
             out.push((format!("{name}.weight"), &lin.weight));
         }
         for (i, b) in self.blocks.iter().enumerate() {
-            out.push((format!("model.layers.{i}.input_layernorm.weight"), &b.input_norm));
+            out.push((
+                format!("model.layers.{i}.input_layernorm.weight"),
+                &b.input_norm,
+            ));
             out.push((
                 format!("model.layers.{i}.post_attention_layernorm.weight"),
                 &b.post_norm,

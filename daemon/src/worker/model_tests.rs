@@ -35,10 +35,16 @@ fn ids(rows: &[&[u32]]) -> Tensor {
 
 #[test]
 fn causal_mask_and_window() {
-    let m = causal_mask(3, None, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+    let m = causal_mask(3, None, &Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     assert_eq!(m[0][1], f32::NEG_INFINITY);
     assert_eq!(m[2], vec![0.0, 0.0, 0.0]);
-    let w = causal_mask(3, Some(2), &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+    let w = causal_mask(3, Some(2), &Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     assert_eq!(w[2], vec![f32::NEG_INFINITY, 0.0, 0.0]);
 }
 
@@ -74,7 +80,10 @@ fn tiny_model_forward_shapes_and_causality() {
         .to_scalar::<f32>()
         .unwrap()
         / 4.0;
-    assert!((loss - (cfg.vocab_size as f32).ln()).abs() < 0.5, "initial loss {loss}");
+    assert!(
+        (loss - (cfg.vocab_size as f32).ln()).abs() < 0.5,
+        "initial loss {loss}"
+    );
 }
 
 #[test]
@@ -89,7 +98,10 @@ fn adapter_starts_as_identity_and_base_is_frozen() {
         "down_proj",
     ]);
     let (_dir2, plain) = tiny(&[]);
-    assert_eq!(adapted.lora_modules().len(), 7 * adapted.config().num_hidden_layers);
+    assert_eq!(
+        adapted.lora_modules().len(),
+        7 * adapted.config().num_hidden_layers
+    );
     assert!(plain.trainable_vars().is_empty());
     for (name, pair) in adapted.lora_modules() {
         let b = pair.b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -124,7 +136,16 @@ fn load_errors_name_the_tensor() {
     let mut tensors = weights::load_weights(dir.path(), &Device::Cpu, DType::F32).unwrap();
     tensors.remove("model.layers.2.mlp.up_proj.weight");
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let e = Llama::from_tensors(cfg.clone(), tensors, dir.path(), &lora(&[]), &mut rng, 8, &Device::Cpu).unwrap_err();
+    let e = Llama::from_tensors(
+        cfg.clone(),
+        tensors,
+        dir.path(),
+        &lora(&[]),
+        &mut rng,
+        8,
+        &Device::Cpu,
+    )
+    .unwrap_err();
     assert!(
         e.to_string()
             .contains("missing tensor model.layers.2.mlp.up_proj.weight"),
@@ -135,6 +156,15 @@ fn load_errors_name_the_tensor() {
         ..cfg
     };
     let tensors = weights::load_weights(dir.path(), &Device::Cpu, DType::F32).unwrap();
-    let e = Llama::from_tensors(untied, tensors, dir.path(), &lora(&[]), &mut rng, 8, &Device::Cpu).unwrap_err();
+    let e = Llama::from_tensors(
+        untied,
+        tensors,
+        dir.path(),
+        &lora(&[]),
+        &mut rng,
+        8,
+        &Device::Cpu,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("lm_head.weight"), "{e}");
 }

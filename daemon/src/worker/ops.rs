@@ -6,11 +6,18 @@
 //! returns only the input's gradient, because candle's matmul backward would also compute (and store)
 //! the gradient of every frozen base weight, which LoRA never uses.
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Result, Shape, Tensor, D,
+};
 
 /// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension (HF `LlamaRMSNorm`).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let inv = x.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?.recip()?;
+    let inv = x
+        .sqr()?
+        .mean_keepdim(D::Minus1)?
+        .affine(1.0, eps)?
+        .sqrt()?
+        .recip()?;
     x.broadcast_mul(&inv)?.broadcast_mul(weight)
 }
 
@@ -59,7 +66,12 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     if !x.track_op() {
         return Ok(y);
     }
-    x.apply_op2(&y, FrozenMatmul { weight: weight.clone() })
+    x.apply_op2(
+        &y,
+        FrozenMatmul {
+            weight: weight.clone(),
+        },
+    )
 }
 
 /// The identity on its second argument; backward sends `grad @ weight` to the first.
@@ -82,22 +94,46 @@ impl CustomOp2 for FrozenMatmul {
         "frozen-linear"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         check_fresh(l2)?;
         Ok((s2.try_clone(l2)?, l2.shape().clone()))
     }
 
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         check_fresh(l2)?;
         Ok((s2.try_clone(l2)?, l2.shape().clone()))
     }
 
-    fn metal_fwd(&self, _: &MetalStorage, _: &Layout, s2: &MetalStorage, l2: &Layout) -> Result<(MetalStorage, Shape)> {
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        s2: &MetalStorage,
+        l2: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
         check_fresh(l2)?;
         Ok((s2.try_clone(l2)?, l2.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(grad.matmul(&self.weight)?), None))
     }
 }
@@ -174,20 +210,34 @@ mod tests {
         let x = Var::from_tensor(&xv).unwrap();
         let y = frozen_linear(&x, &w, None).unwrap();
         let reference = xv.matmul(&w.t().unwrap()).unwrap();
-        assert_eq!(y.to_vec2::<f32>().unwrap(), reference.to_vec2::<f32>().unwrap());
+        assert_eq!(
+            y.to_vec2::<f32>().unwrap(),
+            reference.to_vec2::<f32>().unwrap()
+        );
         let weights = t(&[1.0, -2.0, 0.5, 3.0], &[2, 2]);
-        let grads = (y * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = (y * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let gx = grads.get(&x).unwrap().to_vec2::<f32>().unwrap();
         let expected = weights.matmul(&w).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(gx, expected);
-        assert!(grads.get(&w).is_none(), "no gradient is computed for the frozen weight");
+        assert!(
+            grads.get(&w).is_none(),
+            "no gradient is computed for the frozen weight"
+        );
     }
 
     #[test]
     fn nll_sum_matches_log_softmax() {
         let logits = t(&[1.0, 2.0, 3.0, 0.0, 0.0, 0.0], &[2, 3]);
         let labels = Tensor::from_slice(&[2u32, 1], 2, &Device::Cpu).unwrap();
-        let got = nll_sum(&logits, &labels).unwrap().to_scalar::<f32>().unwrap();
+        let got = nll_sum(&logits, &labels)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let lse0 = (1f32.exp() + 2f32.exp() + 3f32.exp()).ln();
         let expected = (lse0 - 3.0) + 3f32.ln();
         assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");

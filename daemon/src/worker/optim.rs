@@ -29,8 +29,14 @@ pub struct AdamW {
 impl AdamW {
     /// Zero moments for each of `params`.
     pub fn new(params: Vec<Var>, cfg: AdamWConfig) -> Result<Self> {
-        let m = params.iter().map(|p| p.zeros_like()).collect::<Result<Vec<_>>>()?;
-        let v = params.iter().map(|p| p.zeros_like()).collect::<Result<Vec<_>>>()?;
+        let m = params
+            .iter()
+            .map(|p| p.zeros_like())
+            .collect::<Result<Vec<_>>>()?;
+        let v = params
+            .iter()
+            .map(|p| p.zeros_like())
+            .collect::<Result<Vec<_>>>()?;
         Ok(AdamW {
             params,
             m,
@@ -54,7 +60,11 @@ impl AdamW {
     /// torch's single-tensor AdamW: decay, moments, bias correction, `p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)`.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         if grads.len() != self.params.len() {
-            candle_core::bail!("AdamW: {} gradients for {} parameters", grads.len(), self.params.len());
+            candle_core::bail!(
+                "AdamW: {} gradients for {} parameters",
+                grads.len(),
+                self.params.len()
+            );
         }
         self.steps += 1;
         let AdamWConfig {
@@ -161,15 +171,27 @@ mod tests {
             weight_decay: 0.01,
         };
         let mut opt = AdamW::new(vec![p.clone()], cfg).unwrap();
-        opt.step(&[Tensor::from_slice(&[0.5f32, 0.1], 2, &Device::Cpu).unwrap()], 0.1)
-            .unwrap();
+        opt.step(
+            &[Tensor::from_slice(&[0.5f32, 0.1], 2, &Device::Cpu).unwrap()],
+            0.1,
+        )
+        .unwrap();
         let v = p.to_vec1::<f32>().unwrap();
-        assert!((v[0] - 0.899).abs() < 1e-5 && (v[1] + 2.098).abs() < 1e-5, "{v:?}");
-        opt.step(&[Tensor::from_slice(&[-0.3f32, 0.2], 2, &Device::Cpu).unwrap()], 0.1)
-            .unwrap();
+        assert!(
+            (v[0] - 0.899).abs() < 1e-5 && (v[1] + 2.098).abs() < 1e-5,
+            "{v:?}"
+        );
+        opt.step(
+            &[Tensor::from_slice(&[-0.3f32, 0.2], 2, &Device::Cpu).unwrap()],
+            0.1,
+        )
+        .unwrap();
         let v = p.to_vec1::<f32>().unwrap();
         // torch 2.15 prints [0.8789512515068054, -2.192420244216919] after step 2.
-        assert!((v[0] - 0.878_951_25).abs() < 1e-6 && (v[1] + 2.192_420_2).abs() < 1e-6, "{v:?}");
+        assert!(
+            (v[0] - 0.878_951_25).abs() < 1e-6 && (v[1] + 2.192_420_2).abs() < 1e-6,
+            "{v:?}"
+        );
         assert_eq!(opt.steps(), 2);
     }
 
@@ -202,7 +224,10 @@ mod tests {
         assert_eq!(cos.lr(1), 0.0);
         assert_eq!(cos.lr(2), 0.5);
         assert_eq!(cos.lr(3), 1.0);
-        assert!((cos.lr(7) - 0.5).abs() < 1e-12, "half-way through the decay");
+        assert!(
+            (cos.lr(7) - 0.5).abs() < 1e-12,
+            "half-way through the decay"
+        );
         assert!(cos.lr(10) > 0.0 && cos.lr(11) < 1e-12);
         let lin = s(Schedule::Linear);
         assert!((lin.lr(7) - 0.5).abs() < 1e-12);

@@ -27,9 +27,10 @@ pub enum WorkerError {
 pub fn run() -> Result<i32, WorkerError> {
     // Refuse early unless fd 3 is an open socket, instead of adopting a random descriptor.
     // SAFETY: borrow_raw only wraps the number; fstat on a closed descriptor fails cleanly.
-    let is_socket = nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(CONTROL_FD) })
-        .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
-        .unwrap_or(false);
+    let is_socket =
+        nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(CONTROL_FD) })
+            .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
+            .unwrap_or(false);
     if !is_socket {
         return Err(WorkerError::NoChannel);
     }
@@ -49,18 +50,22 @@ pub fn run() -> Result<i32, WorkerError> {
     let task = match frame::read_msg::<ToWorker, _>(&mut reader, frame::MAX_FRAME)? {
         ToWorker::Train { task } => task,
     };
-    send(&FromWorker::Ready { pid: std::process::id() });
+    send(&FromWorker::Ready {
+        pid: std::process::id(),
+    });
 
     // Watch the channel: EOF means the daemon is gone, and a worker without a daemon must not go on.
-    std::thread::Builder::new().name("control".into()).spawn(move || loop {
-        match frame::read_msg::<ToWorker, _>(&mut reader, frame::MAX_FRAME) {
-            Ok(msg) => tracing::warn!(?msg, "unexpected control message while training"),
-            Err(_) => {
-                tracing::error!("control channel closed: the daemon is gone; exiting");
-                std::process::exit(3);
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || loop {
+            match frame::read_msg::<ToWorker, _>(&mut reader, frame::MAX_FRAME) {
+                Ok(msg) => tracing::warn!(?msg, "unexpected control message while training"),
+                Err(_) => {
+                    tracing::error!("control channel closed: the daemon is gone; exiting");
+                    std::process::exit(3);
+                }
             }
-        }
-    })?;
+        })?;
 
     tracing::info!(job = %task.job, model = %task.base_model.display(), data = %task.dataset.display(), "worker started");
     let mut on_event = |event| send(&FromWorker::Train { event });
@@ -75,7 +80,9 @@ pub fn run() -> Result<i32, WorkerError> {
         }
         Err(e) => {
             tracing::error!(error = %e, "training failed");
-            send(&FromWorker::Failed { message: e.to_string() });
+            send(&FromWorker::Failed {
+                message: e.to_string(),
+            });
             Ok(1)
         }
     }

@@ -19,7 +19,9 @@ impl Rope {
         let p = cfg.rope();
         let base = p.rope_theta.unwrap_or(10_000.0) as f32;
         // f32 like transformers, so the angles match it to rounding.
-        let mut inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32)).collect();
+        let mut inv: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32))
+            .collect();
         match p.rope_type.as_deref() {
             Some("linear") => {
                 let f = p.factor.unwrap_or(1.0) as f32;
@@ -45,13 +47,20 @@ impl Rope {
 /// transformers' `_compute_llama3_parameters`: low frequencies scaled by `factor`, a smooth blend between.
 pub(crate) fn llama3_scaling(inv: &mut [f32], p: &RopeParams) {
     let factor = p.factor.unwrap_or(1.0);
-    let (low, high) = (p.low_freq_factor.unwrap_or(1.0), p.high_freq_factor.unwrap_or(4.0));
+    let (low, high) = (
+        p.low_freq_factor.unwrap_or(1.0),
+        p.high_freq_factor.unwrap_or(4.0),
+    );
     let old_ctx = p.original_max_position_embeddings.unwrap_or(8192) as f64;
     let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
     for f in inv.iter_mut() {
         let freq = *f as f64;
         let wavelen = 2.0 * std::f64::consts::PI / freq;
-        let scaled = if wavelen > low_wavelen { freq / factor } else { freq };
+        let scaled = if wavelen > low_wavelen {
+            freq / factor
+        } else {
+            freq
+        };
         // wavelen is finite (freq > 0), so "not below and not above" is this range.
         let medium = (high_wavelen..=low_wavelen).contains(&wavelen);
         *f = if medium {
@@ -101,6 +110,9 @@ mod tests {
         let mut inv = vec![1.0f32, 1e-4];
         llama3_scaling(&mut inv, &p);
         assert_eq!(inv[0], 1.0, "short wavelengths unchanged");
-        assert!((inv[1] - 1e-4 / 8.0).abs() < 1e-9, "long wavelengths divided by factor");
+        assert!(
+            (inv[1] - 1e-4 / 8.0).abs() < 1e-9,
+            "long wavelengths divided by factor"
+        );
     }
 }

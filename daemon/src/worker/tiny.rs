@@ -46,10 +46,12 @@ pub fn make_tiny_model(dir: &Path, seed: u64) -> Result<(), EngineError> {
     std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
     let tokenizer = train_tokenizer(dir)?;
     let tok_path = dir.join("tokenizer.json");
-    let text = tokenizer.to_string(true).map_err(|e| EngineError::Tokenizer {
-        path: tok_path.clone(),
-        detail: e.to_string(),
-    })?;
+    let text = tokenizer
+        .to_string(true)
+        .map_err(|e| EngineError::Tokenizer {
+            path: tok_path.clone(),
+            detail: e.to_string(),
+        })?;
     write_text(&tok_path, &text)?;
 
     save_tensors(&dir.join("model.safetensors"), &random_weights(seed)?)?;
@@ -57,7 +59,9 @@ pub fn make_tiny_model(dir: &Path, seed: u64) -> Result<(), EngineError> {
     write_text(&dir.join("config.json"), &json(config_json()))?;
     write_text(
         &dir.join("generation_config.json"),
-        &json(json!({"_from_model_config": true, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0})),
+        &json(
+            json!({"_from_model_config": true, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}),
+        ),
     )?;
     let special = |i: usize| {
         json!({"content": SPECIAL_TOKENS[i], "lstrip": false, "normalized": false,
@@ -126,7 +130,10 @@ fn train_tokenizer(dir: &Path) -> Result<Tokenizer, EngineError> {
         path: dir.join("tokenizer.json"),
         detail: e.to_string(),
     };
-    let specials = SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect();
+    let specials = SPECIAL_TOKENS
+        .iter()
+        .map(|t| AddedToken::from(*t, true))
+        .collect();
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
         .show_progress(false)
         .vocab_size(VOCAB)
@@ -144,7 +151,9 @@ fn train_tokenizer(dir: &Path) -> Result<Tokenizer, EngineError> {
     if size > VOCAB {
         return Err(EngineError::Tokenizer {
             path: dir.join("tokenizer.json"),
-            detail: format!("trained vocabulary has {size} tokens, more than the {VOCAB} embedding rows"),
+            detail: format!(
+                "trained vocabulary has {size} tokens, more than the {VOCAB} embedding rows"
+            ),
         });
     }
     Ok(tok)
@@ -278,7 +287,9 @@ mod tests {
 
         let tok = Tokenizer::from_file(a.path().join("tokenizer.json")).unwrap();
         assert_eq!(tok.token_to_id("<|endoftext|>"), Some(0));
-        let enc = tok.encode("The cat sat on the mat. Ünïcödé too!", false).unwrap();
+        let enc = tok
+            .encode("The cat sat on the mat. Ünïcödé too!", false)
+            .unwrap();
         assert!(
             enc.get_ids().len() < 30,
             "the trained merges compress English: {:?}",

@@ -57,13 +57,18 @@ pub fn select_device(spec: &str) -> Result<Device, EngineError> {
         other => {
             let ordinal = match other {
                 "cuda" => 0,
-                _ => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+                _ => match other
+                    .strip_prefix("cuda:")
+                    .and_then(|n| n.parse::<usize>().ok())
+                {
                     Some(n) => n,
                     None => return Err(setting(format!("'{other}' is not auto, cpu or cuda:N"))),
                 },
             };
             if !cfg!(feature = "cuda") {
-                return Err(setting(format!("'{other}': this lorad was built without CUDA support")));
+                return Err(setting(format!(
+                    "'{other}': this lorad was built without CUDA support"
+                )));
             }
             Device::new_cuda(ordinal).map_err(|e| setting(format!("'{other}': {e}")))
         }
@@ -79,13 +84,18 @@ pub fn total_steps(s: &TrainSettings, examples: usize) -> u64 {
 }
 
 /// Trains one job and writes its adapter to `task.adapter_dir`.
-pub fn train(task: &TrainTask, on_event: &mut dyn FnMut(TrainEvent)) -> Result<TrainSummary, EngineError> {
+pub fn train(
+    task: &TrainTask,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<TrainSummary, EngineError> {
     let s = &task.settings;
     s.validate().map_err(|e| EngineError::Setting {
         field: "settings".into(),
         detail: e.to_string(),
     })?;
-    on_event(TrainEvent::Phase { phase: Phase::Loading });
+    on_event(TrainEvent::Phase {
+        phase: Phase::Loading,
+    });
     let device = select_device(&s.device)?;
     if s.dtype != DType::F32 {
         tracing::warn!(dtype = ?s.dtype, "only f32 training is implemented yet; training in f32");
@@ -94,10 +104,14 @@ pub fn train(task: &TrainTask, on_event: &mut dyn FnMut(TrainEvent)) -> Result<T
         tracing::warn!("packing is not implemented yet; examples are padded per batch instead");
     }
     if s.checkpoint_every > 0 {
-        tracing::info!("intermediate checkpoints are not written yet; only the final adapter is saved");
+        tracing::info!(
+            "intermediate checkpoints are not written yet; only the final adapter is saved"
+        );
     }
     let cfg = check_model_dir(&task.base_model)?;
-    let max_len = (s.max_seq_len as usize).min(cfg.max_position_embeddings).max(2);
+    let max_len = (s.max_seq_len as usize)
+        .min(cfg.max_position_embeddings)
+        .max(2);
 
     let examples = read_jsonl(&task.dataset)?;
     let encoder = Encoder::load(&task.base_model, &cfg, max_len)?;
@@ -138,7 +152,9 @@ pub fn train(task: &TrainTask, on_event: &mut dyn FnMut(TrainEvent)) -> Result<T
         trainable_params,
     });
 
-    on_event(TrainEvent::Phase { phase: Phase::Training });
+    on_event(TrainEvent::Phase {
+        phase: Phase::Training,
+    });
     let adam = AdamWConfig {
         beta1: s.adam_beta1,
         beta2: s.adam_beta2,
@@ -227,7 +243,9 @@ pub fn train(task: &TrainTask, on_event: &mut dyn FnMut(TrainEvent)) -> Result<T
         on_event(TrainEvent::Step { point });
     }
 
-    on_event(TrainEvent::Phase { phase: Phase::Saving });
+    on_event(TrainEvent::Phase {
+        phase: Phase::Saving,
+    });
     save_adapter(&task.adapter_dir, &model, &lora, &task.base_model)?;
     tracing::info!(adapter = %task.adapter_dir.display(), steps = total, "adapter saved");
     Ok(TrainSummary {

@@ -79,8 +79,16 @@ impl Fixture {
 }
 
 fn nonzero(t: Option<&Tensor>) -> bool {
-    t.map(|t| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0)
-        .unwrap_or(false)
+    t.map(|t| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    })
+    .unwrap_or(false)
 }
 
 #[test]
@@ -95,7 +103,14 @@ fn every_lora_matrix_of_every_layer_gets_a_gradient() {
     let task = f.task(s.clone(), "unused");
     let cfg = check_model_dir(&task.base_model).unwrap();
     let lora = LoraConfig::from_settings(&s);
-    let model = Llama::load(&task.base_model, &lora, &mut rng_for(1, INIT_STREAM), 64, &Device::Cpu).unwrap();
+    let model = Llama::load(
+        &task.base_model,
+        &lora,
+        &mut rng_for(1, INIT_STREAM),
+        64,
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(model.lora_modules().len(), 7 * cfg.num_hidden_layers);
     let examples = read_jsonl(&task.dataset).unwrap();
     let tokenized = Encoder::load(&task.base_model, &cfg, 64)
@@ -128,7 +143,12 @@ fn every_lora_matrix_of_every_layer_gets_a_gradient() {
         );
         let ga = grads.get(&pair.a).expect("lora_A is in the graph");
         assert_eq!(
-            ga.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(),
+            ga.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
             0.0,
             "{name}: B = 0 so dL/dA = 0"
         );
@@ -147,7 +167,10 @@ fn every_lora_matrix_of_every_layer_gets_a_gradient() {
             nonzero(grads.get(&pair.a)),
             "{name}: lora_A has a non-zero gradient after one step"
         );
-        assert!(nonzero(grads.get(&pair.b)), "{name}: lora_B still has a gradient");
+        assert!(
+            nonzero(grads.get(&pair.b)),
+            "{name}: lora_B still has a gradient"
+        );
     }
 }
 
@@ -169,7 +192,12 @@ fn loss_decreases_and_adapter_is_peft_shaped() {
     );
 
     // Events: Loading, Plan, Training, one Step per optimizer step with sane metrics, Saving.
-    assert!(matches!(events[0], TrainEvent::Phase { phase: Phase::Loading }));
+    assert!(matches!(
+        events[0],
+        TrainEvent::Phase {
+            phase: Phase::Loading
+        }
+    ));
     let TrainEvent::Plan {
         total_steps,
         examples,
@@ -185,7 +213,12 @@ fn loss_decreases_and_adapter_is_peft_shaped() {
         .map(|m| cfg.module_dims(m).map(|(i, o)| 8 * (i + o)).unwrap())
         .sum();
     assert_eq!(trainable_params, (per_layer * cfg.num_hidden_layers) as u64);
-    assert!(matches!(events[2], TrainEvent::Phase { phase: Phase::Training }));
+    assert!(matches!(
+        events[2],
+        TrainEvent::Phase {
+            phase: Phase::Training
+        }
+    ));
     let steps: Vec<&MetricPoint> = events
         .iter()
         .filter_map(|e| {
@@ -200,23 +233,38 @@ fn loss_decreases_and_adapter_is_peft_shaped() {
     let step_ms = steps.iter().map(|p| p.step_ms).sum::<f64>() / 40.0;
     eprintln!("train() took {elapsed:?}, {step_ms:.1} ms per step; loss {first:.3} -> {last:.3}");
     assert_eq!(steps[0].step, 1);
-    assert!((steps[7].epoch - 1.0).abs() < 1e-9, "8 batches of 8 = one epoch of 64");
+    assert!(
+        (steps[7].epoch - 1.0).abs() < 1e-9,
+        "8 batches of 8 = one epoch of 64"
+    );
     assert!(steps
         .iter()
         .all(|p| p.grad_norm.is_some_and(|g| g > 0.0) && p.tokens_per_s > 0.0 && p.lr == 0.003));
     assert!(matches!(
         events.last(),
-        Some(TrainEvent::Phase { phase: Phase::Saving })
+        Some(TrainEvent::Phase {
+            phase: Phase::Saving
+        })
     ));
 
     // The adapter: PEFT key names and shapes, config fields, and it reproduces the trained model.
     let adapter = load_adapter(&task.adapter_dir).unwrap();
     assert_eq!(adapter.weights.len(), 7 * cfg.num_hidden_layers);
-    let raw = candle_core::safetensors::load(task.adapter_dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let raw = candle_core::safetensors::load(
+        task.adapter_dir.join("adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(raw.len(), 2 * 7 * cfg.num_hidden_layers);
     let (h, kv) = (cfg.hidden_size, cfg.kv_heads() * cfg.head_dim());
-    assert_eq!(raw[&peft_key("model.layers.0.self_attn.q_proj", 'A')].dims(), &[8, h]);
-    assert_eq!(raw[&peft_key("model.layers.3.self_attn.v_proj", 'B')].dims(), &[kv, 8]);
+    assert_eq!(
+        raw[&peft_key("model.layers.0.self_attn.q_proj", 'A')].dims(),
+        &[8, h]
+    );
+    assert_eq!(
+        raw[&peft_key("model.layers.3.self_attn.v_proj", 'B')].dims(),
+        &[kv, 8]
+    );
     assert_eq!(
         raw["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].dims(),
         &[8, cfg.intermediate_size]
@@ -225,13 +273,18 @@ fn loss_decreases_and_adapter_is_peft_shaped() {
         raw["base_model.model.model.layers.2.mlp.gate_proj.lora_B.weight"].dims(),
         &[cfg.intermediate_size, 8]
     );
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(task.adapter_dir.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(task.adapter_dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["task_type"], "CAUSAL_LM");
     assert_eq!(cfg["r"], 8);
     assert_eq!(cfg["lora_alpha"], 16);
-    assert_eq!(cfg["target_modules"], serde_json::json!(lorad_schema::TARGET_MODULES));
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(lorad_schema::TARGET_MODULES)
+    );
     assert_eq!(cfg["bias"], "none");
     assert_eq!(cfg["fan_in_fan_out"], false);
     assert_eq!(cfg["use_rslora"], false);
@@ -240,7 +293,14 @@ fn loss_decreases_and_adapter_is_peft_shaped() {
     let b_norm: f32 = adapter
         .weights
         .values()
-        .map(|(_, b)| b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+        .map(|(_, b)| {
+            b.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
         .sum();
     assert!(b_norm > 0.0, "training moved lora_B away from zero");
     let leftovers: Vec<_> = std::fs::read_dir(f.dir.path())
@@ -274,10 +334,23 @@ fn same_seed_same_losses_and_base_weights_untouched() {
     let task = f.task(fast_settings(), "a");
     let adapter = load_adapter(&task.adapter_dir).unwrap();
     let lora = adapter.lora_config();
-    let model = Llama::load(&task.base_model, &lora, &mut rng_for(9, INIT_STREAM), 64, &Device::Cpu).unwrap();
-    model.set_lora_weights(&adapter.weights, &task.adapter_dir).unwrap();
-    let on_disk =
-        crate::worker::weights::load_weights(&task.base_model, &Device::Cpu, candle_core::DType::F32).unwrap();
+    let model = Llama::load(
+        &task.base_model,
+        &lora,
+        &mut rng_for(9, INIT_STREAM),
+        64,
+        &Device::Cpu,
+    )
+    .unwrap();
+    model
+        .set_lora_weights(&adapter.weights, &task.adapter_dir)
+        .unwrap();
+    let on_disk = crate::worker::weights::load_weights(
+        &task.base_model,
+        &Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
     for (name, t) in model.base_tensors() {
         let same = (t - &on_disk[&name])
             .unwrap()
@@ -298,7 +371,14 @@ fn base_weights_are_bit_identical_after_training_steps() {
     let task = f.task(s.clone(), "unused");
     let cfg = check_model_dir(&task.base_model).unwrap();
     let lora = LoraConfig::from_settings(&s);
-    let model = Llama::load(&task.base_model, &lora, &mut rng_for(1, INIT_STREAM), 64, &Device::Cpu).unwrap();
+    let model = Llama::load(
+        &task.base_model,
+        &lora,
+        &mut rng_for(1, INIT_STREAM),
+        64,
+        &Device::Cpu,
+    )
+    .unwrap();
     let before: Vec<Vec<f32>> = model
         .base_tensors()
         .iter()
@@ -365,7 +445,8 @@ fn plan_counts_steps_like_the_spec() {
 #[test]
 #[ignore = "produces the input of bench/peft_check.py; run by hand"]
 fn peft_fixture() {
-    let out = PathBuf::from(std::env::var("LORAD_PEFT_OUT").expect("set LORAD_PEFT_OUT to a directory"));
+    let out =
+        PathBuf::from(std::env::var("LORAD_PEFT_OUT").expect("set LORAD_PEFT_OUT to a directory"));
     std::fs::create_dir_all(&out).unwrap();
     let model_dir = out.join("model");
     make_tiny_model(&model_dir, 3).unwrap();
@@ -381,7 +462,10 @@ fn peft_fixture() {
     let summary = train(&task, &mut |_| {}).unwrap();
     let cfg = check_model_dir(&model_dir).unwrap();
     let examples = read_jsonl(&task.dataset).unwrap();
-    let data = Encoder::load(&model_dir, &cfg, 64).unwrap().encode(&examples).unwrap();
+    let data = Encoder::load(&model_dir, &cfg, 64)
+        .unwrap()
+        .encode(&examples)
+        .unwrap();
     let adapter = load_adapter(&task.adapter_dir).unwrap();
     let model = Llama::load(
         &model_dir,
@@ -392,7 +476,9 @@ fn peft_fixture() {
     )
     .unwrap();
     let base = mean_loss(&model, &data).unwrap();
-    model.set_lora_weights(&adapter.weights, &task.adapter_dir).unwrap();
+    model
+        .set_lora_weights(&adapter.weights, &task.adapter_dir)
+        .unwrap();
     let adapted = mean_loss(&model, &data).unwrap();
     let report = serde_json::json!({"base_loss": base, "adapter_loss": adapted, "train_losses": summary.losses});
     std::fs::write(

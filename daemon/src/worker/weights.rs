@@ -25,10 +25,13 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
         ));
     }
     let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| EngineError::model(&index, format!("not valid JSON: {e}")))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| EngineError::model(&index, format!("not valid JSON: {e}")))?;
     let Some(map) = value.get("weight_map").and_then(|m| m.as_object()) else {
-        return Err(EngineError::model(&index, "missing object field \"weight_map\""));
+        return Err(EngineError::model(
+            &index,
+            "missing object field \"weight_map\"",
+        ));
     };
     let mut files = BTreeSet::new();
     for (name, file) in map {
@@ -49,20 +52,31 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
     }
     let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
     if let Some(missing) = files.iter().find(|f| !f.is_file()) {
-        return Err(EngineError::model(missing, "shard listed in the index does not exist"));
+        return Err(EngineError::model(
+            missing,
+            "shard listed in the index does not exist",
+        ));
     }
     Ok(files)
 }
 
 /// Loads every tensor of the model in `dir` onto `device` as plain tensors (never `Var`s: base weights
 /// are frozen by construction), converted to `dtype`.
-pub fn load_weights(dir: &Path, device: &Device, dtype: DType) -> Result<HashMap<String, Tensor>, EngineError> {
+pub fn load_weights(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<HashMap<String, Tensor>, EngineError> {
     let mut all = HashMap::new();
     for file in weight_files(dir)? {
         let tensors = candle_core::safetensors::load(&file, device)
             .map_err(|e| EngineError::model(&file, format!("cannot read safetensors: {e}")))?;
         for (name, t) in tensors {
-            let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
+            let t = if t.dtype() == dtype {
+                t
+            } else {
+                t.to_dtype(dtype)?
+            };
             all.insert(name, t);
         }
     }
@@ -108,8 +122,12 @@ pub fn save_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<(
     }
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let tmp = tmp_sibling(path);
-    safetensors::serialize_to_file(views.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata), &tmp)
-        .map_err(|e| EngineError::io(&tmp, std::io::Error::other(e.to_string())))?;
+    safetensors::serialize_to_file(
+        views.iter().map(|(k, v)| (k.as_str(), v)),
+        Some(metadata),
+        &tmp,
+    )
+    .map_err(|e| EngineError::io(&tmp, std::io::Error::other(e.to_string())))?;
     std::fs::rename(&tmp, path).map_err(|e| EngineError::io(path, e))
 }
 
@@ -144,8 +162,13 @@ mod tests {
         let map = BTreeMap::from([("w".to_string(), t.clone())]);
         save_tensors(&dir.path().join(SINGLE), &map).unwrap();
         let loaded = load_weights(dir.path(), &Device::Cpu, DType::F32).unwrap();
-        assert_eq!(loaded["w"].to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
-        let err = weight_files(&dir.path().join("nowhere")).unwrap_err().to_string();
+        assert_eq!(
+            loaded["w"].to_vec2::<f32>().unwrap(),
+            t.to_vec2::<f32>().unwrap()
+        );
+        let err = weight_files(&dir.path().join("nowhere"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no weights"), "{err}");
     }
 }

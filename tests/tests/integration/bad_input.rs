@@ -6,8 +6,14 @@ use lorad_tests::{tiny_model, write_dataset, TestDaemon};
 fn refused(c: &Client, spec: JobSpec, needle: &str) {
     let err = c.submit(spec).expect_err("submit must be refused");
     assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err}");
-    assert!(err.to_string().contains(needle), "error {err:?} does not mention {needle:?}");
-    assert!(c.list(None, false).expect("list").is_empty(), "a refused submit queued something");
+    assert!(
+        err.to_string().contains(needle),
+        "error {err:?} does not mention {needle:?}"
+    );
+    assert!(
+        c.list(None, false).expect("list").is_empty(),
+        "a refused submit queued something"
+    );
 }
 
 #[test]
@@ -21,7 +27,11 @@ fn bad_submits_are_refused_with_a_reason() {
     s.template = "no-such-template".into();
     refused(&c, s, "unknown template 'no-such-template'");
 
-    refused(&c, spec(&d.dir.path().join("missing-model"), &good, &[]), "missing-model");
+    refused(
+        &c,
+        spec(&d.dir.path().join("missing-model"), &good, &[]),
+        "missing-model",
+    );
 
     let bad_json = d.dir.path().join("bad-json.jsonl");
     let mut text = std::fs::read_to_string(&good).expect("read");
@@ -36,8 +46,20 @@ fn bad_submits_are_refused_with_a_reason() {
     std::fs::write(&no_text, lines.join("\n")).expect("write");
     refused(&c, spec(tiny_model(), &no_text, &[]), "line 7");
 
-    refused(&c, spec(tiny_model(), &d.dir.path().join("nope.jsonl"), &[]), "nope.jsonl");
+    refused(
+        &c,
+        spec(tiny_model(), &d.dir.path().join("nope.jsonl"), &[]),
+        "nope.jsonl",
+    );
     refused(&c, spec(tiny_model(), &good, &[("lr", "fast")]), "lr");
-    refused(&c, spec(tiny_model(), &good, &[("no_such_setting", "1")]), "no_such_setting");
-    refused(&c, spec(tiny_model(), &good, &[("max_seq_len", "100000")]), "max_seq_len");
+    refused(
+        &c,
+        spec(tiny_model(), &good, &[("no_such_setting", "1")]),
+        "no_such_setting",
+    );
+    refused(
+        &c,
+        spec(tiny_model(), &good, &[("max_seq_len", "100000")]),
+        "max_seq_len",
+    );
 }

@@ -21,20 +21,31 @@ pub fn spec(model: &Path, data: &Path, overrides: &[(&str, &str)]) -> JobSpec {
         template: "basic-fine-tune".into(),
         base_model: model.display().to_string(),
         dataset: data.display().to_string(),
-        overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+        overrides: overrides
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
         ..JobSpec::default()
     }
 }
 
 /// Waits, on a subscription, until `job` reaches a state `until` accepts; returns the record and the
 /// states seen on the way (from the start of the job's history).
-pub fn wait_for(client: &Client, job: JobId, timeout: Duration, until: impl Fn(JobState) -> bool) -> (JobRecord, Vec<JobState>) {
+pub fn wait_for(
+    client: &Client,
+    job: JobId,
+    timeout: Duration,
+    until: impl Fn(JobState) -> bool,
+) -> (JobRecord, Vec<JobState>) {
     let deadline = Instant::now() + timeout;
     let mut sub = client.subscribe(Some(job), 0).expect("subscribe");
     let mut seen = vec![JobState::Queued];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "job {job} did not reach the expected state in {timeout:?}; saw {seen:?}");
+        assert!(
+            !left.is_zero(),
+            "job {job} did not reach the expected state in {timeout:?}; saw {seen:?}"
+        );
         match sub.next_timeout(left) {
             Ok(Some(event)) => {
                 if let EventBody::StateChanged { to, .. } = event.body {
@@ -45,7 +56,9 @@ pub fn wait_for(client: &Client, job: JobId, timeout: Duration, until: impl Fn(J
                 }
             }
             Ok(None) => panic!("subscription ended while waiting for job {job}"),
-            Err(_) => panic!("job {job} did not reach the expected state in {timeout:?}; saw {seen:?}"),
+            Err(_) => {
+                panic!("job {job} did not reach the expected state in {timeout:?}; saw {seen:?}")
+            }
         }
     }
 }

@@ -42,7 +42,11 @@ impl Peer {
 }
 
 /// Answers one request.
-pub async fn dispatch(core: &std::sync::Arc<Core>, conn: &mut Conn, req: Request) -> Result<Response, WireError> {
+pub async fn dispatch(
+    core: &std::sync::Arc<Core>,
+    conn: &mut Conn,
+    req: Request,
+) -> Result<Response, WireError> {
     let kind = req.kind();
     let result = match req {
         Request::Status => status::handle(core).await,
@@ -51,9 +55,17 @@ pub async fn dispatch(core: &std::sync::Arc<Core>, conn: &mut Conn, req: Request
         Request::List { state, all } => list::handle(core, conn.peer, state, all).await,
         Request::Get { job } => get::handle(core, conn.peer, job).await,
         Request::Cancel { job } => cancel::handle(core, conn.peer, job).await,
-        Request::Metrics { job, since_step } => metrics::handle(core, conn.peer, job, since_step).await,
-        Request::Logs { job, offset, max_bytes } => logs::handle(core, conn.peer, job, offset, max_bytes).await,
-        Request::Subscribe { job, since_seq } => subscribe::subscribe(core, conn, job, since_seq).await,
+        Request::Metrics { job, since_step } => {
+            metrics::handle(core, conn.peer, job, since_step).await
+        }
+        Request::Logs {
+            job,
+            offset,
+            max_bytes,
+        } => logs::handle(core, conn.peer, job, offset, max_bytes).await,
+        Request::Subscribe { job, since_seq } => {
+            subscribe::subscribe(core, conn, job, since_seq).await
+        }
         Request::Unsubscribe { sub } => subscribe::unsubscribe(conn, sub),
         Request::Shutdown => shutdown::handle(core, conn.peer),
     };
@@ -82,6 +94,9 @@ pub async fn job_for(core: &Core, peer: Peer, id: JobId) -> Result<JobRecord, Wi
     if peer.may_access(&job) {
         Ok(job)
     } else {
-        Err(WireError::new(ErrorCode::PermissionDenied, format!("job {id} belongs to another user")))
+        Err(WireError::new(
+            ErrorCode::PermissionDenied,
+            format!("job {id} belongs to another user"),
+        ))
     }
 }

@@ -11,28 +11,45 @@ fn invalid(msg: impl Into<String>) -> WireError {
 
 pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, WireError> {
     let template = crate::templates::find(&spec.template).ok_or_else(|| {
-        let names: Vec<String> = crate::templates::builtin().into_iter().map(|t| t.name).collect();
-        invalid(format!("unknown template '{}' (available: {})", spec.template, names.join(", ")))
+        let names: Vec<String> = crate::templates::builtin()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        invalid(format!(
+            "unknown template '{}' (available: {})",
+            spec.template,
+            names.join(", ")
+        ))
     })?;
     let mut settings = template.settings;
     for (key, value) in &spec.overrides {
-        settings.set(key, value).map_err(|e| invalid(e.to_string()))?;
+        settings
+            .set(key, value)
+            .map_err(|e| invalid(e.to_string()))?;
     }
     settings.validate().map_err(|e| invalid(e.to_string()))?;
 
     for (field, path) in [("base_model", &spec.base_model), ("dataset", &spec.dataset)] {
         if !Path::new(path).is_absolute() {
-            return Err(invalid(format!("{field}: '{path}' must be an absolute path")));
+            return Err(invalid(format!(
+                "{field}: '{path}' must be an absolute path"
+            )));
         }
     }
     if let Some(out) = &spec.output_dir {
         if !Path::new(out).is_absolute() {
-            return Err(invalid(format!("output_dir: '{out}' must be an absolute path")));
+            return Err(invalid(format!(
+                "output_dir: '{out}' must be an absolute path"
+            )));
         }
     }
 
     // Reading the model's config and every dataset line is file I/O: keep it off the runtime.
-    let (model, dataset, max_seq_len) = (spec.base_model.clone(), spec.dataset.clone(), settings.max_seq_len);
+    let (model, dataset, max_seq_len) = (
+        spec.base_model.clone(),
+        spec.dataset.clone(),
+        settings.max_seq_len,
+    );
     let examples = tokio::task::spawn_blocking(move || -> Result<usize, String> {
         let config = crate::worker::model::check_model_dir(Path::new(&model)).map_err(|e| e.to_string())?;
         if max_seq_len as usize > config.max_position_embeddings {
@@ -48,9 +65,16 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
     .map_err(invalid)?;
 
     let state_dir = core.config.state_dir.clone();
-    let name = spec.name.clone().filter(|n| !n.trim().is_empty()).unwrap_or_else(|| {
-        Path::new(&spec.dataset).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "job".into())
-    });
+    let name = spec
+        .name
+        .clone()
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(|| {
+            Path::new(&spec.dataset)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "job".into())
+        });
     let job = core
         .write(move |j| {
             let (job, event) = j.insert_job(|id| JobRecord {
@@ -64,7 +88,12 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
                 base_model: spec.base_model,
                 dataset: spec.dataset,
                 output_dir: spec.output_dir.unwrap_or_else(|| {
-                    state_dir.join("jobs").join(id.0.to_string()).join("adapter").display().to_string()
+                    state_dir
+                        .join("jobs")
+                        .join(id.0.to_string())
+                        .join("adapter")
+                        .display()
+                        .to_string()
                 }),
                 settings,
                 overrides: spec.overrides,

@@ -9,17 +9,33 @@ use tokio::sync::mpsc;
 /// Events read from the journal per batch while catching up.
 const REPLAY_BATCH: usize = 512;
 
-pub async fn subscribe(core: &Arc<Core>, conn: &mut Conn, job: Option<JobId>, since_seq: u64) -> Result<Response, WireError> {
+pub async fn subscribe(
+    core: &Arc<Core>,
+    conn: &mut Conn,
+    job: Option<JobId>,
+    since_seq: u64,
+) -> Result<Response, WireError> {
     if let Some(id) = job {
         super::job_for(core, conn.peer, id).await?;
     } else if !conn.peer.is_admin() {
-        return Err(WireError::new(ErrorCode::PermissionDenied, "only an admin may subscribe to every job; name a job"));
+        return Err(WireError::new(
+            ErrorCode::PermissionDenied,
+            "only an admin may subscribe to every job; name a job",
+        ));
     }
     // Listen before reading the journal, so no event falls between the replay and the live stream.
     let live = core.live_events();
-    let last_seq = core.read(|j| j.last_seq()).await.map_err(super::journal_error)?;
+    let last_seq = core
+        .read(|j| j.last_seq())
+        .await
+        .map_err(super::journal_error)?;
     let sub = core.next_sub_id();
-    let forward = Forwarder { sub, job, out: conn.out.clone(), last: since_seq };
+    let forward = Forwarder {
+        sub,
+        job,
+        out: conn.out.clone(),
+        last: since_seq,
+    };
     let handle = tokio::spawn(forward.run(core.clone(), live));
     conn.subs.insert(sub, handle.abort_handle());
     Ok(Response::Subscribed { sub, last_seq })
@@ -31,7 +47,10 @@ pub fn unsubscribe(conn: &mut Conn, sub: u64) -> Result<Response, WireError> {
             handle.abort();
             Ok(Response::Done)
         }
-        None => Err(WireError::new(ErrorCode::NotFound, format!("no subscription {sub} on this connection"))),
+        None => Err(WireError::new(
+            ErrorCode::NotFound,
+            format!("no subscription {sub} on this connection"),
+        )),
     }
 }
 
@@ -74,7 +93,10 @@ impl Forwarder {
     async fn catch_up(&mut self, core: &Core) -> Result<(), ()> {
         loop {
             let (since, job) = (self.last, self.job);
-            let batch = core.read(move |j| j.events_since(since, job, REPLAY_BATCH)).await.map_err(|_| ())?;
+            let batch = core
+                .read(move |j| j.events_since(since, job, REPLAY_BATCH))
+                .await
+                .map_err(|_| ())?;
             let done = batch.len() < REPLAY_BATCH;
             for event in batch {
                 self.send(event).await?;
@@ -87,8 +109,13 @@ impl Forwarder {
 
     async fn send(&mut self, event: Event) -> Result<(), ()> {
         let seq = event.seq;
-        let push = ServerFrame::Push(Push { sub: self.sub, event });
-        let bytes = frame::encode(&push).and_then(|b| frame::frame_bytes(&b)).map_err(|_| ())?;
+        let push = ServerFrame::Push(Push {
+            sub: self.sub,
+            event,
+        });
+        let bytes = frame::encode(&push)
+            .and_then(|b| frame::frame_bytes(&b))
+            .map_err(|_| ())?;
         self.out.send(bytes).await.map_err(|_| ())?;
         self.last = seq;
         Ok(())
