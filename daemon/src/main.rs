@@ -41,6 +41,28 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Internal: greedily complete a prompt with a base model (HF dir or GGUF file), for checks and benches.
+    #[command(hide = true)]
+    Generate {
+        /// HF model directory or .gguf file.
+        #[arg(long)]
+        model: PathBuf,
+        /// The user message (rendered with the model's chat template unless --raw).
+        #[arg(long)]
+        prompt: String,
+        /// Tokens to generate at most.
+        #[arg(long, default_value_t = 64)]
+        max_new: usize,
+        /// Feed the prompt as-is, without the chat template.
+        #[arg(long)]
+        raw: bool,
+        /// PEFT LoRA adapter directory to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// cpu, auto or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Write a random-initialised tiny Llama in HF layout (for tests and the demo).
     MakeTinyModel {
         /// Output directory.
@@ -76,6 +98,38 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Demo { dir }) => lorad::demo::run(dir),
+        Some(Command::Generate {
+            model,
+            prompt,
+            max_new,
+            raw,
+            adapter,
+            device,
+        }) => {
+            let req = lorad::generate::GenerateRequest {
+                model,
+                prompt,
+                max_new,
+                raw,
+                adapter,
+                device,
+            };
+            let out = lorad::generate::generate(&req)?;
+            println!(
+                "--- prompt ({} tokens)\n{}",
+                out.prompt_tokens, out.prompt_text
+            );
+            println!(
+                "--- completion ({} tokens)\n{}",
+                out.completion_ids.len(),
+                out.completion
+            );
+            println!(
+                "--- load {:.1} s, {:.2} tokens/s (greedy, no KV cache)",
+                out.load_s, out.tokens_per_s
+            );
+            Ok(())
+        }
         None => serve(cli),
     }
 }

@@ -4,15 +4,18 @@
 //! plain synchronous candle code that knows nothing about the daemon: `train::train` takes a task and a
 //! callback and returns when the adapter is written.
 pub mod adapter;
+pub mod chat_template;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod gguf;
 pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod process;
 pub mod rope;
+pub mod source;
 pub mod tiny;
 pub mod train;
 pub mod weights;

@@ -8,8 +8,9 @@ use super::error::EngineError;
 use super::lora::{LoraConfig, LoraLinear, LoraPair};
 use super::ops::{apply_rope, frozen_linear, nll_sum, rms_norm, softmax_last};
 pub use super::rope::Rope;
-use super::weights;
-use candle_core::{DType, Device, Result, Tensor, Var};
+pub use super::source::check_model;
+use super::source::ModelSource;
+use candle_core::{Device, Result, Tensor, Var};
 use lorad_schema::TARGET_MODULES;
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
@@ -140,18 +141,29 @@ impl Weights<'_> {
 }
 
 impl Llama {
-    /// Loads the model in `dir` (config.json + safetensors) with LoRA pairs initialised from `init_rng`
-    /// on the target modules, for sequences of at most `max_len` tokens.
+    /// Loads the model at `path` (an HF directory or a GGUF file) with LoRA pairs initialised from
+    /// `init_rng` on the target modules, for sequences of at most `max_len` tokens.
     pub fn load(
-        dir: &Path,
+        path: &Path,
         lora: &LoraConfig,
         init_rng: &mut ChaCha8Rng,
         max_len: usize,
         device: &Device,
     ) -> std::result::Result<Self, EngineError> {
-        let cfg = ModelConfig::load(dir)?;
-        let tensors = weights::load_weights(dir, device, DType::F32)?;
-        Self::from_tensors(cfg, tensors, dir, lora, init_rng, max_len, device)
+        Self::from_source(&ModelSource::open(path)?, lora, init_rng, max_len, device)
+    }
+
+    /// Loads the weights of an opened model source (see `load`).
+    pub fn from_source(
+        source: &ModelSource,
+        lora: &LoraConfig,
+        init_rng: &mut ChaCha8Rng,
+        max_len: usize,
+        device: &Device,
+    ) -> std::result::Result<Self, EngineError> {
+        let tensors = source.tensors(device)?;
+        let cfg = source.config().clone();
+        Self::from_tensors(cfg, tensors, source.path(), lora, init_rng, max_len, device)
     }
 
     /// Builds the model from already loaded tensors (HF names); `path` is used in error messages.
@@ -296,6 +308,15 @@ impl Llama {
             t,
             self.cfg.vocab_size,
         ))
+    }
+
+    /// Logits `[b, vocab]` of the last position only: what greedy generation needs, without the
+    /// `[t, vocab]` product for every earlier position.
+    pub fn last_logits(&self, ids: &Tensor) -> Result<Tensor> {
+        let h = self.hidden(ids, None)?;
+        let t = h.dim(1)?;
+        let last = h.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?;
+        frozen_linear(&last, &self.lm_head, None)
     }
 
     /// Summed next-token NLL: `positions` (u32, flat indices into `b * t`) are the positions whose

@@ -1,6 +1,8 @@
 //! Tests of the forward pass on the tiny model.
 use super::*;
 use crate::worker::tiny::make_tiny_model;
+use crate::worker::weights;
+use candle_core::DType;
 use rand::SeedableRng;
 
 fn lora(targets: &[&str]) -> LoraConfig {

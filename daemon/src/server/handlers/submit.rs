@@ -51,10 +51,10 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
         settings.max_seq_len,
     );
     let examples = tokio::task::spawn_blocking(move || -> Result<usize, String> {
-        let config = crate::worker::model::check_model_dir(Path::new(&model)).map_err(|e| e.to_string())?;
+        let config = crate::worker::source::check_model(Path::new(&model)).map_err(|e| e.to_string())?;
         if max_seq_len as usize > config.max_position_embeddings {
             return Err(format!(
-                "setting 'max_seq_len': {max_seq_len} is longer than the model's context ({} tokens, max_position_embeddings in {model}/config.json)",
+                "setting 'max_seq_len': {max_seq_len} is longer than the model's context ({} tokens: max_position_embeddings in config.json, <arch>.context_length in a GGUF file; {model})",
                 config.max_position_embeddings
             ));
         }
