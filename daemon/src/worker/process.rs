@@ -75,7 +75,7 @@ pub fn run() -> Result<i32, WorkerError> {
                 adapter_dir: task.adapter_dir.display().to_string(),
                 steps: summary.steps,
             });
-            tracing::info!(adapter = %task.adapter_dir.display(), "training finished");
+            tracing::info!(adapter = %task.adapter_dir.display(), peak_rss_mb = peak_rss_mb(), "training finished");
             Ok(0)
         }
         Err(e) => {
@@ -86,4 +86,11 @@ pub fn run() -> Result<i32, WorkerError> {
             Ok(1)
         }
     }
+}
+
+/// The process's peak resident set size in MiB (getrusage; Linux reports KiB).
+fn peak_rss_mb() -> f64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .map(|u| u.max_rss() as f64 / 1024.0)
+        .unwrap_or(0.0)
 }
