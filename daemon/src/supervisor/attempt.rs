@@ -95,6 +95,7 @@ pub async fn spawn(core: &Core, job: &JobRecord) -> Result<Running, SpawnError> 
         adapter_dir: PathBuf::from(&job.output_dir),
         job_dir,
         settings: job.settings.clone(),
+        resume_from: None,
     };
     frame::write_msg_async(&mut control, &ToWorker::Train { task }).await?;
 
@@ -209,6 +210,12 @@ async fn handle(
         FromWorker::Train {
             event: TrainEvent::Phase { .. },
         } => Ok(()),
+        FromWorker::Train {
+            event: TrainEvent::Checkpoint { step, path },
+        } => {
+            tracing::info!(job = %id, step, path = %path.display(), "checkpoint written");
+            Ok(())
+        }
         FromWorker::Train {
             event: TrainEvent::Plan { total_steps, .. },
         } => core

@@ -66,11 +66,6 @@ pub fn save_adapter(
     lora: &LoraConfig,
     base_model: &Path,
 ) -> Result<(), EngineError> {
-    let mut tensors = BTreeMap::new();
-    for (module, pair) in model.lora_modules() {
-        tensors.insert(peft_key(&module, 'A'), pair.a.as_tensor().clone());
-        tensors.insert(peft_key(&module, 'B'), pair.b.as_tensor().clone());
-    }
     if let Some(parent) = dir.parent() {
         std::fs::create_dir_all(parent).map_err(|e| EngineError::io(parent, e))?;
     }
@@ -79,10 +74,7 @@ pub fn save_adapter(
         std::fs::remove_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
-    save_tensors(&tmp.join(WEIGHTS_FILE), &tensors)?;
-    let config =
-        serde_json::to_string_pretty(&adapter_config_json(lora, base_model)).unwrap_or_default();
-    write_text(&tmp.join(CONFIG_FILE), &(config + "\n"))?;
+    write_adapter_files(&tmp, model, lora, base_model)?;
     sync_dir(&tmp)?;
     if dir.exists() {
         let old = dir.with_file_name(format!(
@@ -104,8 +96,27 @@ pub fn save_adapter(
     Ok(())
 }
 
+/// Writes the adapter's two files into the existing directory `dir` (no fsync, no rename): the part of
+/// `save_adapter` that checkpoints share, so a checkpoint is itself a loadable adapter.
+pub fn write_adapter_files(
+    dir: &Path,
+    model: &Llama,
+    lora: &LoraConfig,
+    base_model: &Path,
+) -> Result<(), EngineError> {
+    let mut tensors = BTreeMap::new();
+    for (module, pair) in model.lora_modules() {
+        tensors.insert(peft_key(&module, 'A'), pair.a.as_tensor().clone());
+        tensors.insert(peft_key(&module, 'B'), pair.b.as_tensor().clone());
+    }
+    save_tensors(&dir.join(WEIGHTS_FILE), &tensors)?;
+    let config =
+        serde_json::to_string_pretty(&adapter_config_json(lora, base_model)).unwrap_or_default();
+    write_text(&dir.join(CONFIG_FILE), &(config + "\n"))
+}
+
 /// fsyncs the files of `dir` and `dir` itself, so the rename that follows publishes complete data.
-fn sync_dir(dir: &Path) -> Result<(), EngineError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), EngineError> {
     let entries = std::fs::read_dir(dir).map_err(|e| EngineError::io(dir, e))?;
     for entry in entries {
         let path = entry.map_err(|e| EngineError::io(dir, e))?.path();

@@ -188,6 +188,28 @@ pub struct Batch {
     pub epoch_end: bool,
 }
 
+/// Where a loader stands: the epoch and the index of the next example in that epoch's shuffled order.
+/// Saved in checkpoints; `Loader::seek` restores it in O(epoch length), whatever the step number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataPosition {
+    /// 0-based epoch.
+    pub epoch: u64,
+    /// Examples of this epoch already handed out.
+    pub index: u64,
+}
+
+/// A position that cannot exist for this data (a checkpoint of another dataset).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("data position {index} of epoch {epoch} is past the {len} examples of an epoch")]
+pub struct SeekError {
+    /// The epoch asked for.
+    pub epoch: u64,
+    /// The index asked for.
+    pub index: u64,
+    /// Examples per epoch.
+    pub len: usize,
+}
+
 /// Domain-separation constant for the data-order generator (distinct from init and dropout streams).
 const SHUFFLE_SALT: u64 = 0x5348_5546_464c_4521;
 
@@ -245,6 +267,31 @@ impl Loader {
     /// Epochs done, fractional.
     pub fn epoch_progress(&self) -> f64 {
         self.epoch as f64 + self.pos as f64 / self.examples.len().max(1) as f64
+    }
+
+    /// The position of the next example to be handed out.
+    pub fn position(&self) -> DataPosition {
+        DataPosition {
+            epoch: self.epoch,
+            index: self.pos as u64,
+        }
+    }
+
+    /// Moves to `to` without reading the examples before it: the epoch's order is recomputed from the
+    /// seed, so the cost does not grow with the step number.
+    pub fn seek(&mut self, to: DataPosition) -> Result<(), SeekError> {
+        let index = usize::try_from(to.index).unwrap_or(usize::MAX);
+        if index > self.examples.len() {
+            return Err(SeekError {
+                epoch: to.epoch,
+                index: to.index,
+                len: self.examples.len(),
+            });
+        }
+        self.order = self.shuffled(to.epoch);
+        self.epoch = to.epoch;
+        self.pos = index;
+        Ok(())
     }
 
     /// The next micro-batch; after an epoch's last batch the next epoch starts with a new shuffle.

@@ -62,6 +62,22 @@ pub enum EngineError {
     /// A tensor operation failed (shape mismatch, device error, out of memory).
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A checkpoint file is missing, unreadable or inconsistent; `path` is the file at fault.
+    #[error("checkpoint file {}: {detail}", path.display())]
+    Checkpoint {
+        /// The file (or checkpoint directory) at fault.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A resume was refused because something that affects the math differs from the checkpoint's run.
+    #[error("cannot resume from {}: {}", checkpoint.display(), changes.join("; "))]
+    ResumeMismatch {
+        /// The checkpoint directory.
+        checkpoint: PathBuf,
+        /// One line per difference, naming the setting, dataset or model.
+        changes: Vec<String>,
+    },
     /// Training diverged: the loss is no longer a finite number.
     #[error("training diverged at step {step}: loss is {loss}; lower lr or enable grad_clip")]
     Diverged {
@@ -84,6 +100,14 @@ impl EngineError {
     /// A `Model` error for `path`.
     pub fn model(path: impl Into<PathBuf>, detail: impl Into<String>) -> Self {
         EngineError::Model {
+            path: path.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// A `Checkpoint` error for the file `path`.
+    pub fn checkpoint(path: impl Into<PathBuf>, detail: impl Into<String>) -> Self {
+        EngineError::Checkpoint {
             path: path.into(),
             detail: detail.into(),
         }

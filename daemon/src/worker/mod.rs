@@ -5,9 +5,11 @@
 //! callback and returns when the adapter is written.
 pub mod adapter;
 pub mod chat_template;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod fingerprint;
 pub mod gguf;
 pub mod lora;
 pub mod model;
@@ -35,10 +37,13 @@ pub struct TrainTask {
     pub dataset: PathBuf,
     /// Where the final adapter (PEFT layout) is written.
     pub adapter_dir: PathBuf,
-    /// `<state_dir>/jobs/<id>`: scratch space (checkpoints later).
+    /// `<state_dir>/jobs/<id>`: checkpoints go to its `checkpoints/`.
     pub job_dir: PathBuf,
     /// Resolved settings.
     pub settings: TrainSettings,
+    /// A checkpoint directory (`<job_dir>/checkpoints/step-<N>`) to continue from at step N+1.
+    #[serde(default)]
+    pub resume_from: Option<PathBuf>,
 }
 
 /// What the engine reports while it trains.
@@ -63,6 +68,13 @@ pub enum TrainEvent {
     Step {
         /// Its metrics.
         point: MetricPoint,
+    },
+    /// A checkpoint is complete on disk (renamed into place), so a restart can resume from `step`.
+    Checkpoint {
+        /// The optimizer step it holds.
+        step: u64,
+        /// `<job_dir>/checkpoints/step-<N>`.
+        path: PathBuf,
     },
 }
 

@@ -56,6 +56,36 @@ impl AdamW {
         (&self.m, &self.v)
     }
 
+    /// Replaces the moments and the step count with a checkpoint's, so that the next `step` is exactly
+    /// the one an uninterrupted run would take (bias correction depends on the count). Each moment must
+    /// have its parameter's shape; they are moved to the parameter's device.
+    pub fn restore(&mut self, m: Vec<Tensor>, v: Vec<Tensor>, steps: u64) -> Result<()> {
+        if m.len() != self.params.len() || v.len() != self.params.len() {
+            candle_core::bail!(
+                "AdamW: {}/{} moments for {} parameters",
+                m.len(),
+                v.len(),
+                self.params.len()
+            );
+        }
+        let mut moved = (Vec::with_capacity(m.len()), Vec::with_capacity(v.len()));
+        for ((p, m), v) in self.params.iter().zip(m).zip(v) {
+            if m.dims() != p.dims() || v.dims() != p.dims() {
+                candle_core::bail!(
+                    "AdamW: moments {:?}/{:?} for a parameter of shape {:?}",
+                    m.dims(),
+                    v.dims(),
+                    p.dims()
+                );
+            }
+            moved.0.push(m.to_dtype(p.dtype())?.to_device(p.device())?);
+            moved.1.push(v.to_dtype(p.dtype())?.to_device(p.device())?);
+        }
+        (self.m, self.v) = moved;
+        self.steps = steps;
+        Ok(())
+    }
+
     /// One update with `grads` (same order as the parameters) at learning rate `lr`, exactly as
     /// torch's single-tensor AdamW: decay, moments, bias correction, `p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)`.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
@@ -193,6 +223,36 @@ mod tests {
             "{v:?}"
         );
         assert_eq!(opt.steps(), 2);
+
+        // A fresh optimizer given step 1's moments and count takes the same second step.
+        let q = Var::from_slice(&[0.899f32, -2.098], 2, &Device::Cpu).unwrap();
+        let mut fresh = AdamW::new(vec![q.clone()], cfg).unwrap();
+        let mut first = AdamW::new(
+            vec![Var::from_slice(&[1f32, -2.0], 2, &Device::Cpu).unwrap()],
+            cfg,
+        )
+        .unwrap();
+        first
+            .step(
+                &[Tensor::from_slice(&[0.5f32, 0.1], 2, &Device::Cpu).unwrap()],
+                0.1,
+            )
+            .unwrap();
+        q.set(first.params[0].as_tensor()).unwrap();
+        let (m, v) = first.moments();
+        fresh.restore(m.to_vec(), v.to_vec(), 1).unwrap();
+        fresh
+            .step(
+                &[Tensor::from_slice(&[-0.3f32, 0.2], 2, &Device::Cpu).unwrap()],
+                0.1,
+            )
+            .unwrap();
+        assert_eq!(q.to_vec1::<f32>().unwrap(), p.to_vec1::<f32>().unwrap());
+        assert!(fresh
+            .restore(vec![], vec![], 1)
+            .unwrap_err()
+            .to_string()
+            .contains("0/0 moments for 1 parameters"));
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The training loop: load, plan, step, save. Synchronous; reports through a callback so it knows
 //! nothing about the daemon (the worker process forwards events over its control channel).
 use super::adapter::save_adapter;
+use super::checkpoint::{self, RngState, ScheduleState, Snapshot, TrainerState, DROPOUT_RNG};
 use super::data::{read_jsonl, Encoder, Loader, Tokenized};
 use super::error::EngineError;
+use super::fingerprint::Fingerprint;
 use super::lora::LoraConfig;
 use super::model::{check_model_dir, Llama};
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
@@ -103,15 +105,27 @@ pub fn train(
     if s.packing {
         tracing::warn!("packing is not implemented yet; examples are padded per batch instead");
     }
-    if s.checkpoint_every > 0 {
-        tracing::info!(
-            "intermediate checkpoints are not written yet; only the final adapter is saved"
-        );
-    }
     let cfg = check_model_dir(&task.base_model)?;
-    let max_len = (s.max_seq_len as usize)
-        .min(cfg.max_position_embeddings)
-        .max(2);
+    if s.max_seq_len as usize > cfg.max_position_embeddings {
+        return Err(EngineError::Setting {
+            field: "max_seq_len".into(),
+            detail: format!(
+                "{} is longer than the model's max_position_embeddings ({}); set max_seq_len to at most {}",
+                s.max_seq_len, cfg.max_position_embeddings, cfg.max_position_embeddings
+            ),
+        });
+    }
+    let max_len = s.max_seq_len as usize;
+    // The fingerprint is checked before anything heavy is loaded, so a refused resume fails fast.
+    let fingerprint = Fingerprint::of(task)?;
+    let resumed = match &task.resume_from {
+        Some(dir) => {
+            let loaded = checkpoint::load(dir)?;
+            fingerprint.check(&loaded.state.fingerprint, task, dir)?;
+            Some(loaded)
+        }
+        None => None,
+    };
 
     let examples = read_jsonl(&task.dataset)?;
     let encoder = Encoder::load(&task.base_model, &cfg, max_len)?;
@@ -145,6 +159,17 @@ pub fn train(
     let pad = cfg.eos_token_id.or(cfg.bos_token_id).unwrap_or(0);
     let mut loader = Loader::new(tokenized, s.batch_size as usize, s.seed, pad);
     let total = total_steps(s, n_examples);
+    if let Some(r) = &resumed {
+        if r.state.total_steps != total {
+            return Err(EngineError::checkpoint(
+                r.dir.join(checkpoint::STATE_FILE),
+                format!(
+                    "the checkpoint's run planned {} steps, this one plans {total}",
+                    r.state.total_steps
+                ),
+            ));
+        }
+    }
     tracing::info!(total_steps = total, examples = n_examples, trainable_params, device = ?device, "training plan");
     on_event(TrainEvent::Plan {
         total_steps: total,
@@ -152,9 +177,6 @@ pub fn train(
         trainable_params,
     });
 
-    on_event(TrainEvent::Phase {
-        phase: Phase::Training,
-    });
     let adam = AdamWConfig {
         beta1: s.adam_beta1,
         beta2: s.adam_beta2,
@@ -170,7 +192,19 @@ pub fn train(
     };
     let mut dropout_rng = rng_for(s.seed, DROPOUT_STREAM);
     let mut losses = Vec::with_capacity(total as usize);
-    for step in 1..=total {
+    let mut start = 1;
+    if let Some(r) = &resumed {
+        dropout_rng = r.apply(&model, &mut opt, &mut loader)?;
+        losses.extend_from_slice(&r.state.losses);
+        start = r.state.step + 1;
+        tracing::info!(checkpoint = %r.dir.display(), step = r.state.step, "resumed");
+    }
+    on_event(TrainEvent::Phase {
+        phase: Phase::Training,
+    });
+    // The step whose checkpoint is on disk: the resumed one needs no second copy at the end.
+    let mut saved = start - 1;
+    for step in start..=total {
         let started = Instant::now();
         // The step's micro-batches: grad_accum of them, fewer at the end of an epoch.
         let mut batches = Vec::with_capacity(s.grad_accum as usize);
@@ -241,11 +275,41 @@ pub fn train(
             "step"
         );
         on_event(TrainEvent::Step { point });
+
+        if s.checkpoint_every > 0 && step % s.checkpoint_every == 0 && step < total {
+            let state = trainer_state(
+                step,
+                &loader,
+                s.seed,
+                &dropout_rng,
+                &schedule,
+                &losses,
+                &fingerprint,
+            );
+            write_checkpoint(task, &model, &lora, &opt, state, on_event)?;
+            saved = step;
+            on_event(TrainEvent::Phase {
+                phase: Phase::Training,
+            });
+        }
     }
 
-    on_event(TrainEvent::Phase {
-        phase: Phase::Saving,
-    });
+    if saved != total {
+        let state = trainer_state(
+            total,
+            &loader,
+            s.seed,
+            &dropout_rng,
+            &schedule,
+            &losses,
+            &fingerprint,
+        );
+        write_checkpoint(task, &model, &lora, &opt, state, on_event)?;
+    } else {
+        on_event(TrainEvent::Phase {
+            phase: Phase::Saving,
+        });
+    }
     save_adapter(&task.adapter_dir, &model, &lora, &task.base_model)?;
     tracing::info!(adapter = %task.adapter_dir.display(), steps = total, "adapter saved");
     Ok(TrainSummary {
@@ -256,6 +320,57 @@ pub fn train(
         trainable_params,
         adapter_dir: task.adapter_dir.clone(),
     })
+}
+
+/// The trainer's state after `step` (everything but weights and moments, which `Snapshot` borrows).
+fn trainer_state(
+    step: u64,
+    loader: &Loader,
+    seed: u64,
+    dropout_rng: &ChaCha8Rng,
+    schedule: &LrSchedule,
+    losses: &[f64],
+    fingerprint: &Fingerprint,
+) -> TrainerState {
+    TrainerState {
+        format: checkpoint::FORMAT,
+        step,
+        total_steps: schedule.total,
+        epoch: loader.epoch_progress(),
+        data: loader.position(),
+        rng: vec![RngState::capture(DROPOUT_RNG, seed, dropout_rng)],
+        schedule: ScheduleState::at(schedule, step),
+        losses: losses.to_vec(),
+        fingerprint: fingerprint.clone(),
+    }
+}
+
+/// Writes a checkpoint of `state`, reporting the Saving phase before it and a Checkpoint event once it
+/// is on disk.
+fn write_checkpoint(
+    task: &TrainTask,
+    model: &Llama,
+    lora: &LoraConfig,
+    optimizer: &AdamW,
+    state: TrainerState,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<(), EngineError> {
+    on_event(TrainEvent::Phase {
+        phase: Phase::Saving,
+    });
+    let started = Instant::now();
+    let step = state.step;
+    let snap = Snapshot {
+        model,
+        lora,
+        base_model: &task.base_model,
+        optimizer,
+        state,
+    };
+    let path = checkpoint::save(&task.job_dir, task.settings.keep_checkpoints, &snap)?;
+    tracing::info!(step, path = %path.display(), ms = started.elapsed().as_millis() as u64, "checkpoint written");
+    on_event(TrainEvent::Checkpoint { step, path });
+    Ok(())
 }
 
 /// Mean next-token loss of `model` over `data` without dropout (evaluation), averaged over all target
@@ -287,4 +402,4 @@ pub fn mean_loss(model: &Llama, data: &[Tokenized]) -> Result<f64, EngineError> 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #[path = "train_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -74,6 +74,7 @@ impl Fixture {
             adapter_dir: root.join(out),
             job_dir: root.join("job"),
             settings,
+            resume_from: None,
         }
     }
 }
@@ -191,7 +192,8 @@ fn loss_decreases_and_adapter_is_peft_shaped() {
         "loss fell from {first:.3} to {last:.3} (need -30%): {l:?}"
     );
 
-    // Events: Loading, Plan, Training, one Step per optimizer step with sane metrics, Saving.
+    // Events: Loading, Plan, Training, one Step per optimizer step with sane metrics, Saving, and the
+    // final checkpoint.
     assert!(matches!(
         events[0],
         TrainEvent::Phase {
@@ -240,12 +242,18 @@ fn loss_decreases_and_adapter_is_peft_shaped() {
     assert!(steps
         .iter()
         .all(|p| p.grad_norm.is_some_and(|g| g > 0.0) && p.tokens_per_s > 0.0 && p.lr == 0.003));
+    let n = events.len();
     assert!(matches!(
-        events.last(),
-        Some(TrainEvent::Phase {
+        events[n - 2],
+        TrainEvent::Phase {
             phase: Phase::Saving
-        })
+        }
     ));
+    assert!(
+        matches!(&events[n - 1], TrainEvent::Checkpoint { step: 40, path } if path.ends_with("step-40")),
+        "{:?}",
+        events[n - 1]
+    );
 
     // The adapter: PEFT key names and shapes, config fields, and it reproduces the trained model.
     let adapter = load_adapter(&task.adapter_dir).unwrap();
@@ -458,6 +466,7 @@ fn peft_fixture() {
         adapter_dir: out.join("adapter"),
         job_dir: out.join("job"),
         settings: fast_settings(),
+        resume_from: None,
     };
     let summary = train(&task, &mut |_| {}).unwrap();
     let cfg = check_model_dir(&model_dir).unwrap();

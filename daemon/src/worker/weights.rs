@@ -108,6 +108,15 @@ impl safetensors::View for &F32View {
 /// Writes `tensors` as f32 to `path` with the `{"format": "pt"}` metadata transformers expects, through
 /// a temporary file renamed into place.
 pub fn save_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<(), EngineError> {
+    save_tensors_with_metadata(path, tensors, &[])
+}
+
+/// `save_tensors` with extra header metadata (e.g. the optimizer step count in a checkpoint).
+pub fn save_tensors_with_metadata(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    extra: &[(&str, String)],
+) -> Result<(), EngineError> {
     let mut views = BTreeMap::new();
     for (name, t) in tensors {
         let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -120,7 +129,8 @@ pub fn save_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<(
             },
         );
     }
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let mut metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    metadata.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
     let tmp = tmp_sibling(path);
     safetensors::serialize_to_file(
         views.iter().map(|(k, v)| (k.as_str(), v)),
