@@ -38,12 +38,15 @@ pub struct GenerateRequest {
 pub struct Generated {
     /// The text the model was given (after the chat template).
     pub prompt_text: String,
-    /// Prompt tokens.
-    pub prompt_tokens: usize,
+    /// The prompt's token ids (BOS included when the model wants one).
+    pub prompt_ids: Vec<u32>,
     /// The generated text (special tokens skipped).
     pub completion: String,
     /// Generated token ids (the stop token included when one was produced).
     pub completion_ids: Vec<u32>,
+    /// The five largest logits at the prompt's last position (id, logit): to compare with a reference
+    /// implementation, which greedy ids alone do only coarsely.
+    pub first_top5: Vec<(u32, f32)>,
     /// Seconds spent loading the model.
     pub load_s: f64,
     /// Generated tokens per second.
@@ -77,8 +80,8 @@ pub fn generate(req: &GenerateRequest) -> Result<Generated, EngineError> {
             .map_err(|e| tok_err(e.to_string()))?
             .get_ids(),
     );
-    let prompt_tokens = ids.len();
-    let max_len = (prompt_tokens + req.max_new).min(source.config().max_position_embeddings);
+    let prompt_ids = ids.clone();
+    let max_len = (prompt_ids.len() + req.max_new).min(source.config().max_position_embeddings);
 
     let adapter = req.adapter.as_deref().map(load_adapter).transpose()?;
     let lora = match &adapter {
@@ -101,9 +104,14 @@ pub fn generate(req: &GenerateRequest) -> Result<Generated, EngineError> {
     let stop = [tok.special.eos].into_iter().flatten().collect::<Vec<_>>();
     let gen_started = Instant::now();
     let mut completion_ids = Vec::new();
+    let mut first_top5 = Vec::new();
     while ids.len() < max_len {
         let input = Tensor::from_slice(&ids, (1, ids.len()), &device)?;
-        let next = model.last_logits(&input)?.argmax(1)?.to_vec1::<u32>()?;
+        let logits = model.last_logits(&input)?;
+        if first_top5.is_empty() {
+            first_top5 = top_k(&logits, 5)?;
+        }
+        let next = logits.argmax(1)?.to_vec1::<u32>()?;
         let Some(&next) = next.first() else { break };
         ids.push(next);
         completion_ids.push(next);
@@ -118,10 +126,20 @@ pub fn generate(req: &GenerateRequest) -> Result<Generated, EngineError> {
         .map_err(|e| tok_err(e.to_string()))?;
     Ok(Generated {
         prompt_text,
-        prompt_tokens,
+        prompt_ids,
         tokens_per_s: completion_ids.len() as f64 / secs,
         completion,
         completion_ids,
+        first_top5,
         load_s,
     })
+}
+
+/// The `k` largest entries of logits `[1, vocab]`, largest first.
+fn top_k(logits: &Tensor, k: usize) -> Result<Vec<(u32, f32)>, EngineError> {
+    let row = logits.flatten_all()?.to_vec1::<f32>()?;
+    let mut pairs: Vec<(u32, f32)> = (0u32..).zip(row).collect();
+    pairs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    pairs.truncate(k);
+    Ok(pairs)
 }

@@ -117,13 +117,17 @@ fn main() -> anyhow::Result<()> {
             let out = lorad::generate::generate(&req)?;
             println!(
                 "--- prompt ({} tokens)\n{}",
-                out.prompt_tokens, out.prompt_text
+                out.prompt_ids.len(),
+                out.prompt_text
             );
             println!(
                 "--- completion ({} tokens)\n{}",
                 out.completion_ids.len(),
                 out.completion
             );
+            println!("--- prompt ids {:?}", out.prompt_ids);
+            println!("--- completion ids {:?}", out.completion_ids);
+            println!("--- top5 last-position logits {:?}", out.first_top5);
             println!(
                 "--- load {:.1} s, {:.2} tokens/s (greedy, no KV cache)",
                 out.load_s, out.tokens_per_s
