@@ -78,6 +78,9 @@ pub enum EngineError {
         /// One line per difference, naming the setting, dataset or model.
         changes: Vec<String>,
     },
+    /// The data pipeline's threads failed (could not start, or one panicked on some input).
+    #[error("data pipeline: {0}")]
+    Pipeline(String),
     /// Training diverged: the loss is no longer a finite number.
     #[error("training diverged at step {step}: loss is {loss}; lower lr or enable grad_clip")]
     Diverged {

@@ -2,7 +2,7 @@
 //! nothing about the daemon (the worker process forwards events over its control channel).
 use super::adapter::save_adapter;
 use super::checkpoint::{self, RngState, ScheduleState, Snapshot, TrainerState, DROPOUT_RNG};
-use super::data::{read_jsonl, Encoder, Loader, Tokenized};
+use super::data::{DataSource, Encoder, JsonlSource, Loader, LoaderOptions, Tokenized};
 use super::error::EngineError;
 use super::fingerprint::Fingerprint;
 use super::lora::LoraConfig;
@@ -102,9 +102,6 @@ pub fn train(
     if s.dtype != DType::F32 {
         tracing::warn!(dtype = ?s.dtype, "only f32 training is implemented yet; training in f32");
     }
-    if s.packing {
-        tracing::warn!("packing is not implemented yet; examples are padded per batch instead");
-    }
     let cfg = check_model_dir(&task.base_model)?;
     if s.max_seq_len as usize > cfg.max_position_embeddings {
         return Err(EngineError::Setting {
@@ -127,25 +124,18 @@ pub fn train(
         None => None,
     };
 
-    let examples = read_jsonl(&task.dataset)?;
-    let encoder = Encoder::load(&task.base_model, &cfg, max_len)?;
-    let mut tokenized = encoder.encode(&examples)?;
-    let before = tokenized.len();
-    tokenized.retain(|t| t.trained.iter().any(|&b| b));
-    if tokenized.len() < before {
-        tracing::warn!(
-            skipped = before - tokenized.len(),
-            "examples with no token to predict were skipped"
-        );
-    }
-    if tokenized.is_empty() {
-        return Err(EngineError::dataset(
-            &task.dataset,
-            None,
-            "no example has a token to train on",
-        ));
-    }
-    let n_examples = tokenized.len();
+    // Dataset errors (format, chat template) surface here, before the weights are read.
+    let encoder =
+        Encoder::load_hf(&task.base_model, &cfg, max_len)?.with_train_on_inputs(s.train_on_inputs);
+    let pad = cfg.eos_token_id.or(cfg.bos_token_id).unwrap_or(0);
+    let source: std::sync::Arc<dyn DataSource> =
+        std::sync::Arc::new(JsonlSource::open(&task.dataset)?);
+    let mut loader = Loader::from_source(
+        source,
+        std::sync::Arc::new(encoder),
+        &LoaderOptions::from_settings(s, pad),
+    )?;
+    let n_examples = loader.len();
     let lora = LoraConfig::from_settings(s);
     let model = Llama::load(
         &task.base_model,
@@ -156,8 +146,6 @@ pub fn train(
     )?;
     let vars = model.trainable_vars();
     let trainable_params: u64 = vars.iter().map(|v| v.elem_count() as u64).sum();
-    let pad = cfg.eos_token_id.or(cfg.bos_token_id).unwrap_or(0);
-    let mut loader = Loader::new(tokenized, s.batch_size as usize, s.seed, pad);
     let total = total_steps(s, n_examples);
     if let Some(r) = &resumed {
         if r.state.total_steps != total {
@@ -227,6 +215,10 @@ pub fn train(
             .collect::<candle_core::Result<_>>()?;
         let mut loss_sum = 0.0;
         for b in &batches {
+            // Every example of this batch was cut before its completion: nothing to learn from it.
+            if b.targets == 0 {
+                continue;
+            }
             let loss = model.loss_sum(&b.ids, &b.positions, &b.labels, Some(&mut dropout_rng))?;
             loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             let store = (loss / targets.max(1) as f64)?.backward()?;

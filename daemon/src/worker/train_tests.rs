@@ -2,7 +2,7 @@
 //! determinism, and the adapter on disk.
 use super::*;
 use crate::worker::adapter::{load_adapter, peft_key};
-use crate::worker::data::Loader;
+use crate::worker::data::{read_jsonl, Loader};
 use crate::worker::tiny::make_tiny_model;
 use lorad_schema::JobId;
 use std::path::{Path, PathBuf};
@@ -114,7 +114,7 @@ fn every_lora_matrix_of_every_layer_gets_a_gradient() {
     .unwrap();
     assert_eq!(model.lora_modules().len(), 7 * cfg.num_hidden_layers);
     let examples = read_jsonl(&task.dataset).unwrap();
-    let tokenized = Encoder::load(&task.base_model, &cfg, 64)
+    let tokenized = Encoder::load_hf(&task.base_model, &cfg, 64)
         .unwrap()
         .encode(&examples)
         .unwrap();
@@ -393,7 +393,7 @@ fn base_weights_are_bit_identical_after_training_steps() {
         .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
         .collect();
     let examples = read_jsonl(&task.dataset).unwrap();
-    let tokenized = Encoder::load(&task.base_model, &cfg, 64)
+    let tokenized = Encoder::load_hf(&task.base_model, &cfg, 64)
         .unwrap()
         .encode(&examples)
         .unwrap();
@@ -471,7 +471,7 @@ fn peft_fixture() {
     let summary = train(&task, &mut |_| {}).unwrap();
     let cfg = check_model_dir(&model_dir).unwrap();
     let examples = read_jsonl(&task.dataset).unwrap();
-    let data = Encoder::load(&model_dir, &cfg, 64)
+    let data = Encoder::load_hf(&model_dir, &cfg, 64)
         .unwrap()
         .encode(&examples)
         .unwrap();
