@@ -72,6 +72,12 @@ impl ModelSource {
         if gguf::is_gguf(path) {
             return Ok(ModelSource::Gguf(GgufModel::open(path)?));
         }
+        if !path.exists() {
+            return Err(EngineError::model(
+                path,
+                "does not exist (expected an HF model directory or a GGUF file)",
+            ));
+        }
         if path.is_file() {
             return Err(EngineError::model(
                 path,

@@ -17,7 +17,9 @@ pub struct Fixture {
     pub matrices: GgmlDType,
     /// Type of the embedding (which is also the tied LM head).
     pub embedding: GgmlDType,
-    /// Apply llama.cpp's Q/K permutation (the converter always does for `llama`).
+    /// `general.architecture` and the prefix of the model's metadata keys.
+    pub arch: &'static str,
+    /// Apply llama.cpp's Q/K permutation (the converter does for `llama`, not for `qwen2`).
     pub permute: bool,
     /// Metadata to change (`Some`) or drop (`None`).
     pub meta: Vec<(&'static str, Option<gguf_file::Value>)>,
@@ -30,6 +32,7 @@ impl Default for Fixture {
         Fixture {
             matrices: GgmlDType::F32,
             embedding: GgmlDType::F32,
+            arch: "llama",
             permute: true,
             meta: vec![],
             drop: vec![],
@@ -106,33 +109,27 @@ pub fn tokenizer_meta(dir: &Path) -> Vec<(String, gguf_file::Value)> {
 pub fn write_gguf(dir: &Path, out: &Path, fx: &Fixture) {
     use gguf_file::Value as V;
     let tensors = load_weights(dir, &Device::Cpu, DType::F32).unwrap();
-    let mut meta: Vec<(String, V)> = vec![
-        ("general.architecture".into(), V::String("llama".into())),
-        ("llama.embedding_length".into(), V::U32(tiny::HIDDEN as u32)),
-        ("llama.block_count".into(), V::U32(tiny::LAYERS as u32)),
+    let arch = fx.arch;
+    let model_meta: [(&str, V); 9] = [
+        ("embedding_length", V::U32(tiny::HIDDEN as u32)),
+        ("block_count", V::U32(tiny::LAYERS as u32)),
+        ("feed_forward_length", V::U32(tiny::INTERMEDIATE as u32)),
+        ("attention.head_count", V::U32(tiny::HEADS as u32)),
+        ("attention.head_count_kv", V::U32(tiny::KV_HEADS as u32)),
+        ("attention.layer_norm_rms_epsilon", V::F32(1e-5)),
+        ("rope.freq_base", V::F32(10000.0)),
         (
-            "llama.feed_forward_length".into(),
-            V::U32(tiny::INTERMEDIATE as u32),
-        ),
-        (
-            "llama.attention.head_count".into(),
-            V::U32(tiny::HEADS as u32),
-        ),
-        (
-            "llama.attention.head_count_kv".into(),
-            V::U32(tiny::KV_HEADS as u32),
-        ),
-        (
-            "llama.attention.layer_norm_rms_epsilon".into(),
-            V::F32(1e-5),
-        ),
-        ("llama.rope.freq_base".into(), V::F32(10000.0)),
-        (
-            "llama.rope.dimension_count".into(),
+            "rope.dimension_count",
             V::U32((tiny::HIDDEN / tiny::HEADS) as u32),
         ),
-        ("llama.context_length".into(), V::U32(tiny::MAX_POS as u32)),
+        ("context_length", V::U32(tiny::MAX_POS as u32)),
     ];
+    let mut meta: Vec<(String, V)> = vec![("general.architecture".into(), V::String(arch.into()))];
+    meta.extend(
+        model_meta
+            .into_iter()
+            .map(|(k, v)| (format!("{arch}.{k}"), v)),
+    );
     meta.extend(tokenizer_meta(dir));
     for (key, value) in &fx.meta {
         meta.retain(|(k, _)| k != key);

@@ -150,3 +150,23 @@ fn quantized_weights_dequantize_within_the_format_bound() {
         );
     }
 }
+
+#[test]
+fn qwen2_gguf_keeps_hf_row_order() {
+    let root = tiny_dir();
+    let hf = root.path().join("hf");
+    let gguf = root.path().join("qwen2.gguf");
+    // llama.cpp converts Qwen2 without the Q/K permutation (its ggml RoPE is the NeoX one).
+    let fx = Fixture {
+        arch: "qwen2",
+        permute: false,
+        ..Fixture::default()
+    };
+    write_gguf(&hf, &gguf, &fx);
+    let cfg = check_model(&gguf).unwrap();
+    assert_eq!(cfg.model_type.as_deref(), Some("qwen2"));
+    let ids = Tensor::new(&[[0u32, 17, 250, 33, 901]], &Device::Cpu).unwrap();
+    let want = load(&hf).logits(&ids).unwrap();
+    let got = load(&gguf).logits(&ids).unwrap();
+    assert!(max_abs_diff(&want, &got) < 1e-6);
+}

@@ -154,3 +154,44 @@ fn unknown_tensor_type_is_named() {
     let e = check_model(&junk).err().unwrap().to_string();
     assert!(e.contains("not a GGUF file"), "{e}");
 }
+
+#[test]
+fn pre_tokenizer_follows_tokenizer_ggml_pre() {
+    use tokenizers::tokenizer::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+    let root = tiny_dir();
+    let mut map: std::collections::HashMap<String, gguf_file::Value> =
+        tokenizer_meta(&root.path().join("hf"))
+            .into_iter()
+            .collect();
+    // How "x 12345" is cut before BPE: SmolLM and Qwen2 split every digit, Llama 3 groups three,
+    // GPT-2 keeps the number whole.
+    for (pre, want) in [
+        ("gpt2", vec!["x", "\u{120}12345"]),
+        ("smollm", vec!["x", "\u{120}", "1", "2", "3", "4", "5"]),
+        ("llama-bpe", vec!["x", "\u{120}", "123", "45"]),
+        ("qwen2", vec!["x", "\u{120}", "1", "2", "3", "4", "5"]),
+    ] {
+        map.insert(
+            "tokenizer.ggml.pre".into(),
+            gguf_file::Value::String(pre.into()),
+        );
+        let meta = super::Meta {
+            map: &map,
+            path: std::path::Path::new("t.gguf"),
+        };
+        let assets = super::tokenizer::build(&meta, crate::worker::tiny::VOCAB).unwrap();
+        let mut s = PreTokenizedString::from("x 12345");
+        assets
+            .tokenizer
+            .get_pre_tokenizer()
+            .unwrap()
+            .pre_tokenize(&mut s)
+            .unwrap();
+        let got: Vec<String> = s
+            .get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(piece, _, _)| piece.to_string())
+            .collect();
+        assert_eq!(got, want, "tokenizer.ggml.pre = {pre}");
+    }
+}
