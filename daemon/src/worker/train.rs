@@ -6,8 +6,9 @@ use super::data::{DataSource, Encoder, JsonlSource, Loader, LoaderOptions, Token
 use super::error::EngineError;
 use super::fingerprint::Fingerprint;
 use super::lora::LoraConfig;
-use super::model::{check_model_dir, Llama};
+use super::model::Llama;
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use super::source::ModelSource;
 use super::{Phase, TrainEvent, TrainTask};
 use candle_core::{Device, Tensor};
 use lorad_schema::{DType, MetricPoint, TrainSettings};
@@ -102,7 +103,9 @@ pub fn train(
     if s.dtype != DType::F32 {
         tracing::warn!(dtype = ?s.dtype, "only f32 training is implemented yet; training in f32");
     }
-    let cfg = check_model_dir(&task.base_model)?;
+    // An HF directory or a GGUF file; only headers are read here.
+    let model_source = ModelSource::open(&task.base_model)?;
+    let cfg = model_source.config().clone();
     if s.max_seq_len as usize > cfg.max_position_embeddings {
         return Err(EngineError::Setting {
             field: "max_seq_len".into(),
@@ -125,8 +128,9 @@ pub fn train(
     };
 
     // Dataset errors (format, chat template) surface here, before the weights are read.
-    let encoder =
-        Encoder::load_hf(&task.base_model, &cfg, max_len)?.with_train_on_inputs(s.train_on_inputs);
+    let encoder = Encoder::from_assets(model_source.tokenizer()?, max_len)
+        .with_vocab_size(cfg.vocab_size)
+        .with_train_on_inputs(s.train_on_inputs);
     let pad = cfg.eos_token_id.or(cfg.bos_token_id).unwrap_or(0);
     let source: std::sync::Arc<dyn DataSource> =
         std::sync::Arc::new(JsonlSource::open(&task.dataset)?);
@@ -137,8 +141,8 @@ pub fn train(
     )?;
     let n_examples = loader.len();
     let lora = LoraConfig::from_settings(s);
-    let model = Llama::load(
-        &task.base_model,
+    let model = Llama::from_source(
+        &model_source,
         &lora,
         &mut rng_for(s.seed, INIT_STREAM),
         max_len,

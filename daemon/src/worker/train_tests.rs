@@ -3,6 +3,7 @@
 use super::*;
 use crate::worker::adapter::{load_adapter, peft_key};
 use crate::worker::data::{read_jsonl, Loader};
+use crate::worker::model::check_model_dir;
 use crate::worker::tiny::make_tiny_model;
 use lorad_schema::JobId;
 use std::path::{Path, PathBuf};

@@ -16,6 +16,9 @@ mod tests;
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests_meta;
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests_train;
 pub mod tokenizer;
 
 pub use header::{dtype_name, ggml_type_name, read_content, Meta};
