@@ -3,6 +3,7 @@
 //! for tokenizing far more text than it trains on), once per `workers` value; reports step time and
 //! the time `next_batch` blocked (data_wait_ms).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use super::{DataSource, Encoder, Example, JsonlSource};
 use crate::worker::tiny::make_tiny_model;
 use crate::worker::train::train;
 use crate::worker::weights::{save_tensors, write_text};
@@ -151,8 +152,8 @@ fn write_dataset(path: &Path, lines: usize, bytes: usize) {
 #[ignore = "benchmark: bench/data_pipeline.sh"]
 fn data_pipeline() {
     let (lines, bytes) = (
-        env("LORAD_BENCH_LINES", 4000),
-        env("LORAD_BENCH_BYTES", 32_000),
+        env("LORAD_BENCH_LINES", 3000),
+        env("LORAD_BENCH_BYTES", 64_000),
     );
     let (steps, warmup) = (env("LORAD_BENCH_STEPS", 12), env("LORAD_BENCH_WARMUP", 2));
     let (batch, seq) = (env("LORAD_BENCH_BATCH", 8), env("LORAD_BENCH_SEQ", 256));
@@ -171,6 +172,18 @@ fn data_pipeline() {
         (lines * bytes) as f64 / 1e6,
         t.elapsed()
     );
+    // What one batch costs to build on one thread: what workers=0 adds to every step.
+    let cfg = crate::worker::config::ModelConfig::load(&dir.path().join("model")).unwrap();
+    let encoder = Encoder::load_hf(&dir.path().join("model"), &cfg, seq).unwrap();
+    let source = JsonlSource::open(&data).unwrap();
+    let t = std::time::Instant::now();
+    let probe_batches = 5;
+    for raw in source.read(0..probe_batches * batch).unwrap() {
+        let ex = Example::parse(&raw.value, None).unwrap();
+        encoder.encode_one(&ex).unwrap();
+    }
+    let build_ms = t.elapsed().as_secs_f64() * 1000.0 / probe_batches as f64;
+    eprintln!("one batch ({batch} x {bytes} bytes) tokenizes in {build_ms:.1} ms on one thread");
     let mut rows = Vec::new();
     for &w in &workers {
         let mut s = TrainSettings::default();
@@ -221,7 +234,7 @@ fn data_pipeline() {
     }
     let report = serde_json::json!({
         "lines": lines, "bytes_per_line": bytes, "batch_size": batch, "max_seq_len": seq,
-        "steps": steps, "warmup_steps_excluded": warmup, "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "steps": steps, "warmup_steps_excluded": warmup, "tokenize_ms_per_batch_one_thread": build_ms, "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "runs": rows,
     });
     println!("{}", serde_json::to_string_pretty(&report).unwrap());

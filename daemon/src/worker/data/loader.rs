@@ -21,6 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Where a loader stands: the epoch and the index of the next row in that epoch's shuffled order
@@ -101,7 +102,12 @@ pub(super) struct Core {
     batch_size: usize,
     seed: u64,
     pad_id: u32,
+    /// Examples of the first epoch found with no target, for a bounded number of warnings.
+    untrained: AtomicUsize,
 }
+
+/// Examples with no target named in the log; past that only a count would be noise.
+const UNTRAINED_WARNINGS: usize = 10;
 
 /// An epoch's order.
 pub(super) struct Order {
@@ -174,8 +180,13 @@ impl Core {
                 .map(|&i| {
                     let (line, t) = encode_at(source.as_ref(), encoder, *format, i)?;
                     if plan.order.epoch == 0 && t.targets() == 0 {
-                        tracing::warn!(dataset = %source.origin().display(), line,
-                            "example has no token to train on within max_seq_len; it contributes nothing");
+                        let n = self.untrained.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n <= UNTRAINED_WARNINGS {
+                            tracing::warn!(dataset = %source.origin().display(), line,
+                                "example has no token to train on within max_seq_len (its prompt \
+                                 fills it); it contributes nothing{}",
+                                if n == UNTRAINED_WARNINGS { "; further ones are not logged" } else { "" });
+                        }
                     }
                     Ok(Cow::Owned(t))
                 })
@@ -228,6 +239,7 @@ impl Loader {
             batch_size: batch_size.max(1),
             seed,
             pad_id,
+            untrained: AtomicUsize::new(0),
         };
         let planner = Planner::new(&core, DataPosition::default());
         Loader {
@@ -287,6 +299,7 @@ impl Loader {
             batch_size: opts.batch_size.max(1),
             seed: opts.seed,
             pad_id: opts.pad_id,
+            untrained: AtomicUsize::new(0),
         });
         let planner = Planner::new(&core, DataPosition::default());
         let engine = if opts.workers == 0 {
