@@ -86,6 +86,10 @@ pub fn total_steps(s: &TrainSettings, examples: usize) -> u64 {
         .unwrap_or_else(|| batches.div_ceil(s.grad_accum.max(1) as u64) * s.epochs as u64)
 }
 
+/// Why a dtype other than f32 is refused (also checked at submit).
+pub const DTYPE_UNSUPPORTED: &str =
+    "only f32 training is implemented yet (bf16/f16 arrive with the CUDA path); use --set dtype=f32";
+
 /// Trains one job and writes its adapter to `task.adapter_dir`.
 pub fn train(
     task: &TrainTask,
@@ -101,7 +105,11 @@ pub fn train(
     });
     let device = select_device(&s.device)?;
     if s.dtype != DType::F32 {
-        tracing::warn!(dtype = ?s.dtype, "only f32 training is implemented yet; training in f32");
+        // Refuse rather than silently train in another precision than the one asked for.
+        return Err(EngineError::Setting {
+            field: "dtype".into(),
+            detail: DTYPE_UNSUPPORTED.into(),
+        });
     }
     // An HF directory or a GGUF file; only headers are read here.
     let model_source = ModelSource::open(&task.base_model)?;

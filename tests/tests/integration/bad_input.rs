@@ -62,4 +62,27 @@ fn bad_submits_are_refused_with_a_reason() {
         spec(tiny_model(), &good, &[("max_seq_len", "100000")]),
         "max_seq_len",
     );
+    refused(&c, spec(tiny_model(), &good, &[("dtype", "bf16")]), "dtype");
+
+    let empty = d.dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n\n").expect("write");
+    refused(&c, spec(tiny_model(), &empty, &[]), "empty.jsonl");
+
+    let mixed = d.dir.path().join("mixed.jsonl");
+    lines[6] = "{\"prompt\": \"Q\", \"completion\": \"A\"}".into();
+    std::fs::write(&mixed, lines.join("\n")).expect("write");
+    refused(&c, spec(tiny_model(), &mixed, &[]), "line 7");
+
+    // A model of an architecture lorad does not train.
+    let gpt2 = d.dir.path().join("gpt2-model");
+    std::fs::create_dir_all(&gpt2).expect("mkdir");
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(tiny_model().join(f), gpt2.join(f)).expect("copy");
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tiny_model().join("config.json")).expect("read")).expect("json");
+    config["model_type"] = "gpt2".into();
+    config["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+    std::fs::write(gpt2.join("config.json"), config.to_string()).expect("write");
+    refused(&c, spec(&gpt2, &good, &[]), "gpt2");
 }

@@ -28,6 +28,9 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
             .map_err(|e| invalid(e.to_string()))?;
     }
     settings.validate().map_err(|e| invalid(e.to_string()))?;
+    if settings.dtype != lorad_schema::DType::F32 {
+        return Err(invalid(format!("setting 'dtype': {}", crate::worker::train::DTYPE_UNSUPPORTED)));
+    }
 
     for (field, path) in [("base_model", &spec.base_model), ("dataset", &spec.dataset)] {
         if !Path::new(path).is_absolute() {
