@@ -1,11 +1,11 @@
-//! Rendering a model's Jinja chat template the way transformers' `apply_chat_template` does.
+//! Rendering a model's Jinja chat template the way transformers' `apply_chat_template` does (the
+//! environment itself is set up in `data::chat`).
 //!
 //! transformers renders with `trim_blocks` and `lstrip_blocks` on, the loop-control extension, a
 //! `raise_exception` function and `bos_token`/`eos_token` variables; templates also call Python string
 //! methods (`.strip()`, `.startswith()`), which minijinja-contrib's pycompat provides. Matching that
 //! keeps the text we train and generate on byte-identical to what the model saw in fine-tuning.
 use super::source::TokenizerAssets;
-use minijinja::{Environment, Error, ErrorKind};
 use serde::Serialize;
 
 /// One chat turn.
@@ -36,23 +36,10 @@ pub fn render(
     bos_token: &str,
     eos_token: &str,
 ) -> Result<String, String> {
-    let mut env = Environment::new();
-    let mut syntax = minijinja::syntax::SyntaxConfig::builder();
-    syntax.trim_blocks(true).lstrip_blocks(true);
-    env.set_syntax(syntax.build().map_err(|e| e.to_string())?);
-    minijinja_contrib::add_to_environment(&mut env);
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
-        Err(Error::new(ErrorKind::InvalidOperation, msg))
-    });
-    let tmpl = env.template_from_str(template).map_err(|e| e.to_string())?;
-    tmpl.render(minijinja::context! {
-        messages => minijinja::Value::from(minijinja::value::Serde(messages)),
-        add_generation_prompt => add_generation_prompt,
-        bos_token => bos_token,
-        eos_token => eos_token,
-    })
-    .map_err(|e| e.to_string())
+    // One environment setup for the whole engine: the data pipeline's compiled template.
+    super::data::ChatTemplate::new(template)?
+        .render(messages, add_generation_prompt, bos_token, eos_token)
+        .map_err(|e| e.to_string())
 }
 
 impl TokenizerAssets {

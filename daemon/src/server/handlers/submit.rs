@@ -29,7 +29,10 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
     }
     settings.validate().map_err(|e| invalid(e.to_string()))?;
     if settings.dtype != lorad_schema::DType::F32 {
-        return Err(invalid(format!("setting 'dtype': {}", crate::worker::train::DTYPE_UNSUPPORTED)));
+        return Err(invalid(format!(
+            "setting 'dtype': {}",
+            crate::worker::train::DTYPE_UNSUPPORTED
+        )));
     }
 
     for (field, path) in [("base_model", &spec.base_model), ("dataset", &spec.dataset)] {
