@@ -32,7 +32,12 @@ id=$("$loractl" submit --template basic-fine-tune --model "$gguf" --data "$work/
 start=$(date +%s)
 "$loractl" wait "$id" --timeout 7200 || { "$loractl" logs "$id" | tail -20; exit 1; }
 echo "trained $steps steps in $(( $(date +%s) - start )) s" >&2
-"$loractl" --json metrics "$id" | python3 -c 'import json,sys; p=json.load(sys.stdin); print(f"loss {p[0][\"loss\"]:.3f} -> {p[-1][\"loss\"]:.3f}, {sum(x[\"tokens_per_s\"] for x in p)/len(p):.0f} tokens/s")'
+"$loractl" --json metrics "$id" > "$work/metrics.json"
+python3 - "$work/metrics.json" <<'PY'
+import json, sys
+p = json.load(open(sys.argv[1]))
+print(f"loss {p[0]['loss']:.3f} -> {p[-1]['loss']:.3f}, {sum(x['tokens_per_s'] for x in p) / len(p):.0f} tokens/s")
+PY
 
 echo "== after training" >&2
 after=$("$lorad" generate --model "$gguf" --adapter "$work/state/jobs/$id/adapter" --prompt "$question" --max-new 40)
