@@ -126,6 +126,8 @@ fn record(id: u64) -> JobRecord {
         finished_at_ms: None,
         adapter_dir: None,
         worker_pid: None,
+        resume_checkpoint: None,
+        requeued: false,
     }
 }
 

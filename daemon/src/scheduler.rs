@@ -1,11 +1,12 @@
 //! Scheduling decisions, free of I/O: which queued job runs next.
 use lorad_schema::{JobId, JobRecord, JobState};
 
-/// The queued job to start next: highest priority first, then the oldest (lowest id).
+/// The queued job to start next: highest priority first, then jobs put back by recovery (they were
+/// already running), then the oldest (lowest id).
 pub fn next_job<'a>(jobs: impl IntoIterator<Item = &'a JobRecord>) -> Option<JobId> {
     jobs.into_iter()
         .filter(|j| j.state == JobState::Queued)
-        .min_by_key(|j| (std::cmp::Reverse(j.priority), j.id))
+        .min_by_key(|j| (std::cmp::Reverse(j.priority), !j.requeued, j.id))
         .map(|j| j.id)
 }
 
@@ -34,6 +35,8 @@ mod tests {
             finished_at_ms: None,
             adapter_dir: None,
             worker_pid: None,
+            resume_checkpoint: None,
+            requeued: false,
         }
     }
 
@@ -45,6 +48,19 @@ mod tests {
             job(3, JobState::Queued, 5),
         ];
         assert_eq!(next_job(&jobs), Some(JobId(2)));
+    }
+
+    #[test]
+    fn requeued_jobs_go_first_within_their_priority() {
+        let mut back = job(9, JobState::Queued, 0);
+        back.requeued = true;
+        let jobs = [
+            job(1, JobState::Queued, 0),
+            back,
+            job(3, JobState::Queued, 1),
+        ];
+        assert_eq!(next_job(&jobs), Some(JobId(3)));
+        assert_eq!(next_job(&jobs[..2]), Some(JobId(9)));
     }
 
     #[test]

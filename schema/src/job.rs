@@ -180,6 +180,12 @@ pub struct JobRecord {
     /// The pid of the job's current (or last) worker process.
     #[serde(default)]
     pub worker_pid: Option<u32>,
+    /// The checkpoint the next attempt resumes from (a `step-N` name); None = the newest one.
+    #[serde(default)]
+    pub resume_checkpoint: Option<String>,
+    /// Put back in the queue by recovery (crash, daemon restart): runs before other jobs of its priority.
+    #[serde(default)]
+    pub requeued: bool,
 }
 
 /// GPU telemetry at the time of a metric point.

@@ -21,6 +21,8 @@ fn record(id: JobId) -> JobRecord {
         finished_at_ms: None,
         adapter_dir: None,
         worker_pid: None,
+        resume_checkpoint: None,
+        requeued: false,
     }
 }
 

@@ -109,6 +109,8 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
                 finished_at_ms: None,
                 adapter_dir: None,
                 worker_pid: None,
+                resume_checkpoint: None,
+                requeued: false,
             })?;
             Ok((job, vec![event]))
         })
