@@ -16,8 +16,8 @@
 use crate::error::ClientError;
 use crate::{LogChunk, ServerInfo};
 use lorad_schema::{
-    DaemonStatus, Event, JobId, JobRecord, JobSpec, JobState, MetricPoint, Request, Response,
-    Template,
+    CheckpointInfo, DaemonStatus, Event, JobId, JobRecord, JobSpec, JobState, MetricPoint, Request,
+    Response, Template,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -105,6 +105,31 @@ impl Client {
     /// See [`crate::Client::cancel`].
     pub fn cancel(&self, job: JobId) -> Result<JobRecord, ClientError> {
         self.rt.block_on(self.inner.cancel(job))
+    }
+
+    /// See [`crate::Client::pause`].
+    pub fn pause(&self, job: JobId) -> Result<JobRecord, ClientError> {
+        self.rt.block_on(self.inner.pause(job))
+    }
+
+    /// See [`crate::Client::resume`].
+    pub fn resume(&self, job: JobId, checkpoint: Option<String>) -> Result<JobRecord, ClientError> {
+        self.rt.block_on(self.inner.resume(job, checkpoint))
+    }
+
+    /// See [`crate::Client::retry`].
+    pub fn retry(&self, job: JobId) -> Result<JobRecord, ClientError> {
+        self.rt.block_on(self.inner.retry(job))
+    }
+
+    /// See [`crate::Client::set_priority`].
+    pub fn set_priority(&self, job: JobId, priority: i32) -> Result<JobRecord, ClientError> {
+        self.rt.block_on(self.inner.set_priority(job, priority))
+    }
+
+    /// See [`crate::Client::checkpoints`].
+    pub fn checkpoints(&self, job: JobId) -> Result<Vec<CheckpointInfo>, ClientError> {
+        self.rt.block_on(self.inner.checkpoints(job))
     }
 
     /// See [`crate::Client::metrics`].

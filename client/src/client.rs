@@ -7,8 +7,8 @@ use interprocess::local_socket::traits::tokio::Stream as _;
 use interprocess::local_socket::{GenericFilePath, ToFsName};
 use lorad_schema::frame::{self, FrameError};
 use lorad_schema::{
-    DaemonStatus, Handshake, JobId, JobRecord, JobSpec, JobState, MetricPoint, Request, Response,
-    Template, MAX_FRAME, PROTOCOL_VERSION,
+    CheckpointInfo, DaemonStatus, Handshake, JobId, JobRecord, JobSpec, JobState, MetricPoint,
+    Request, Response, Template, MAX_FRAME, PROTOCOL_VERSION,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -299,6 +299,39 @@ impl Client {
         self.done_call(Request::Unsubscribe { sub }).await
     }
 
+    /// Pauses a job: a queued one is held; an initializing or running one checkpoints and stops.
+    /// Returns the record after the pause (state `paused`).
+    pub async fn pause(&self, job: JobId) -> Result<JobRecord, ClientError> {
+        self.job_call(Request::Pause { job }).await
+    }
+
+    /// Puts a paused job back in the queue, from `checkpoint` (a `step-N` name) or the newest one.
+    pub async fn resume(
+        &self,
+        job: JobId,
+        checkpoint: Option<String>,
+    ) -> Result<JobRecord, ClientError> {
+        self.job_call(Request::Resume { job, checkpoint }).await
+    }
+
+    /// Puts a failed or cancelled job back in the queue; it resumes from its newest checkpoint.
+    pub async fn retry(&self, job: JobId) -> Result<JobRecord, ClientError> {
+        self.job_call(Request::Retry { job }).await
+    }
+
+    /// Changes the priority (higher runs first) of a job that has not ended.
+    pub async fn set_priority(&self, job: JobId, priority: i32) -> Result<JobRecord, ClientError> {
+        self.job_call(Request::SetPriority { job, priority }).await
+    }
+
+    /// A job's complete checkpoints, oldest first.
+    pub async fn checkpoints(&self, job: JobId) -> Result<Vec<CheckpointInfo>, ClientError> {
+        match self.call(Request::Checkpoints { job }).await? {
+            Response::Checkpoints { checkpoints } => Ok(checkpoints),
+            other => Err(unexpected("checkpoints", &other)),
+        }
+    }
+
     /// Asks the daemon to stop (admin only).
     pub async fn shutdown(&self) -> Result<(), ClientError> {
         self.done_call(Request::Shutdown).await
@@ -338,6 +371,7 @@ pub(crate) fn response_kind(r: &Response) -> &'static str {
         Response::Job(_) => "job",
         Response::Jobs { .. } => "jobs",
         Response::Metrics { .. } => "metrics",
+        Response::Checkpoints { .. } => "checkpoints",
         Response::Logs { .. } => "logs",
         Response::Subscribed { .. } => "subscribed",
         Response::Done => "done",

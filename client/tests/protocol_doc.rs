@@ -10,32 +10,38 @@
 //!
 //! The test also checks that every request, response, event kind and error code is documented.
 use lorad_client::lorad_schema::{
-    ClientFrame, DaemonStatus, DeviceInfo, ErrorCode, Event, EventBody, GpuSample, Handshake,
-    JobRecord, JobSpec, JobState, MetricPoint, Progress, Push, Reply, Request, Response,
+    CheckpointInfo, ClientFrame, DaemonStatus, DeviceInfo, ErrorCode, Event, EventBody, GpuSample,
+    Handshake, JobRecord, JobSpec, JobState, MetricPoint, Progress, Push, Reply, Request, Response,
     ServerFrame, Template, TrainSettings, WireError,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 use std::collections::BTreeSet;
 
-const REQUESTS: [&str; 11] = [
+const REQUESTS: [&str; 16] = [
     "status",
     "templates",
     "submit",
     "list",
     "get",
     "cancel",
+    "pause",
+    "resume",
+    "retry",
+    "set_priority",
+    "checkpoints",
     "metrics",
     "logs",
     "subscribe",
     "unsubscribe",
     "shutdown",
 ];
-const RESPONSES: [&str; 8] = [
+const RESPONSES: [&str; 9] = [
     "status",
     "templates",
     "job",
     "jobs",
+    "checkpoints",
     "metrics",
     "logs",
     "subscribed",
@@ -54,6 +60,11 @@ fn request_kind(r: &Request) -> &'static str {
         Request::List { .. } => "list",
         Request::Get { .. } => "get",
         Request::Cancel { .. } => "cancel",
+        Request::Pause { .. } => "pause",
+        Request::Resume { .. } => "resume",
+        Request::Retry { .. } => "retry",
+        Request::SetPriority { .. } => "set_priority",
+        Request::Checkpoints { .. } => "checkpoints",
         Request::Metrics { .. } => "metrics",
         Request::Logs { .. } => "logs",
         Request::Subscribe { .. } => "subscribe",
@@ -68,6 +79,7 @@ fn response_kind(r: &Response) -> &'static str {
         Response::Templates { .. } => "templates",
         Response::Job(_) => "job",
         Response::Jobs { .. } => "jobs",
+        Response::Checkpoints { .. } => "checkpoints",
         Response::Metrics { .. } => "metrics",
         Response::Logs { .. } => "logs",
         Response::Subscribed { .. } => "subscribed",
@@ -233,6 +245,9 @@ fn check_example(
         }
         "JobRecord" => {
             decode_as::<JobRecord>(example, lenient)?;
+        }
+        "CheckpointInfo" => {
+            decode_as::<CheckpointInfo>(example, lenient)?;
         }
         "Progress" => {
             decode_as::<Progress>(example, lenient)?;

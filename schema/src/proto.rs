@@ -74,6 +74,36 @@ pub enum Request {
         /// The job.
         job: JobId,
     },
+    /// Hold a queued job, or stop an initializing/running one after a checkpoint; `resume` continues it.
+    Pause {
+        /// The job.
+        job: JobId,
+    },
+    /// Put a paused job back in the queue.
+    Resume {
+        /// The job.
+        job: JobId,
+        /// Continue from this checkpoint (a `step-N` name from `checkpoints`); None = the newest.
+        #[serde(default)]
+        checkpoint: Option<String>,
+    },
+    /// Put a failed or cancelled job back in the queue; it resumes from its newest checkpoint.
+    Retry {
+        /// The job.
+        job: JobId,
+    },
+    /// Change a job's priority (higher runs first); any job that has not ended.
+    SetPriority {
+        /// The job.
+        job: JobId,
+        /// The new priority.
+        priority: i32,
+    },
+    /// A job's complete checkpoints, oldest first.
+    Checkpoints {
+        /// The job.
+        job: JobId,
+    },
     /// A job's metric points in step order.
     Metrics {
         /// The job.
@@ -121,6 +151,11 @@ impl Request {
             Request::List { .. } => "list",
             Request::Get { .. } => "get",
             Request::Cancel { .. } => "cancel",
+            Request::Pause { .. } => "pause",
+            Request::Resume { .. } => "resume",
+            Request::Retry { .. } => "retry",
+            Request::SetPriority { .. } => "set_priority",
+            Request::Checkpoints { .. } => "checkpoints",
             Request::Metrics { .. } => "metrics",
             Request::Logs { .. } => "logs",
             Request::Subscribe { .. } => "subscribe",
@@ -151,6 +186,19 @@ pub struct DeviceInfo {
     /// The job running on it, if any.
     #[serde(default)]
     pub job: Option<JobId>,
+}
+
+/// One complete checkpoint of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    /// Its name, `step-N`; pass it to `resume --checkpoint`.
+    pub name: String,
+    /// The optimizer step it was taken after.
+    pub step: u64,
+    /// Its directory on the daemon's host.
+    pub path: String,
+    /// When it was written (ms since the epoch; the directory's modification time).
+    pub created_at_ms: u64,
 }
 
 /// The daemon's state.
@@ -191,12 +239,18 @@ pub enum Response {
         /// All templates.
         templates: Vec<Template>,
     },
-    /// To `submit`, `get`, `cancel`: the job's record after the request.
+    /// To `submit`, `get`, `cancel`, `pause`, `resume`, `retry`, `set_priority`: the job's record after
+    /// the request.
     Job(JobRecord),
     /// To `list`.
     Jobs {
         /// Matching jobs in id order.
         jobs: Vec<JobRecord>,
+    },
+    /// To `checkpoints`.
+    Checkpoints {
+        /// Complete checkpoints, oldest (lowest step) first.
+        checkpoints: Vec<CheckpointInfo>,
     },
     /// To `metrics`.
     Metrics {

@@ -73,6 +73,37 @@ pub enum Command {
         /// Job id.
         job: u64,
     },
+    /// Hold a queued job, or checkpoint and stop a running one.
+    Pause {
+        /// Job id.
+        job: u64,
+    },
+    /// Put a paused job back in the queue.
+    Resume {
+        /// Job id.
+        job: u64,
+        /// Continue from this checkpoint (`step-N`, see `checkpoints`) [default: the newest].
+        #[arg(long, value_name = "NAME")]
+        checkpoint: Option<String>,
+    },
+    /// Put a failed or cancelled job back in the queue, resuming from its newest checkpoint.
+    Retry {
+        /// Job id.
+        job: u64,
+    },
+    /// Change a job's priority (higher runs first).
+    Priority {
+        /// Job id.
+        job: u64,
+        /// The new priority.
+        #[arg(allow_negative_numbers = true)]
+        priority: i32,
+    },
+    /// List a job's checkpoints.
+    Checkpoints {
+        /// Job id.
+        job: u64,
+    },
     /// Follow a job with a progress bar until it ends.
     Watch {
         /// Job id.

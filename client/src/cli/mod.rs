@@ -77,6 +77,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let record = ctx.connect().await?.cancel(JobId(job)).await?;
             show(&ctx, &record, |r| format!("job {} {}\n", r.id, r.state))
         }
+        Command::Pause { job } => {
+            let record = ctx.connect().await?.pause(JobId(job)).await?;
+            show(&ctx, &record, |r| format!("job {} {}\n", r.id, r.state))
+        }
+        Command::Resume { job, checkpoint } => {
+            let record = ctx.connect().await?.resume(JobId(job), checkpoint).await?;
+            show(&ctx, &record, |r| match &r.resume_checkpoint {
+                Some(c) => format!("job {} {} (from {c})\n", r.id, r.state),
+                None => format!("job {} {}\n", r.id, r.state),
+            })
+        }
+        Command::Retry { job } => {
+            let record = ctx.connect().await?.retry(JobId(job)).await?;
+            show(&ctx, &record, |r| format!("job {} {}\n", r.id, r.state))
+        }
+        Command::Priority { job, priority } => {
+            let record = ctx
+                .connect()
+                .await?
+                .set_priority(JobId(job), priority)
+                .await?;
+            show(&ctx, &record, |r| {
+                format!("job {} priority {}\n", r.id, r.priority)
+            })
+        }
+        Command::Checkpoints { job } => {
+            let checkpoints = ctx.connect().await?.checkpoints(JobId(job)).await?;
+            show(&ctx, &checkpoints, |c| output::checkpoints_table(c))
+        }
         Command::Logs { job, follow } => follow::logs(&ctx, JobId(job), follow).await,
         Command::Wait { job, timeout } => follow::wait(&ctx, JobId(job), timeout).await,
         Command::Watch { job } => watch::watch(&ctx, JobId(job)).await,

@@ -1,5 +1,5 @@
 //! Human-readable renderings. Pure functions from wire types to text, so they are unit-tested.
-use lorad_schema::{DaemonStatus, JobRecord, MetricPoint, Template};
+use lorad_schema::{CheckpointInfo, DaemonStatus, JobRecord, MetricPoint, Template};
 use std::fmt::Write as _;
 
 /// Left-aligned columns separated by two spaces.
@@ -74,6 +74,25 @@ pub fn timestamp(ms: u64) -> String {
         rem / 60 % 60,
         rem % 60
     )
+}
+
+/// The `checkpoints` table, or a line saying there are none.
+pub fn checkpoints_table(checkpoints: &[CheckpointInfo]) -> String {
+    if checkpoints.is_empty() {
+        return "no checkpoints\n".into();
+    }
+    let rows: Vec<Vec<String>> = checkpoints
+        .iter()
+        .map(|c| {
+            vec![
+                c.name.clone(),
+                c.step.to_string(),
+                timestamp(c.created_at_ms),
+                c.path.clone(),
+            ]
+        })
+        .collect();
+    table(&["NAME", "STEP", "CREATED", "PATH"], &rows)
 }
 
 /// The `list` table.

@@ -1,9 +1,14 @@
 //! Request handlers, one file per request, dispatched from one exhaustive match.
 mod cancel;
+mod checkpoints;
 mod get;
 mod list;
 mod logs;
 mod metrics;
+mod pause;
+mod priority;
+mod resume;
+mod retry;
 mod shutdown;
 mod status;
 mod submit;
@@ -55,6 +60,15 @@ pub async fn dispatch(
         Request::List { state, all } => list::handle(core, conn.peer, state, all).await,
         Request::Get { job } => get::handle(core, conn.peer, job).await,
         Request::Cancel { job } => cancel::handle(core, conn.peer, job).await,
+        Request::Pause { job } => pause::handle(core, conn.peer, job).await,
+        Request::Resume { job, checkpoint } => {
+            resume::handle(core, conn.peer, job, checkpoint).await
+        }
+        Request::Retry { job } => retry::handle(core, conn.peer, job).await,
+        Request::SetPriority { job, priority } => {
+            priority::handle(core, conn.peer, job, priority).await
+        }
+        Request::Checkpoints { job } => checkpoints::handle(core, conn.peer, job).await,
         Request::Metrics { job, since_step } => {
             metrics::handle(core, conn.peer, job, since_step).await
         }
