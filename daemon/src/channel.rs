@@ -41,6 +41,11 @@ pub enum FromWorker {
         /// Optimizer steps done.
         steps: u64,
     },
+    /// The worker stopped on request after writing a checkpoint of `step`.
+    Stopped {
+        /// The step checkpointed.
+        step: u64,
+    },
     /// Training failed; the worker exits non-zero after this.
     Failed {
         /// The error, naming the file, line, field or tensor at fault.

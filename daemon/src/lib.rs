@@ -67,13 +67,13 @@ pub async fn run(
     Ok(())
 }
 
-/// Jobs a dead daemon left initializing or running have no worker any more. Until resume from
-/// checkpoints lands they are marked failed, so nothing is left looking alive.
+/// Jobs a dead daemon left initializing or running have no worker any more: put them back at the front
+/// of the queue; their next attempt resumes from their newest checkpoint.
 async fn recover(core: &Core) -> Result<(), JournalError> {
     let jobs = core.read(|j| j.jobs()).await?;
     for job in jobs.into_iter().filter(|j| j.state.is_active()) {
-        let reason = Some("interrupted: daemon restarted".to_string());
-        core.transition(job.id, JobState::Failed, reason, |_| {})
+        let reason = Some("daemon restarted".to_string());
+        core.transition(job.id, JobState::Queued, reason, |job| job.requeued = true)
             .await?;
     }
     Ok(())

@@ -23,10 +23,11 @@ pub fn append(path: &Path, text: &[u8]) -> std::io::Result<()> {
     f.write_all(text)
 }
 
-/// The separator written before each attempt's output.
-pub fn separator(attempt: u32, why: &str) -> String {
+/// The separator written before each attempt's output: when, and why (fresh start, paused, crashed,
+/// daemon restarted) with the checkpoint it resumes from.
+pub fn separator(why: &str) -> String {
     let when = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
-    format!("\n===== lorad: attempt {attempt} started {when}: {why} =====\n")
+    format!("\n===== lorad: worker started {when}: {why} =====\n")
 }
 
 /// Reads up to `max` bytes at `offset`: (text, next_offset, size). A missing log reads as empty.

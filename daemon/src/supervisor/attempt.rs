@@ -45,10 +45,24 @@ pub struct Running {
 }
 
 /// Starts the worker for `job` and registers it in `core.workers`.
-pub async fn spawn(core: &Core, job: &JobRecord) -> Result<Running, SpawnError> {
+pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, SpawnError> {
     let job_dir = core.config.job_dir(job.id);
     let log_path = logs::log_path(&job_dir);
-    let separator = logs::separator(job.progress.restarts + 1, "fresh start");
+    // Resume from the checkpoint the user named, else from the newest one (none: a fresh start).
+    let resume_from = match &job.resume_checkpoint {
+        Some(name) => Some(job_dir.join("checkpoints").join(name)),
+        None => crate::worker::checkpoint::latest_checkpoint(&job_dir),
+    };
+    let from = match &resume_from {
+        Some(dir) => format!(
+            "resuming from {}",
+            dir.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        ),
+        None => "from the start".to_string(),
+    };
+    let separator = logs::separator(&format!("{why}; {from}"));
     let log = {
         let log_path = log_path.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
@@ -95,7 +109,7 @@ pub async fn spawn(core: &Core, job: &JobRecord) -> Result<Running, SpawnError> 
         adapter_dir: PathBuf::from(&job.output_dir),
         job_dir,
         settings: job.settings.clone(),
-        resume_from: None,
+        resume_from,
     };
     frame::write_msg_async(&mut control, &ToWorker::Train { task }).await?;
 
@@ -161,20 +175,43 @@ pub async fn watch(core: Arc<Core>, id: JobId, mut running: Running) {
     if finished || core.shutdown.is_cancelled() {
         return;
     }
-    // The job may already be cancelled (that is why the worker was stopped); then this is refused.
-    let reason = match failure {
-        Some(msg) => msg,
-        None => format!("worker {how} before finishing"),
+    // A job paused or cancelled meanwhile was stopped on purpose: nothing to record.
+    let Ok(job) = core.read(move |j| j.job(id)).await else {
+        return;
     };
-    if let Ok(job) = core.read(move |j| j.job(id)).await {
-        if job.state.is_active() {
-            if let Err(e) = core
-                .transition(id, JobState::Failed, Some(reason), |_| {})
+    if !job.state.is_active() {
+        return;
+    }
+    let outcome = match failure {
+        // The engine refused (bad data, bad model, ...): a restart would fail the same way.
+        Some(msg) => {
+            core.transition(id, JobState::Failed, Some(msg), |_| {})
                 .await
-            {
-                tracing::error!(job = %id, error = %e, "cannot record the failure");
-            }
         }
+        None if job.progress.restarts < job.settings.max_restarts => {
+            let n = job.progress.restarts + 1;
+            let reason = format!(
+                "crashed: worker {how}; restart {n} of {}",
+                job.settings.max_restarts
+            );
+            tracing::warn!(job = %id, %reason);
+            core.transition(id, JobState::Queued, Some(reason), |job| {
+                job.progress.restarts += 1;
+                job.requeued = true;
+            })
+            .await
+        }
+        None => {
+            let reason = format!(
+                "worker {how}; gave up after {} restarts",
+                job.settings.max_restarts
+            );
+            core.transition(id, JobState::Failed, Some(reason), |_| {})
+                .await
+        }
+    };
+    if let Err(e) = outcome {
+        tracing::error!(job = %id, error = %e, "cannot record how the worker ended");
     }
 }
 
@@ -251,6 +288,10 @@ async fn handle(
             )
             .await
             .map(|_| ())
+        }
+        FromWorker::Stopped { step } => {
+            tracing::info!(job = %id, step, "worker stopped after a checkpoint");
+            Ok(())
         }
         FromWorker::Failed { message } => {
             *failure = Some(message);

@@ -46,8 +46,15 @@ pub async fn run(core: Arc<Core>) {
 }
 
 async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId) {
+    // Why the job was queued (resumed, retried, crashed, daemon restarted), for the log's separator.
+    let why = match core.read(move |j| j.job(id)).await {
+        Ok(job) => job.reason.unwrap_or_else(|| "fresh start".into()),
+        Err(_) => "fresh start".into(),
+    };
     let job = match core
-        .transition(id, JobState::Initializing, None, |_| {})
+        .transition(id, JobState::Initializing, None, |job| {
+            job.requeued = false;
+        })
         .await
     {
         Ok(job) => job,
@@ -57,7 +64,7 @@ async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId) {
             return;
         }
     };
-    match attempt::spawn(core, &job).await {
+    match attempt::spawn(core, &job, &why).await {
         Ok(running) => {
             // A cancel that committed before the worker was registered found nothing to stop: look again.
             if let Ok(job) = core.read(move |j| j.job(id)).await {

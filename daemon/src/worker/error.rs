@@ -81,6 +81,13 @@ pub enum EngineError {
     /// The data pipeline's threads failed (could not start, or one panicked on some input).
     #[error("data pipeline: {0}")]
     Pipeline(String),
+    /// The supervisor asked the worker to stop (pause, cancel, daemon shutdown); a checkpoint of
+    /// `step` is on disk.
+    #[error("stopped at step {step}; checkpoint written")]
+    Stopped {
+        /// The last step done and checkpointed.
+        step: u64,
+    },
     /// Training diverged: the loss is no longer a finite number.
     #[error("training diverged at step {step}: loss is {loss}; lower lr or enable grad_clip")]
     Diverged {

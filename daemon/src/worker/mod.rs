@@ -25,6 +25,7 @@ pub mod weights;
 use lorad_schema::{JobId, MetricPoint, TrainSettings};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Everything a worker needs to train one job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -88,4 +89,18 @@ pub enum Phase {
     Training,
     /// Writing a checkpoint or the adapter.
     Saving,
+}
+
+/// Set (from the SIGTERM handler) when the supervisor wants the worker to stop: training writes a
+/// checkpoint after the current step and returns `EngineError::Stopped`.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Asks the training loop to checkpoint and stop after the current step. Async-signal-safe.
+pub fn request_stop() {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Whether a stop was requested.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
 }

@@ -3,6 +3,7 @@
 //! The worker exits by itself when the channel closes (the daemon died): a reader thread watches it, so
 //! an orphaned worker never keeps training or holding a device.
 use crate::channel::{FromWorker, ToWorker, CONTROL_FD};
+use crate::worker::error::EngineError;
 use crate::worker::train;
 use lorad_schema::frame::{self, FrameError};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -67,6 +68,7 @@ pub fn run() -> Result<i32, WorkerError> {
             }
         })?;
 
+    install_stop_handler();
     tracing::info!(job = %task.job, model = %task.base_model.display(), data = %task.dataset.display(), "worker started");
     let mut on_event = |event| send(&FromWorker::Train { event });
     match train::train(&task, &mut on_event) {
@@ -76,6 +78,10 @@ pub fn run() -> Result<i32, WorkerError> {
                 steps: summary.steps,
             });
             tracing::info!(adapter = %task.adapter_dir.display(), peak_rss_mb = peak_rss_mb(), "training finished");
+            Ok(0)
+        }
+        Err(EngineError::Stopped { step }) => {
+            send(&FromWorker::Stopped { step });
             Ok(0)
         }
         Err(e) => {
@@ -93,4 +99,23 @@ fn peak_rss_mb() -> f64 {
     nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
         .map(|u| u.max_rss() as f64 / 1024.0)
         .unwrap_or(0.0)
+}
+
+extern "C" fn on_sigterm(_: libc::c_int) {
+    crate::worker::request_stop();
+}
+
+/// SIGTERM (from the supervisor: pause, cancel, daemon shutdown) asks the training loop to checkpoint
+/// and stop after the current step; the supervisor follows with SIGKILL after its grace if it must.
+fn install_stop_handler() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(on_sigterm),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    if let Err(e) = unsafe { sigaction(Signal::SIGTERM, &action) } {
+        tracing::warn!(error = %e, "cannot install the SIGTERM handler; a stop will not checkpoint");
+    }
 }

@@ -296,6 +296,22 @@ pub fn train(
                 phase: Phase::Training,
             });
         }
+        if step < total && super::stop_requested() {
+            if saved != step {
+                let state = trainer_state(
+                    step,
+                    &loader,
+                    s.seed,
+                    &dropout_rng,
+                    &schedule,
+                    &losses,
+                    &fingerprint,
+                );
+                write_checkpoint(task, &model, &lora, &opt, state, on_event)?;
+            }
+            tracing::info!(step, "stop requested: checkpoint written");
+            return Err(EngineError::Stopped { step });
+        }
     }
 
     if saved != total {

@@ -80,7 +80,8 @@ fn bad_submits_are_refused_with_a_reason() {
         std::fs::copy(tiny_model().join(f), gpt2.join(f)).expect("copy");
     }
     let mut config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(tiny_model().join("config.json")).expect("read")).expect("json");
+        serde_json::from_slice(&std::fs::read(tiny_model().join("config.json")).expect("read"))
+            .expect("json");
     config["model_type"] = "gpt2".into();
     config["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
     std::fs::write(gpt2.join("config.json"), config.to_string()).expect("write");

@@ -106,7 +106,10 @@ fn job_trains_to_a_peft_adapter() {
     // One log with the attempt's separator and the worker's lines.
     let log = std::fs::read_to_string(d.state_dir().join(format!("jobs/{}/job.log", job.id)))
         .expect("job.log");
-    assert!(log.contains("===== lorad: attempt 1"), "{log}");
+    assert!(
+        log.contains("===== lorad: worker started") && log.contains("fresh start; from the start"),
+        "{log}"
+    );
 }
 
 #[test]

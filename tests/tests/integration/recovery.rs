@@ -1,13 +1,20 @@
 //! A daemon killed with SIGKILL loses nothing it acknowledged.
 use super::*;
+use lorad_client::blocking::Client;
 use lorad_tests::{process_alive, tiny_model, write_dataset, TestDaemon};
 
 #[test]
-fn kill9_of_the_daemon_keeps_every_job() {
+fn kill9_of_the_daemon_keeps_every_job_and_resumes_the_running_one() {
     let mut d = TestDaemon::start();
     let data = d.dir.path().join("data.jsonl");
     write_dataset(&data, 64);
     let c = d.client();
+    let resumable: Vec<(&str, &str)> = FAST
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "max_steps")
+        .chain([("max_steps", "40"), ("checkpoint_every", "5")])
+        .collect();
 
     let done = c
         .submit(spec(tiny_model(), &data, &[("max_steps", "6")]))
@@ -18,7 +25,7 @@ fn kill9_of_the_daemon_keeps_every_job() {
     assert_eq!(done_metrics.len(), 6);
 
     let running = c
-        .submit(spec(tiny_model(), &data, &[("max_steps", "100000")]))
+        .submit(spec(tiny_model(), &data, &resumable))
         .expect("submit");
     let queued = c
         .submit(spec(tiny_model(), &data, &[("max_steps", "3")]))
@@ -27,6 +34,11 @@ fn kill9_of_the_daemon_keeps_every_job() {
         s == JobState::Running
     });
     let worker = running.worker_pid.expect("worker pid");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.get(running.id).expect("get").progress.step < 12 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(
         c.get(queued.id).expect("get").state,
         JobState::Queued,
@@ -54,28 +66,64 @@ fn kill9_of_the_daemon_keeps_every_job() {
         vec![done.id, running.id, queued.id],
         "same ids after the restart"
     );
-    let by_id = |id: JobId| jobs.iter().find(|j| j.id == id).expect("job").clone();
-    assert_eq!(by_id(done.id).state, JobState::Completed);
+    assert_eq!(jobs[0].state, JobState::Completed);
     assert_eq!(
         c.metrics(done.id, None).expect("metrics"),
         done_metrics,
         "every metric point kept"
     );
-    let interrupted = by_id(running.id);
-    assert_eq!(interrupted.state, JobState::Failed);
-    assert_eq!(
-        interrupted.reason.as_deref(),
-        Some("interrupted: daemon restarted")
-    );
 
-    // The queued job runs after the restart.
+    // The interrupted job goes first, resumes from its checkpoint and completes; then the queued one.
+    let (resumed, _) = wait_for(&c, running.id, Duration::from_secs(120), |s| {
+        s.is_terminal()
+    });
+    assert_eq!(
+        resumed.state,
+        JobState::Completed,
+        "{:?}\n{}",
+        resumed.reason,
+        d.daemon_log()
+    );
     let (after, _) = wait_for(&c, queued.id, Duration::from_secs(120), |s| s.is_terminal());
     assert_eq!(after.state, JobState::Completed, "{:?}", after.reason);
-    // New ids continue after the old ones.
-    let next = c
-        .submit(spec(tiny_model(), &data, &[("max_steps", "1")]))
+    let log = std::fs::read_to_string(d.state_dir().join(format!("jobs/{}/job.log", running.id)))
+        .expect("log");
+    assert_eq!(
+        log.matches("===== lorad: worker started").count(),
+        2,
+        "{log}"
+    );
+    assert!(
+        log.contains("daemon restarted; resuming from step-"),
+        "{log}"
+    );
+
+    // Every step once, and the same losses as an uninterrupted run of the same job.
+    let points = c.metrics(running.id, None).expect("metrics");
+    assert_eq!(
+        points.iter().map(|p| p.step).collect::<Vec<_>>(),
+        (1..=40).collect::<Vec<_>>()
+    );
+    let straight = c
+        .submit(spec(tiny_model(), &data, &resumable))
         .expect("submit");
-    assert_eq!(next.id.0, queued.id.0 + 1);
+    let (straight, _) = wait_for(&c, straight.id, Duration::from_secs(120), |s| {
+        s.is_terminal()
+    });
+    assert_eq!(straight.state, JobState::Completed);
+    let reference = c.metrics(straight.id, None).expect("metrics");
+    for (a, b) in points.iter().zip(&reference) {
+        let rel = (a.loss - b.loss).abs() / b.loss.abs().max(1e-12);
+        assert!(
+            rel < 1e-6,
+            "step {}: resumed loss {} vs uninterrupted {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+    }
+    // New ids continue after the old ones.
+    assert_eq!(straight.id.0, queued.id.0 + 1);
 }
 
 #[test]
@@ -108,4 +156,91 @@ fn sigterm_stops_the_daemon_and_its_worker() {
         "the socket file is removed on a clean exit"
     );
     assert!(d.daemon_log().contains("SIGTERM"), "{}", d.daemon_log());
+}
+
+/// Waits until the job runs in a worker other than `not`, returns its pid.
+fn running_worker(c: &Client, job: JobId, not: Option<u32>) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = c.get(job).expect("get");
+        if r.state == JobState::Running && r.progress.step >= 2 {
+            if let Some(pid) = r.worker_pid.filter(|p| Some(*p) != not) {
+                return pid;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {job} never ran in a new worker: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_killed_worker_is_restarted_until_max_restarts() {
+    let d = TestDaemon::start();
+    let data = d.dir.path().join("data.jsonl");
+    write_dataset(&data, 64);
+    let c = d.client();
+    let settings: Vec<(&str, &str)> = FAST
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "max_steps")
+        .chain([
+            ("max_steps", "30"),
+            ("checkpoint_every", "2"),
+            ("max_restarts", "1"),
+        ])
+        .collect();
+    let kill = |pid: u32| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill")
+    };
+
+    // One crash: restarted from its checkpoint, completes, every step once.
+    let job = c
+        .submit(spec(tiny_model(), &data, &settings))
+        .expect("submit");
+    let first = running_worker(&c, job.id, None);
+    kill(first);
+    let (done, seen) = wait_for(&c, job.id, Duration::from_secs(120), |s| s.is_terminal());
+    assert_eq!(done.state, JobState::Completed, "{:?}", done.reason);
+    assert!(
+        seen.windows(2)
+            .any(|w| w == [JobState::Running, JobState::Queued]),
+        "{seen:?}"
+    );
+    assert_eq!(done.progress.restarts, 1);
+    let steps: Vec<u64> = c
+        .metrics(job.id, None)
+        .expect("metrics")
+        .iter()
+        .map(|p| p.step)
+        .collect();
+    assert_eq!(steps, (1..=30).collect::<Vec<_>>());
+    let log = std::fs::read_to_string(d.state_dir().join(format!("jobs/{}/job.log", job.id)))
+        .expect("log");
+    assert!(
+        log.contains("crashed: worker was killed by signal 9"),
+        "{log}"
+    );
+
+    // Two crashes in a row with max_restarts=1: failed, naming the cause.
+    let job = c
+        .submit(spec(tiny_model(), &data, &settings))
+        .expect("submit");
+    let first = running_worker(&c, job.id, None);
+    kill(first);
+    let second = running_worker(&c, job.id, Some(first));
+    kill(second);
+    let (failed, _) = wait_for(&c, job.id, Duration::from_secs(120), |s| s.is_terminal());
+    assert_eq!(failed.state, JobState::Failed);
+    let reason = failed.reason.unwrap_or_default();
+    assert!(
+        reason.contains("killed by signal 9") && reason.contains("gave up after 1 restarts"),
+        "{reason}"
+    );
 }
