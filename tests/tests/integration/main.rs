@@ -1,6 +1,7 @@
 //! Integration tests: each starts real `lorad` processes and drives them through lorad-client.
 mod bad_input;
 mod cli;
+mod control;
 mod jobs;
 mod protocol;
 mod recovery;
