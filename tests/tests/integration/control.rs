@@ -196,3 +196,86 @@ fn retry_requeues_a_cancelled_job_and_checkpoints_are_listed() {
     });
     assert_eq!(x_done.state, JobState::Completed, "{:?}", x_done.reason);
 }
+
+fn loractl(d: &TestDaemon, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(lorad_tests::bin("loractl"))
+        .arg("--socket")
+        .arg(d.socket())
+        .args(args)
+        .output()
+        .expect("run loractl")
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "loractl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn loractl_job_control_commands() {
+    let d = TestDaemon::start();
+    let data = d.dir.path().join("data.jsonl");
+    write_dataset(&data, 64);
+    let c = d.client();
+    let long = blocker(&c, &data);
+    let x = c
+        .submit(spec(
+            tiny_model(),
+            &data,
+            &fast(&[("max_steps", "4"), ("checkpoint_every", "2")]),
+        ))
+        .expect("submit");
+    let id = x.id.to_string();
+
+    assert_eq!(
+        stdout(&loractl(&d, &["pause", &id])),
+        format!("job {id} paused\n")
+    );
+    let rec: serde_json::Value =
+        serde_json::from_str(&stdout(&loractl(&d, &["--json", "priority", &id, "-3"])))
+            .expect("json");
+    assert_eq!(
+        (rec["priority"].as_i64(), rec["state"].as_str()),
+        (Some(-3), Some("paused"))
+    );
+    let bad = loractl(&d, &["resume", &id, "--checkpoint", "../x"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("invalid_argument"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    assert_eq!(
+        stdout(&loractl(&d, &["resume", &id])),
+        format!("job {id} queued\n")
+    );
+    assert_eq!(
+        stdout(&loractl(&d, &["checkpoints", &id])),
+        "no checkpoints\n"
+    );
+    c.cancel(long).expect("cancel");
+    let (done, _) = wait_for(&c, x.id, Duration::from_secs(120), |s| s.is_terminal());
+    assert_eq!(done.state, JobState::Completed, "{:?}", done.reason);
+
+    let list: serde_json::Value =
+        serde_json::from_str(&stdout(&loractl(&d, &["--json", "checkpoints", &id]))).expect("json");
+    let names: Vec<&str> = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, ["step-2", "step-4"]);
+    let human = stdout(&loractl(&d, &["checkpoints", &id]));
+    assert!(
+        human.starts_with("NAME") && human.contains("step-4"),
+        "{human}"
+    );
+    assert_eq!(loractl(&d, &["retry", &id]).status.code(), Some(1));
+    assert_eq!(loractl(&d, &["pause", "999"]).status.code(), Some(1));
+    assert_eq!(loractl(&d, &["priority", &id]).status.code(), Some(2));
+}
