@@ -30,16 +30,30 @@ pub struct TestDaemon {
     /// Holds the socket, state dir and anything else the test writes.
     pub dir: tempfile::TempDir,
     child: Option<Child>,
+    env: Vec<(String, String)>,
 }
 
 impl TestDaemon {
     /// Starts a daemon in a new temp dir.
     pub fn start() -> TestDaemon {
+        Self::start_with_env(&[])
+    }
+
+    /// Starts a daemon whose environment (and so its workers') has these extra variables.
+    pub fn start_with_env(env: &[(&str, &str)]) -> TestDaemon {
         let dir = tempfile::Builder::new()
             .prefix("lorad-test-")
             .tempdir()
             .expect("tempdir");
-        let mut d = TestDaemon { dir, child: None };
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut d = TestDaemon {
+            dir,
+            child: None,
+            env,
+        };
         d.restart();
         d
     }
@@ -77,6 +91,7 @@ impl TestDaemon {
             .arg("--state-dir")
             .arg(self.state_dir())
             .env("RUST_LOG", "lorad=debug,info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

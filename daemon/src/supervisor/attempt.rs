@@ -42,6 +42,8 @@ pub struct Running {
     child: Child,
     control: UnixStream,
     stop: CancellationToken,
+    /// No progress for this long while training = stalled (3x while loading or saving).
+    stall_timeout: std::time::Duration,
 }
 
 /// Starts the worker for `job` and registers it in `core.workers`.
@@ -128,6 +130,7 @@ pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, S
         child,
         control,
         stop,
+        stall_timeout: std::time::Duration::from_secs(job.settings.stall_timeout),
     })
 }
 
@@ -136,6 +139,11 @@ pub async fn watch(core: Arc<Core>, id: JobId, mut running: Running) {
     let mut failure: Option<String> = None;
     let mut finished = false;
     let mut stopped = false;
+    // The stall watchdog: every report from the engine (phase, plan, step, checkpoint) is progress.
+    let mut last_progress = tokio::time::Instant::now();
+    let mut phase = Phase::Loading;
+    let mut stalled: Option<String> = None;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         let msg = tokio::select! {
             msg = frame::read_msg_async::<FromWorker, _>(&mut running.control, frame::MAX_FRAME) => msg,
@@ -144,7 +152,27 @@ pub async fn watch(core: Arc<Core>, id: JobId, mut running: Running) {
                 terminate(&mut running.child, core.config.kill_grace).await;
                 continue;
             }
+            _ = tick.tick(), if !stopped => {
+                let bound = match phase {
+                    Phase::Training => running.stall_timeout,
+                    Phase::Loading | Phase::Saving => running.stall_timeout * 3,
+                };
+                if last_progress.elapsed() > bound {
+                    let reason = format!("stalled: no progress for {} s while {phase:?}", bound.as_secs()).to_lowercase();
+                    tracing::warn!(job = %id, %reason, "killing the worker");
+                    stalled = Some(reason);
+                    stopped = true;
+                    terminate(&mut running.child, core.config.kill_grace).await;
+                }
+                continue;
+            }
         };
+        if let Ok(FromWorker::Train { event }) = &msg {
+            last_progress = tokio::time::Instant::now();
+            if let TrainEvent::Phase { phase: p } = event {
+                phase = *p;
+            }
+        }
         match msg {
             Ok(msg) => handle(&core, id, msg, &mut failure, &mut finished).await,
             Err(frame::FrameError::Closed) => break,
@@ -190,10 +218,10 @@ pub async fn watch(core: Arc<Core>, id: JobId, mut running: Running) {
         }
         None if job.progress.restarts < job.settings.max_restarts => {
             let n = job.progress.restarts + 1;
-            let reason = format!(
-                "crashed: worker {how}; restart {n} of {}",
-                job.settings.max_restarts
-            );
+            let cause = stalled
+                .clone()
+                .unwrap_or_else(|| format!("crashed: worker {how}"));
+            let reason = format!("{cause}; restart {n} of {}", job.settings.max_restarts);
             tracing::warn!(job = %id, %reason);
             core.transition(id, JobState::Queued, Some(reason), |job| {
                 job.progress.restarts += 1;
@@ -202,8 +230,9 @@ pub async fn watch(core: Arc<Core>, id: JobId, mut running: Running) {
             .await
         }
         None => {
+            let cause = stalled.unwrap_or_else(|| format!("worker {how}"));
             let reason = format!(
-                "worker {how}; gave up after {} restarts",
+                "{cause}; gave up after {} restarts",
                 job.settings.max_restarts
             );
             core.transition(id, JobState::Failed, Some(reason), |_| {})

@@ -244,3 +244,55 @@ fn a_killed_worker_is_restarted_until_max_restarts() {
         "{reason}"
     );
 }
+
+#[test]
+fn a_hung_worker_is_killed_and_the_job_completes() {
+    let d = TestDaemon::start_with_env(&[("LORAD_TEST_HANG_AT_STEP", "7")]);
+    let data = d.dir.path().join("data.jsonl");
+    write_dataset(&data, 64);
+    let c = d.client();
+    let settings: Vec<(&str, &str)> = FAST
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "max_steps")
+        .chain([
+            ("max_steps", "12"),
+            ("checkpoint_every", "3"),
+            ("stall_timeout", "2"),
+        ])
+        .collect();
+    let job = c
+        .submit(spec(tiny_model(), &data, &settings))
+        .expect("submit");
+    let hung = running_worker(&c, job.id, None);
+    let started = Instant::now();
+    // Killed within stall_timeout + the kill grace (3 s), plus scheduling slack.
+    while process_alive(hung) {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "hung worker {hung} not killed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (done, _) = wait_for(&c, job.id, Duration::from_secs(120), |s| s.is_terminal());
+    assert_eq!(done.state, JobState::Completed, "{:?}", done.reason);
+    assert_eq!(done.progress.restarts, 1);
+    let steps: Vec<u64> = c
+        .metrics(job.id, None)
+        .expect("metrics")
+        .iter()
+        .map(|p| p.step)
+        .collect();
+    assert_eq!(steps, (1..=12).collect::<Vec<_>>());
+    let log = std::fs::read_to_string(d.state_dir().join(format!("jobs/{}/job.log", job.id)))
+        .expect("log");
+    let separators: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("===== lorad:"))
+        .collect();
+    assert_eq!(separators.len(), 2, "{log}");
+    assert!(
+        separators[1].contains("stalled") && separators[1].contains("resuming from step-6"),
+        "{log}"
+    );
+}
