@@ -219,8 +219,9 @@ impl Journal {
     ) -> Result<Option<(JobRecord, Event)>, JournalError> {
         let txn = self.db.begin_write()?;
         let mut job = read_job(&txn, id)?;
-        // A worker that is being stopped may still report a step; the job's history ended already.
-        if !job.state.is_active() {
+        // A worker being paused finishes its step and checkpoints it: that step is part of the job's
+        // history (resume continues after it). A cancelled or ended job's history is closed.
+        if !(job.state.is_active() || job.state == JobState::Paused) {
             return Ok(None);
         }
         {

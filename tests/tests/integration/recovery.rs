@@ -296,3 +296,77 @@ fn a_hung_worker_is_killed_and_the_job_completes() {
         "{log}"
     );
 }
+
+#[test]
+fn pause_checkpoints_and_resume_continues_the_same_loss_curve() {
+    let d = TestDaemon::start();
+    let data = d.dir.path().join("data.jsonl");
+    write_dataset(&data, 64);
+    let c = d.client();
+    let settings: Vec<(&str, &str)> = FAST
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "max_steps")
+        .chain([("max_steps", "40")])
+        .collect();
+    let job = c
+        .submit(spec(tiny_model(), &data, &settings))
+        .expect("submit");
+    let worker = running_worker(&c, job.id, None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.get(job.id).expect("get").progress.step < 8 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let paused = c.pause(job.id).expect("pause");
+    assert_eq!(paused.state, JobState::Paused);
+    let k = paused.progress.step;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process_alive(worker) {
+        assert!(Instant::now() < deadline, "worker still alive after pause");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The worker checkpointed at or after the step it was at when paused.
+    let checkpoints = c.checkpoints(job.id).expect("checkpoints");
+    let last = checkpoints.last().expect("a checkpoint written on pause");
+    assert!(
+        last.step >= k && last.step < 40,
+        "checkpoint {} for pause at {k}",
+        last.step
+    );
+    assert_eq!(c.get(job.id).expect("get").state, JobState::Paused);
+
+    c.resume(job.id, None).expect("resume");
+    let (done, _) = wait_for(&c, job.id, Duration::from_secs(120), |s| s.is_terminal());
+    assert_eq!(done.state, JobState::Completed, "{:?}", done.reason);
+    assert_eq!(done.id, job.id);
+    let log = std::fs::read_to_string(d.state_dir().join(format!("jobs/{}/job.log", job.id)))
+        .expect("log");
+    assert!(
+        log.contains(&format!("resuming from {}", last.name)),
+        "{log}"
+    );
+
+    let points = c.metrics(job.id, None).expect("metrics");
+    assert_eq!(
+        points.iter().map(|p| p.step).collect::<Vec<_>>(),
+        (1..=40).collect::<Vec<_>>()
+    );
+    let straight = c
+        .submit(spec(tiny_model(), &data, &settings))
+        .expect("submit");
+    let (straight, _) = wait_for(&c, straight.id, Duration::from_secs(120), |s| {
+        s.is_terminal()
+    });
+    let reference = c.metrics(straight.id, None).expect("metrics");
+    for (a, b) in points.iter().zip(&reference) {
+        let rel = (a.loss - b.loss).abs() / b.loss.abs().max(1e-12);
+        assert!(
+            rel < 1e-6,
+            "step {}: paused+resumed loss {} vs uninterrupted {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+    }
+}
