@@ -72,9 +72,44 @@ pub async fn run(
 async fn recover(core: &Core) -> Result<(), JournalError> {
     let jobs = core.read(|j| j.jobs()).await?;
     for job in jobs.into_iter().filter(|j| j.state.is_active()) {
+        if let Some(pid) = job.worker_pid {
+            reap_orphan(pid).await;
+        }
         let reason = Some("daemon restarted".to_string());
         core.transition(job.id, JobState::Queued, reason, |job| job.requeued = true)
             .await?;
     }
     Ok(())
+}
+
+/// A worker of a dead daemon exits by itself when its channel closes, but it may still be finishing a
+/// step or a checkpoint: make sure it is gone before a new attempt writes to the same job directory.
+async fn reap_orphan(pid: u32) {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    // Only a `lorad worker` process: the pid may have been reused by something else.
+    if args.get(1) != Some(&&b"worker"[..]) {
+        return;
+    }
+    tracing::warn!(pid, "killing the worker of the previous daemon");
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    for _ in 0..500 {
+        let gone = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => {
+                stat.rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().next())
+                    == Some("Z")
+            }
+            Err(_) => true,
+        };
+        if gone {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tracing::error!(pid, "the previous daemon's worker did not die");
 }

@@ -1,5 +1,6 @@
 //! Integration tests: each starts real `lorad` processes and drives them through lorad-client.
 mod bad_input;
+mod chaos;
 mod cli;
 mod control;
 mod jobs;
