@@ -92,6 +92,7 @@ fn event_kind(e: &EventBody) -> &'static str {
         EventBody::StateChanged { .. } => "state_changed",
         EventBody::Metrics { .. } => "metrics",
         EventBody::Log { .. } => "log",
+        EventBody::Checkpoint { .. } => "checkpoint",
         EventBody::Notice { .. } => "notice",
     }
 }

@@ -271,6 +271,13 @@ pub enum EventBody {
         /// The text.
         text: String,
     },
+    /// A checkpoint of the job was written (resume and export can use it).
+    Checkpoint {
+        /// The optimizer step it holds.
+        step: u64,
+        /// Its name (`step-N`), as `resume --checkpoint` takes it.
+        name: String,
+    },
     /// Something worth telling people.
     Notice {
         /// "info", "warn" or "error".

@@ -163,6 +163,7 @@ pub async fn watch(ctx: &Ctx, job: JobId) -> anyhow::Result<ExitCode> {
                         Err(e) => return Err(e.into()),
                     }
                 }
+                EventBody::Checkpoint { name, .. } => bar.bar.println(format!("checkpoint {name}")),
                 EventBody::Log { .. } => {}
             }
             bar.render(job, &view);

@@ -210,7 +210,7 @@ impl Journal {
     }
 
     /// Stores a metric point once per (job, step), updates the job's progress, and logs a metrics event.
-    /// A point for a step already stored, or for a job that is no longer active, is ignored (returns None),
+    /// A point for a step already stored, or for a job that ended, is ignored (returns None),
     /// so a replayed step never counts twice.
     pub fn record_metric(
         &self,
@@ -219,9 +219,10 @@ impl Journal {
     ) -> Result<Option<(JobRecord, Event)>, JournalError> {
         let txn = self.db.begin_write()?;
         let mut job = read_job(&txn, id)?;
-        // A worker being paused finishes its step and checkpoints it: that step is part of the job's
-        // history (resume continues after it). A cancelled or ended job's history is closed.
-        if !(job.state.is_active() || job.state == JobState::Paused) {
+        // A worker being stopped (pause) finishes its step and checkpoints it, and its last reports may be
+        // read after the job moved on (paused, even resumed): that step is part of the job's history.
+        // A cancelled or ended job's history is closed.
+        if job.state.is_terminal() {
             return Ok(None);
         }
         {
@@ -245,6 +246,14 @@ impl Journal {
         let event = append_event(&txn, Some(id), EventBody::Metrics { point })?;
         txn.commit()?;
         Ok(Some((job, event)))
+    }
+
+    /// Appends an event (checkpoint, log text, notice) on its own.
+    pub fn append_event(&self, job: Option<JobId>, body: EventBody) -> Result<Event, JournalError> {
+        let txn = self.db.begin_write()?;
+        let event = append_event(&txn, job, body)?;
+        txn.commit()?;
+        Ok(event)
     }
 
     /// One job.

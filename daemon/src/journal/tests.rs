@@ -93,10 +93,6 @@ fn metric_points_are_stored_once_in_step_order() {
     let dir = tempfile::tempdir().unwrap();
     let j = Journal::open(&dir.path().join("j.redb")).unwrap();
     let (job, _) = j.insert_job(record).unwrap();
-    assert!(
-        j.record_metric(job.id, point(1)).unwrap().is_none(),
-        "a queued job has no steps"
-    );
     j.transition(job.id, JobState::Initializing, None, |_| {})
         .unwrap();
     for s in [1, 2, 3] {
@@ -121,6 +117,12 @@ fn metric_points_are_stored_once_in_step_order() {
         .collect();
     assert_eq!(since, vec![2, 3]);
     assert_eq!(j.job(job.id).unwrap().progress.step, 3);
+    j.transition(job.id, JobState::Cancelled, None, |_| {})
+        .unwrap();
+    assert!(
+        j.record_metric(job.id, point(4)).unwrap().is_none(),
+        "an ended job's history is closed"
+    );
 }
 
 #[test]

@@ -5,7 +5,7 @@ use crate::core::{Core, WorkerHandle};
 use crate::logs;
 use crate::worker::{Phase, TrainEvent, TrainTask};
 use command_fds::{CommandFdExt, FdMapping};
-use lorad_schema::{frame, JobId, JobRecord, JobState};
+use lorad_schema::{frame, EventBody, JobId, JobRecord, JobState};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -44,6 +44,9 @@ pub struct Running {
     stop: CancellationToken,
     /// No progress for this long while training = stalled (3x while loading or saving).
     stall_timeout: std::time::Duration,
+    /// job.log, and where this attempt's part of it starts (its separator).
+    log_path: PathBuf,
+    log_offset: u64,
 }
 
 /// Starts the worker for `job` and registers it in `core.workers`.
@@ -65,11 +68,15 @@ pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, S
         None => "from the start".to_string(),
     };
     let separator = logs::separator(&format!("{why}; {from}"));
-    let log = {
+    let (log, log_offset) = {
         let log_path = log_path.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+        tokio::task::spawn_blocking(move || -> std::io::Result<(std::fs::File, u64)> {
+            let before = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
             logs::append(&log_path, separator.as_bytes())?;
-            std::fs::OpenOptions::new().append(true).open(&log_path)
+            Ok((
+                std::fs::OpenOptions::new().append(true).open(&log_path)?,
+                before,
+            ))
         })
         .await
         .map_err(|e| SpawnError::Io {
@@ -131,11 +138,86 @@ pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, S
         control,
         stop,
         stall_timeout: std::time::Duration::from_secs(job.settings.stall_timeout),
+        log_path,
+        log_offset,
     })
 }
 
 /// Follows the worker until it exits, recording its reports; stops it when asked.
 pub async fn watch(core: Arc<Core>, id: JobId, mut running: Running) {
+    let log_done = CancellationToken::new();
+    let tail = tokio::spawn(tail_log(
+        core.clone(),
+        id,
+        running.log_path.clone(),
+        running.log_offset,
+        log_done.clone(),
+    ));
+    watch_worker(&core, id, &mut running).await;
+    log_done.cancel();
+    let _ = tail.await;
+}
+
+/// Publishes what the worker appends to job.log as `log` events (whole lines; the rest at the end),
+/// so that subscribers follow the log live, across attempts.
+async fn tail_log(
+    core: Arc<Core>,
+    id: JobId,
+    path: PathBuf,
+    mut offset: u64,
+    done: CancellationToken,
+) {
+    loop {
+        let last = tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => false,
+            _ = done.cancelled() => true,
+        };
+        loop {
+            let p = path.clone();
+            let Ok(Ok((text, _, _))) = tokio::task::spawn_blocking(move || {
+                logs::read_chunk(&p, offset, logs::MAX_LOG_CHUNK)
+            })
+            .await
+            else {
+                break;
+            };
+            // Whole lines only, unless the attempt is over.
+            let cut = if last {
+                text.len()
+            } else {
+                text.rfind('\n').map(|i| i + 1).unwrap_or(0)
+            };
+            if cut == 0 {
+                break;
+            }
+            let chunk = text[..cut].to_string();
+            let at = offset;
+            offset += chunk.len() as u64;
+            let published = core
+                .write(move |j| {
+                    Ok((
+                        (),
+                        vec![j.append_event(
+                            Some(id),
+                            EventBody::Log {
+                                offset: at,
+                                text: chunk,
+                            },
+                        )?],
+                    ))
+                })
+                .await;
+            if published.is_err() || (cut as u64) < logs::MAX_LOG_CHUNK / 2 {
+                break;
+            }
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+async fn watch_worker(core: &Arc<Core>, id: JobId, running: &mut Running) {
     let mut failure: Option<String> = None;
     let mut finished = false;
     let mut stopped = false;
@@ -174,7 +256,7 @@ pub async fn watch(core: Arc<Core>, id: JobId, mut running: Running) {
             }
         }
         match msg {
-            Ok(msg) => handle(&core, id, msg, &mut failure, &mut finished).await,
+            Ok(msg) => handle(core, id, msg, &mut failure, &mut finished).await,
             Err(frame::FrameError::Closed) => break,
             Err(e) => {
                 tracing::warn!(job = %id, error = %e, "worker channel broke");
@@ -280,7 +362,17 @@ async fn handle(
             event: TrainEvent::Checkpoint { step, path },
         } => {
             tracing::info!(job = %id, step, path = %path.display(), "checkpoint written");
-            Ok(())
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            core.write(move |j| {
+                Ok((
+                    (),
+                    vec![j.append_event(Some(id), EventBody::Checkpoint { step, name })?],
+                ))
+            })
+            .await
         }
         FromWorker::Train {
             event: TrainEvent::Plan { total_steps, .. },

@@ -110,6 +110,28 @@ fn job_trains_to_a_peft_adapter() {
         log.contains("===== lorad: worker started") && log.contains("fresh start; from the start"),
         "{log}"
     );
+
+    // Subscribers get the log and the checkpoints as events too, replayed from the journal.
+    let last_seq = c.status().expect("status").last_seq;
+    let mut sub = c.subscribe(Some(job.id), 0).expect("subscribe");
+    let (mut log_text, mut checkpoints) = (String::new(), Vec::new());
+    while let Ok(Some(event)) = sub.next_timeout(Duration::from_secs(10)) {
+        match event.body {
+            EventBody::Log { text, .. } => log_text.push_str(&text),
+            EventBody::Checkpoint { name, .. } => checkpoints.push(name),
+            _ => {}
+        }
+        // The last lines are published when the worker has exited, just after the job completed.
+        if event.seq >= last_seq && log_text.len() >= log.len() {
+            break;
+        }
+    }
+    assert!(
+        log_text.contains("===== lorad: worker started") && log_text.contains("training finished"),
+        "{log_text}"
+    );
+    assert_eq!(log_text, log, "the log events add up to job.log");
+    assert_eq!(checkpoints, vec!["step-80".to_string()]);
 }
 
 #[test]

@@ -156,6 +156,28 @@ fn sigterm_stops_the_daemon_and_its_worker() {
         "the socket file is removed on a clean exit"
     );
     assert!(d.daemon_log().contains("SIGTERM"), "{}", d.daemon_log());
+
+    // The worker checkpointed the step it was on before exiting: after `systemctl restart`, nothing is
+    // recomputed, and the job continues from there.
+    d.restart();
+    let c = d.client();
+    let record = c.get(job.id).expect("get");
+    let last = c
+        .checkpoints(job.id)
+        .expect("checkpoints")
+        .last()
+        .map(|k| k.step)
+        .expect("a checkpoint on SIGTERM");
+    assert_eq!(
+        last,
+        c.metrics(job.id, None).expect("metrics").len() as u64,
+        "no step lost"
+    );
+    assert!(
+        record.state == JobState::Queued || record.state.is_active(),
+        "{record:?}"
+    );
+    c.cancel(job.id).expect("cancel");
 }
 
 /// Waits until the job runs in a worker other than `not`, returns its pid.
