@@ -23,16 +23,11 @@ fn twenty_kills_lose_nothing() {
     let mut d = TestDaemon::start();
     let data = d.dir.path().join("data.jsonl");
     write_dataset(&data, 64);
-    let settings: Vec<(&str, &str)> = FAST
-        .iter()
-        .copied()
-        .filter(|(k, _)| *k != "max_steps")
-        .chain([
-            ("max_steps", "120"),
-            ("checkpoint_every", "3"),
-            ("max_restarts", "100"),
-        ])
-        .collect();
+    let settings = fast_with(&[
+        ("max_steps", "120"),
+        ("checkpoint_every", "3"),
+        ("max_restarts", "100"),
+    ]);
     let job = d
         .client()
         .submit(spec(tiny_model(), &data, &settings))

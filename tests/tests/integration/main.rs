@@ -64,3 +64,49 @@ pub fn wait_for(
         }
     }
 }
+
+/// The demo job's overrides (`FAST`) with `extra` added or replacing the same keys.
+pub fn fast_with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    FAST.iter()
+        .copied()
+        .filter(|(k, _)| !extra.iter().any(|(e, _)| e == k))
+        .chain(extra.iter().copied())
+        .collect()
+}
+
+/// Checks that `job` recorded every step 1..=steps once and that its losses equal those of the same job
+/// run again without interruption (1e-6 relative); returns the id of that reference job.
+pub fn assert_matches_uninterrupted(
+    c: &Client,
+    data: &Path,
+    settings: &[(&str, &str)],
+    job: JobId,
+    steps: u64,
+) -> JobId {
+    let points = c.metrics(job, None).expect("metrics");
+    let order: Vec<u64> = points.iter().map(|p| p.step).collect();
+    assert_eq!(
+        order,
+        (1..=steps).collect::<Vec<_>>(),
+        "every step once, in order"
+    );
+    let straight = c
+        .submit(spec(lorad_tests::tiny_model(), data, settings))
+        .expect("submit");
+    let (straight, _) = wait_for(c, straight.id, Duration::from_secs(120), |s| {
+        s.is_terminal()
+    });
+    assert_eq!(straight.state, JobState::Completed, "{:?}", straight.reason);
+    let reference = c.metrics(straight.id, None).expect("metrics");
+    for (a, b) in points.iter().zip(&reference) {
+        let rel = (a.loss - b.loss).abs() / b.loss.abs().max(1e-12);
+        assert!(
+            rel < 1e-6,
+            "step {}: loss {} vs uninterrupted {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+    }
+    straight.id
+}

@@ -9,12 +9,7 @@ fn kill9_of_the_daemon_keeps_every_job_and_resumes_the_running_one() {
     let data = d.dir.path().join("data.jsonl");
     write_dataset(&data, 64);
     let c = d.client();
-    let resumable: Vec<(&str, &str)> = FAST
-        .iter()
-        .copied()
-        .filter(|(k, _)| *k != "max_steps")
-        .chain([("max_steps", "40"), ("checkpoint_every", "5")])
-        .collect();
+    let resumable = fast_with(&[("max_steps", "40"), ("checkpoint_every", "5")]);
 
     let done = c
         .submit(spec(tiny_model(), &data, &[("max_steps", "6")]))
@@ -99,31 +94,9 @@ fn kill9_of_the_daemon_keeps_every_job_and_resumes_the_running_one() {
     );
 
     // Every step once, and the same losses as an uninterrupted run of the same job.
-    let points = c.metrics(running.id, None).expect("metrics");
-    assert_eq!(
-        points.iter().map(|p| p.step).collect::<Vec<_>>(),
-        (1..=40).collect::<Vec<_>>()
-    );
-    let straight = c
-        .submit(spec(tiny_model(), &data, &resumable))
-        .expect("submit");
-    let (straight, _) = wait_for(&c, straight.id, Duration::from_secs(120), |s| {
-        s.is_terminal()
-    });
-    assert_eq!(straight.state, JobState::Completed);
-    let reference = c.metrics(straight.id, None).expect("metrics");
-    for (a, b) in points.iter().zip(&reference) {
-        let rel = (a.loss - b.loss).abs() / b.loss.abs().max(1e-12);
-        assert!(
-            rel < 1e-6,
-            "step {}: resumed loss {} vs uninterrupted {}",
-            a.step,
-            a.loss,
-            b.loss
-        );
-    }
+    let straight = assert_matches_uninterrupted(&c, &data, &resumable, running.id, 40);
     // New ids continue after the old ones.
-    assert_eq!(straight.id.0, queued.id.0 + 1);
+    assert_eq!(straight.0, queued.id.0 + 1);
 }
 
 #[test]
@@ -204,16 +177,11 @@ fn a_killed_worker_is_restarted_until_max_restarts() {
     let data = d.dir.path().join("data.jsonl");
     write_dataset(&data, 64);
     let c = d.client();
-    let settings: Vec<(&str, &str)> = FAST
-        .iter()
-        .copied()
-        .filter(|(k, _)| *k != "max_steps")
-        .chain([
-            ("max_steps", "30"),
-            ("checkpoint_every", "2"),
-            ("max_restarts", "1"),
-        ])
-        .collect();
+    let settings = fast_with(&[
+        ("max_steps", "30"),
+        ("checkpoint_every", "2"),
+        ("max_restarts", "1"),
+    ]);
     let kill = |pid: u32| {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
@@ -273,16 +241,11 @@ fn a_hung_worker_is_killed_and_the_job_completes() {
     let data = d.dir.path().join("data.jsonl");
     write_dataset(&data, 64);
     let c = d.client();
-    let settings: Vec<(&str, &str)> = FAST
-        .iter()
-        .copied()
-        .filter(|(k, _)| *k != "max_steps")
-        .chain([
-            ("max_steps", "12"),
-            ("checkpoint_every", "3"),
-            ("stall_timeout", "2"),
-        ])
-        .collect();
+    let settings = fast_with(&[
+        ("max_steps", "12"),
+        ("checkpoint_every", "3"),
+        ("stall_timeout", "2"),
+    ]);
     let job = c
         .submit(spec(tiny_model(), &data, &settings))
         .expect("submit");
@@ -325,12 +288,7 @@ fn pause_checkpoints_and_resume_continues_the_same_loss_curve() {
     let data = d.dir.path().join("data.jsonl");
     write_dataset(&data, 64);
     let c = d.client();
-    let settings: Vec<(&str, &str)> = FAST
-        .iter()
-        .copied()
-        .filter(|(k, _)| *k != "max_steps")
-        .chain([("max_steps", "40")])
-        .collect();
+    let settings = fast_with(&[("max_steps", "40")]);
     let job = c
         .submit(spec(tiny_model(), &data, &settings))
         .expect("submit");
@@ -369,26 +327,5 @@ fn pause_checkpoints_and_resume_continues_the_same_loss_curve() {
         "{log}"
     );
 
-    let points = c.metrics(job.id, None).expect("metrics");
-    assert_eq!(
-        points.iter().map(|p| p.step).collect::<Vec<_>>(),
-        (1..=40).collect::<Vec<_>>()
-    );
-    let straight = c
-        .submit(spec(tiny_model(), &data, &settings))
-        .expect("submit");
-    let (straight, _) = wait_for(&c, straight.id, Duration::from_secs(120), |s| {
-        s.is_terminal()
-    });
-    let reference = c.metrics(straight.id, None).expect("metrics");
-    for (a, b) in points.iter().zip(&reference) {
-        let rel = (a.loss - b.loss).abs() / b.loss.abs().max(1e-12);
-        assert!(
-            rel < 1e-6,
-            "step {}: paused+resumed loss {} vs uninterrupted {}",
-            a.step,
-            a.loss,
-            b.loss
-        );
-    }
+    assert_matches_uninterrupted(&c, &data, &settings, job.id, 40);
 }
