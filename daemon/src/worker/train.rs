@@ -291,7 +291,11 @@ pub fn train(
         );
         on_event(TrainEvent::Step { point });
 
-        if s.checkpoint_every > 0 && step % s.checkpoint_every == 0 && step < total {
+        // A checkpoint every `checkpoint_every` steps, and one before stopping when the supervisor asks
+        // (pause, cancel, daemon shutdown); the final one is written after the loop.
+        let periodic = s.checkpoint_every > 0 && step % s.checkpoint_every == 0 && step < total;
+        let stop = step < total && super::stop_requested();
+        if periodic || stop {
             let state = trainer_state(
                 step,
                 &loader,
@@ -303,25 +307,13 @@ pub fn train(
             );
             write_checkpoint(task, &model, &lora, &opt, state, on_event)?;
             saved = step;
+            if stop {
+                tracing::info!(step, "stop requested: checkpoint written");
+                return Err(EngineError::Stopped { step });
+            }
             on_event(TrainEvent::Phase {
                 phase: Phase::Training,
             });
-        }
-        if step < total && super::stop_requested() {
-            if saved != step {
-                let state = trainer_state(
-                    step,
-                    &loader,
-                    s.seed,
-                    &dropout_rng,
-                    &schedule,
-                    &losses,
-                    &fingerprint,
-                );
-                write_checkpoint(task, &model, &lora, &opt, state, on_event)?;
-            }
-            tracing::info!(step, "stop requested: checkpoint written");
-            return Err(EngineError::Stopped { step });
         }
     }
 
