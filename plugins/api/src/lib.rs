@@ -60,8 +60,9 @@ pub use abi::{
 pub use error::{codes, ErrorReply, PluginError};
 pub use host::{call_plugin, call_typed, check_abi, plugin_name, AbiError, PluginCallError};
 pub use messages::{
-    methods, DataloaderOpenRequest, DataloaderOpenResponse, DataloaderReadRequest,
-    DataloaderReadResponse, ExportRequest, ExportResponse, TemplateDef, TemplatesListRequest,
+    methods, DataFormatDef, DataloaderFormatsRequest, DataloaderFormatsResponse,
+    DataloaderOpenRequest, DataloaderOpenResponse, DataloaderReadRequest, DataloaderReadResponse,
+    ExportRequest, ExportResponse, TemplateDef, TemplatesListRequest,
 };
 #[doc(hidden)]
 pub use sdk::__private;

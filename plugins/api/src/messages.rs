@@ -1,6 +1,6 @@
 //! Method names and their request/response types. Every payload is MessagePack with named fields
 //! (`rmp_serde::to_vec_named`), so fields can be added later without breaking older peers.
-use lorad_schema::TrainSettings;
+use lorad_schema::{JobRecord, MetricPoint, TrainSettings};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +12,9 @@ pub mod methods {
     pub const TEMPLATES_LIST: &str = "templates.list";
     /// [`ExportRequest`](super::ExportRequest) -> [`ExportResponse`](super::ExportResponse).
     pub const EXPORT_RUN: &str = "export.run";
+    /// [`DataloaderFormatsRequest`](super::DataloaderFormatsRequest) ->
+    /// [`DataloaderFormatsResponse`](super::DataloaderFormatsResponse).
+    pub const DATALOADER_FORMATS: &str = "dataloader.formats";
     /// [`DataloaderOpenRequest`](super::DataloaderOpenRequest) ->
     /// [`DataloaderOpenResponse`](super::DataloaderOpenResponse).
     pub const DATALOADER_OPEN: &str = "dataloader.open";
@@ -35,21 +38,36 @@ pub struct TemplateDef {
     pub settings: TrainSettings,
 }
 
-/// Request of `export.run`. Paths are absolute UTF-8 strings chosen by the daemon.
+/// Request of `export.run`. The daemon resolves and validates every path before the call (the job's
+/// own directories, a checkpoint name checked against traversal); exporters run in a `lorad worker
+/// --export` process, never in the daemon, and may print progress lines on stderr (they go to the job's
+/// log and to the client that asked for the export).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExportRequest {
-    /// The job's directory (job.log, trainer_state, metrics).
+    /// The job's directory (`job.log`, `checkpoints/`, `adapter/`).
     pub job_dir: String,
-    /// The directory holding the adapter to export.
+    /// The adapter to export, in HF PEFT layout (`adapter_config.json` + `adapter_model.safetensors`):
+    /// the job's final `adapter/`, or the checkpoint directory the user named.
     pub adapter_dir: String,
-    /// The base model the adapter was trained on (a directory or model id as the job recorded it).
+    /// The base model the adapter was trained on, as the job recorded it: an HF model directory or a
+    /// GGUF file.
     pub base_model: String,
-    /// Where the export should be written (a file or directory, by exporter).
+    /// Where to write: a directory (`peft`, `merged`) or a file (`zip`). It does not exist yet; its
+    /// parent does. Exporters write into a temporary sibling and rename, so a failed export leaves
+    /// nothing behind.
     pub out: String,
-    /// A checkpoint name inside the job to export instead of the final adapter. The daemon validates it
-    /// against path traversal before calling; plugins must still treat it as a single path component.
+    /// The checkpoint exported (`step-N`), or `None` for the final adapter.
     #[serde(default)]
     pub checkpoint: Option<String>,
+    /// `trainer_state.json` that goes with the adapter (the checkpoint's, or the newest checkpoint's for
+    /// the final adapter), if there is one.
+    #[serde(default)]
+    pub trainer_state: Option<String>,
+    /// The job's record: id, name, spec, resolved settings, state, progress.
+    pub job: JobRecord,
+    /// Every metric point of the job, in step order.
+    #[serde(default)]
+    pub metrics: Vec<MetricPoint>,
 }
 
 /// Response of `export.run`.
@@ -57,6 +75,29 @@ pub struct ExportRequest {
 pub struct ExportResponse {
     /// The files the exporter wrote.
     pub files: Vec<String>,
+}
+
+/// Request of `dataloader.formats` (an empty map today).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DataloaderFormatsRequest {}
+
+/// Response of `dataloader.formats`: the dataset formats a dataloader plugin reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataloaderFormatsResponse {
+    /// The formats.
+    pub formats: Vec<DataFormatDef>,
+}
+
+/// One dataset format a dataloader plugin reads, chosen by the dataset's file extension.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataFormatDef {
+    /// Short name (`tsv`, `parquet`).
+    pub name: String,
+    /// File extensions, without the dot, lower case (`["tsv", "tab"]`). An extension lorad reads itself
+    /// (`jsonl`, `json`) cannot be taken over.
+    pub extensions: Vec<String>,
+    /// One line on the format (`prompt<TAB>completion per line`).
+    pub description: String,
 }
 
 /// Request of `dataloader.open`: open (or index) a dataset.

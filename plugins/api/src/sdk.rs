@@ -5,8 +5,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use crate::abi::{kinds, Buf, LoradPluginV1, ABI_VERSION, STATUS_ERROR, STATUS_OK};
 use crate::messages::{self, methods};
 use crate::{
-    DataloaderOpenRequest, DataloaderOpenResponse, DataloaderReadRequest, DataloaderReadResponse,
-    ExportRequest, ExportResponse, PluginError, TemplateDef, TemplatesListRequest,
+    DataFormatDef, DataloaderFormatsRequest, DataloaderFormatsResponse, DataloaderOpenRequest,
+    DataloaderOpenResponse, DataloaderReadRequest, DataloaderReadResponse, ExportRequest,
+    ExportResponse, PluginError, TemplateDef, TemplatesListRequest,
 };
 
 /// A lorad plugin. Implement `name`, `kinds` and the typed methods of the kinds you declare; the
@@ -30,6 +31,11 @@ pub trait Plugin: Send + Sync + 'static {
     fn export(&self, request: ExportRequest) -> Result<ExportResponse, PluginError> {
         let _ = request;
         Err(unsupported(methods::EXPORT_RUN))
+    }
+
+    /// `dataloader.formats`: the dataset formats (file extensions) this plugin reads.
+    fn dataloader_formats(&self) -> Result<Vec<DataFormatDef>, PluginError> {
+        Err(unsupported(methods::DATALOADER_FORMATS))
     }
 
     /// `dataloader.open`: open a dataset and count its records.
@@ -76,6 +82,12 @@ pub fn dispatch<P: Plugin + ?Sized>(
         }
         methods::EXPORT_RUN if has(kinds::EXPORT) => {
             messages::encode(&plugin.export(messages::decode(request)?)?)
+        }
+        methods::DATALOADER_FORMATS if has(kinds::DATALOADER) => {
+            let _: DataloaderFormatsRequest = messages::decode(request)?;
+            messages::encode(&DataloaderFormatsResponse {
+                formats: plugin.dataloader_formats()?,
+            })
         }
         methods::DATALOADER_OPEN if has(kinds::DATALOADER) => {
             messages::encode(&plugin.dataloader_open(messages::decode(request)?)?)

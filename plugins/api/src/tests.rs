@@ -55,6 +55,34 @@ fn export_request(out: &str) -> ExportRequest {
         base_model: "/models/tiny".into(),
         out: out.into(),
         checkpoint: None,
+        trainer_state: None,
+        job: job_record(),
+        metrics: Vec::new(),
+    }
+}
+
+fn job_record() -> lorad_schema::JobRecord {
+    lorad_schema::JobRecord {
+        id: lorad_schema::JobId(7),
+        name: "seven".into(),
+        state: lorad_schema::JobState::Completed,
+        reason: None,
+        owner_uid: 1000,
+        priority: 0,
+        template: "t-basic".into(),
+        base_model: "/models/tiny".into(),
+        dataset: "/data/train.jsonl".into(),
+        output_dir: "/jobs/7/adapter".into(),
+        settings: TrainSettings::default(),
+        overrides: Default::default(),
+        progress: Default::default(),
+        created_at_ms: 0,
+        started_at_ms: None,
+        finished_at_ms: None,
+        adapter_dir: Some("/jobs/7/adapter".into()),
+        worker_pid: None,
+        resume_checkpoint: None,
+        requeued: false,
     }
 }
 
@@ -215,22 +243,46 @@ fn dataloader_messages_round_trip() {
     let back: DataloaderReadResponse = messages::decode(&bytes).unwrap();
     assert_eq!(back, reply);
 
-    // A missing optional checkpoint decodes as None (older hosts may omit it).
-    #[derive(serde::Serialize)]
-    struct Old<'a> {
-        job_dir: &'a str,
-        adapter_dir: &'a str,
-        base_model: &'a str,
-        out: &'a str,
+    // Optional fields left out by a host decode as their defaults.
+    let mut full = rmp_serde::to_vec_named(&export_request("/out")).unwrap();
+    let value: serde_json::Value = rmp_serde::from_slice(&full).unwrap();
+    let mut map = value.as_object().unwrap().clone();
+    for optional in ["checkpoint", "trainer_state", "metrics"] {
+        map.remove(optional);
     }
-    let old = Old {
-        job_dir: "j",
-        adapter_dir: "a",
-        base_model: "b",
-        out: "o",
-    };
-    let req: ExportRequest = messages::decode(&rmp_serde::to_vec_named(&old).unwrap()).unwrap();
+    full = rmp_serde::to_vec_named(&map).unwrap();
+    let req: ExportRequest = messages::decode(&full).unwrap();
     assert_eq!(req.checkpoint, None);
+    assert!(req.metrics.is_empty());
+}
+
+#[test]
+fn dataloader_formats_round_trip() {
+    struct Tsv;
+    impl Plugin for Tsv {
+        fn name(&self) -> &'static str {
+            "tsv"
+        }
+        fn kinds(&self) -> u32 {
+            kinds::DATALOADER
+        }
+        fn dataloader_formats(&self) -> Result<Vec<DataFormatDef>, PluginError> {
+            Ok(vec![DataFormatDef {
+                name: "tsv".into(),
+                extensions: vec!["tsv".into()],
+                description: "prompt<TAB>completion".into(),
+            }])
+        }
+    }
+    let req = messages::encode(&DataloaderFormatsRequest {}).unwrap();
+    let reply = Tsv.call(methods::DATALOADER_FORMATS, &req).unwrap();
+    let formats: DataloaderFormatsResponse = messages::decode(&reply).unwrap();
+    assert_eq!(formats.formats[0].extensions, ["tsv"]);
+    // Declared kinds gate the method: a templates-only plugin does not answer it.
+    assert!(matches!(
+        TestPlugin { prefix: "t".into() }.call(methods::DATALOADER_FORMATS, &req),
+        Err(PluginError::UnknownMethod(_))
+    ));
 }
 
 #[test]
