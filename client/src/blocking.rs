@@ -16,7 +16,7 @@
 use crate::error::ClientError;
 use crate::{LogChunk, ServerInfo};
 use lorad_schema::{
-    CheckpointInfo, DaemonStatus, Event, JobId, JobRecord, JobSpec, JobState, MetricPoint, Request,
+    CheckpointInfo, DaemonStatus, ExportInfo, Event, JobId, JobRecord, JobSpec, JobState, MetricPoint, Request,
     Response, Template,
 };
 use std::path::Path;
@@ -125,6 +125,18 @@ impl Client {
     /// See [`crate::Client::set_priority`].
     pub fn set_priority(&self, job: JobId, priority: i32) -> Result<JobRecord, ClientError> {
         self.rt.block_on(self.inner.set_priority(job, priority))
+    }
+
+    /// See [`crate::Client::export`].
+    pub fn export(
+        &self,
+        job: JobId,
+        format: &str,
+        out: &str,
+        checkpoint: Option<String>,
+    ) -> Result<ExportInfo, ClientError> {
+        self.rt
+            .block_on(self.inner.export(job, format, out, checkpoint))
     }
 
     /// See [`crate::Client::checkpoints`].

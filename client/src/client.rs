@@ -7,7 +7,7 @@ use interprocess::local_socket::traits::tokio::Stream as _;
 use interprocess::local_socket::{GenericFilePath, ToFsName};
 use lorad_schema::frame::{self, FrameError};
 use lorad_schema::{
-    CheckpointInfo, DaemonStatus, Handshake, JobId, JobRecord, JobSpec, JobState, MetricPoint,
+    CheckpointInfo, DaemonStatus, ExportInfo, Handshake, JobId, JobRecord, JobSpec, JobState, MetricPoint,
     Request, Response, Template, MAX_FRAME, PROTOCOL_VERSION,
 };
 use std::path::Path;
@@ -332,6 +332,27 @@ impl Client {
         }
     }
 
+    /// Exports a job's final adapter (or `checkpoint`) as `format` to `out`, an absolute path that must
+    /// not exist. Returns when the export is written; the job's `export` events show its progress.
+    pub async fn export(
+        &self,
+        job: JobId,
+        format: &str,
+        out: &str,
+        checkpoint: Option<String>,
+    ) -> Result<ExportInfo, ClientError> {
+        let request = Request::Export {
+            job,
+            format: format.to_string(),
+            out: out.to_string(),
+            checkpoint,
+        };
+        match self.call(request).await? {
+            Response::Exported(info) => Ok(info),
+            other => Err(unexpected("exported", &other)),
+        }
+    }
+
     /// Asks the daemon to stop (admin only).
     pub async fn shutdown(&self) -> Result<(), ClientError> {
         self.done_call(Request::Shutdown).await
@@ -372,6 +393,7 @@ pub(crate) fn response_kind(r: &Response) -> &'static str {
         Response::Jobs { .. } => "jobs",
         Response::Metrics { .. } => "metrics",
         Response::Checkpoints { .. } => "checkpoints",
+        Response::Exported(_) => "exported",
         Response::Logs { .. } => "logs",
         Response::Subscribed { .. } => "subscribed",
         Response::Done => "done",

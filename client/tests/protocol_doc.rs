@@ -18,7 +18,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 use std::collections::BTreeSet;
 
-const REQUESTS: [&str; 16] = [
+const REQUESTS: [&str; 17] = [
     "status",
     "templates",
     "submit",
@@ -30,24 +30,26 @@ const REQUESTS: [&str; 16] = [
     "retry",
     "set_priority",
     "checkpoints",
+    "export",
     "metrics",
     "logs",
     "subscribe",
     "unsubscribe",
     "shutdown",
 ];
-const RESPONSES: [&str; 9] = [
+const RESPONSES: [&str; 10] = [
     "status",
     "templates",
     "job",
     "jobs",
     "checkpoints",
+    "exported",
     "metrics",
     "logs",
     "subscribed",
     "done",
 ];
-const EVENTS: [&str; 4] = ["state_changed", "metrics", "log", "notice"];
+const EVENTS: [&str; 5] = ["state_changed", "metrics", "log", "export", "notice"];
 const HANDSHAKES: [&str; 3] = ["hello", "welcome", "error"];
 
 // Exhaustive matches: a new variant in the schema stops this test from compiling until it is named
@@ -65,6 +67,7 @@ fn request_kind(r: &Request) -> &'static str {
         Request::Retry { .. } => "retry",
         Request::SetPriority { .. } => "set_priority",
         Request::Checkpoints { .. } => "checkpoints",
+        Request::Export { .. } => "export",
         Request::Metrics { .. } => "metrics",
         Request::Logs { .. } => "logs",
         Request::Subscribe { .. } => "subscribe",
@@ -80,6 +83,7 @@ fn response_kind(r: &Response) -> &'static str {
         Response::Job(_) => "job",
         Response::Jobs { .. } => "jobs",
         Response::Checkpoints { .. } => "checkpoints",
+        Response::Exported(_) => "exported",
         Response::Metrics { .. } => "metrics",
         Response::Logs { .. } => "logs",
         Response::Subscribed { .. } => "subscribed",
@@ -93,6 +97,7 @@ fn event_kind(e: &EventBody) -> &'static str {
         EventBody::Metrics { .. } => "metrics",
         EventBody::Log { .. } => "log",
         EventBody::Checkpoint { .. } => "checkpoint",
+        EventBody::Export { .. } => "export",
         EventBody::Notice { .. } => "notice",
     }
 }
@@ -115,6 +120,7 @@ fn error_codes() -> Vec<(ErrorCode, &'static str)> {
         ErrorCode::TooLarge,
         ErrorCode::Busy,
         ErrorCode::Internal,
+        ErrorCode::Failed,
     ];
     all.into_iter()
         .map(|c| {
@@ -127,6 +133,7 @@ fn error_codes() -> Vec<(ErrorCode, &'static str)> {
                 ErrorCode::TooLarge => "too_large",
                 ErrorCode::Busy => "busy",
                 ErrorCode::Internal => "internal",
+                ErrorCode::Failed => "failed",
             };
             (c, name)
         })

@@ -143,6 +143,7 @@ fn status() -> DaemonStatus {
         running: 0,
         jobs: 0,
         last_seq: 0,
+        plugins: Default::default(),
     }
 }
 

@@ -3,6 +3,7 @@
 //! The supervisor creates a Unix socketpair and hands one end to the worker as file descriptor
 //! [`CONTROL_FD`]; both sides use the wire framing of `lorad_schema::frame` with these messages. The
 //! worker's stderr is its log; this channel carries only structured messages.
+use crate::plugins::PluginRef;
 use crate::worker::{TrainEvent, TrainTask};
 use serde::{Deserialize, Serialize};
 
@@ -13,11 +14,28 @@ pub const CONTROL_FD: i32 = 3;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToWorker {
-    /// Train this task (the first and, for now, only command).
+    /// Train this task (`lorad worker`).
     Train {
         /// The task.
         task: TrainTask,
+        /// The dataloader plugin that reads the dataset; None: lorad reads it as JSONL.
+        #[serde(default)]
+        dataloader: Option<PluginRef>,
     },
+    /// Run an exporter plugin (`lorad worker --export`).
+    Export {
+        /// The task.
+        task: ExportTask,
+    },
+}
+
+/// One export: the exporter plugin to open and the request to call it with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportTask {
+    /// The exporter.
+    pub plugin: PluginRef,
+    /// Its `export.run` request, every path resolved and checked by the daemon.
+    pub request: lorad_plugin::ExportRequest,
 }
 
 /// Worker -> supervisor.
@@ -46,7 +64,12 @@ pub enum FromWorker {
         /// The step checkpointed.
         step: u64,
     },
-    /// Training failed; the worker exits non-zero after this.
+    /// The export is written.
+    Exported {
+        /// The files the exporter wrote.
+        files: Vec<String>,
+    },
+    /// Training or the export failed; the worker exits non-zero after this.
     Failed {
         /// The error, naming the file, line, field or tensor at fault.
         message: String,

@@ -1,4 +1,5 @@
 //! The daemon's configuration: defaults, the TOML file, and flags on top.
+use crate::plugins::{Pick, PluginDir};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,6 +19,8 @@ pub struct Config {
     pub kill_grace: Duration,
     /// Socket permissions: 0o600 for a user daemon, 0o660 for the system daemon.
     pub socket_mode: u32,
+    /// Where plugins are looked for, in order (scanned at start and on SIGHUP).
+    pub plugin_dirs: Vec<PluginDir>,
 }
 
 /// The subset of settings the TOML file may hold; flags override them.
@@ -32,6 +35,10 @@ pub struct FileConfig {
     pub max_frame: Option<usize>,
     /// Seconds between SIGTERM and SIGKILL for a worker.
     pub kill_grace_s: Option<u64>,
+    /// Extra plugin directories, searched after the default ones.
+    pub plugin_dirs: Option<Vec<PathBuf>>,
+    /// Search the default plugin directories (default true).
+    pub default_plugins: Option<bool>,
 }
 
 /// Why the configuration could not be built.
@@ -100,14 +107,31 @@ impl Config {
     /// A config for `socket` and `state_dir` with every other value at its default; the worker is this
     /// executable.
     pub fn new(socket: PathBuf, state_dir: PathBuf) -> Config {
+        let worker_exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("lorad"));
         Config {
             socket,
             state_dir,
-            worker_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("lorad")),
+            plugin_dirs: crate::plugins::default_dirs(&worker_exe),
+            worker_exe,
             max_frame: lorad_schema::MAX_FRAME,
             kill_grace: Duration::from_secs(3),
             socket_mode: 0o600,
         }
+    }
+
+    /// Sets the plugin search path: the default directories (unless `defaults` is false), then
+    /// `extra`, in order.
+    pub fn set_plugin_dirs(&mut self, defaults: bool, extra: &[PathBuf]) {
+        self.plugin_dirs = if defaults {
+            crate::plugins::default_dirs(&self.worker_exe)
+        } else {
+            Vec::new()
+        };
+        self.plugin_dirs
+            .extend(extra.iter().map(|path| PluginDir {
+                path: path.clone(),
+                pick: Pick::All,
+            }));
     }
 
     /// `<state_dir>/journal.redb`

@@ -4,7 +4,8 @@ use crate::journal::{Journal, JournalError};
 use lorad_schema::{Event, JobId, JobRecord, JobState};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use crate::plugins::Registry;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
@@ -35,6 +36,7 @@ pub struct Core {
     pub workers: Mutex<HashMap<JobId, WorkerHandle>>,
     started: Instant,
     next_sub: AtomicU64,
+    plugins: RwLock<Arc<Registry>>,
 }
 
 impl Core {
@@ -51,7 +53,36 @@ impl Core {
             workers: Mutex::new(HashMap::new()),
             started: Instant::now(),
             next_sub: AtomicU64::new(1),
+            plugins: RwLock::new(Arc::new(Registry::default())),
         })
+    }
+
+    /// The plugins of the last scan.
+    pub fn plugins(&self) -> Arc<Registry> {
+        self.plugins
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Scans the plugin directories again (off the runtime: dlopen and plugin calls block) and swaps
+    /// the registry in. Libraries already loaded stay loaded; jobs and exports already started keep the
+    /// plugin they were given.
+    pub async fn rescan_plugins(&self) {
+        let dirs = self.config.plugin_dirs.clone();
+        match tokio::task::spawn_blocking(move || Registry::scan(&dirs)).await {
+            Ok(registry) => {
+                let status = registry.status();
+                tracing::info!(
+                    loaded = status.loaded.len(),
+                    rejected = status.rejected.len(),
+                    "plugins scanned"
+                );
+                let mut slot = self.plugins.write().unwrap_or_else(|p| p.into_inner());
+                *slot = Arc::new(registry);
+            }
+            Err(e) => tracing::error!(error = %e, "plugin scan failed"),
+        }
     }
 
     /// Runs a read of the journal on the blocking pool.

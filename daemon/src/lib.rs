@@ -11,11 +11,11 @@ pub mod demo;
 pub mod generate;
 pub mod journal;
 pub mod logs;
+pub mod plugins;
 pub mod scheduler;
 pub mod server;
 pub mod state;
 pub mod supervisor;
-pub mod templates;
 pub mod worker;
 
 use crate::core::Core;
@@ -57,6 +57,8 @@ pub async fn run(
         .await
         .map_err(|e| JournalError::Task(e.to_string()))??;
     let core = Core::new(config, journal, shutdown);
+    core.rescan_plugins().await;
+    tokio::spawn(rescan_on_sighup(core.clone()));
     recover(&core).await?;
     tracing::info!(socket = %core.config.socket.display(), state_dir = %state_dir.display(), "lorad ready");
 
@@ -65,6 +67,24 @@ pub async fn run(
     let _ = supervisor.await;
     tracing::info!("lorad stopped");
     Ok(())
+}
+
+/// SIGHUP: scan the plugin directories again.
+async fn rescan_on_sighup(core: std::sync::Arc<Core>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; plugins are scanned only at start");
+        return;
+    };
+    loop {
+        tokio::select! {
+            Some(()) = hup.recv() => {
+                tracing::info!("SIGHUP: scanning plugin directories");
+                core.rescan_plugins().await;
+            }
+            _ = core.shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Jobs a dead daemon left initializing or running have no worker any more: put them back at the front

@@ -30,6 +30,12 @@ pub fn separator(why: &str) -> String {
     format!("\n===== lorad: worker started {when}: {why} =====\n")
 }
 
+/// The separator written before an export's output.
+pub fn export_separator(format: &str, what: &str) -> String {
+    let when = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    format!("\n===== lorad: export {format} started {when}: {what} =====\n")
+}
+
 /// Reads up to `max` bytes at `offset`: (text, next_offset, size). A missing log reads as empty.
 pub fn read_chunk(path: &Path, offset: u64, max: u64) -> std::io::Result<(String, u64, u64)> {
     let mut f = match std::fs::File::open(path) {

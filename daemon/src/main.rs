@@ -17,9 +17,13 @@ struct Cli {
     /// State directory (journal, job logs, adapters).
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Directory to load plugins from (repeatable; plugins arrive in a later release).
+    /// Directory to load plugins from, after the default ones (repeatable).
     #[arg(long)]
     plugin_dir: Vec<PathBuf>,
+    /// Search only the --plugin-dir directories, not the defaults (next to lorad,
+    /// <prefix>/lib/lorad/plugins, /etc/lorad/plugins.d, ~/.local/share/lorad/plugins).
+    #[arg(long)]
+    no_default_plugins: bool,
     /// Detach from the terminal and run in the background.
     #[arg(long)]
     daemonize: bool,
@@ -32,9 +36,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Internal: train one job (started by the daemon with its task on fd 3).
+    /// Internal: train one job, or run one export (started by the daemon with its task on fd 3).
     #[command(hide = true)]
-    Worker,
+    Worker {
+        /// Run an exporter plugin instead of training.
+        #[arg(long)]
+        export: bool,
+    },
     /// Run a private daemon on a tiny model: submit, watch, print where the adapter is.
     Demo {
         /// Keep the demo's files here instead of a new temp dir.
@@ -86,9 +94,9 @@ fn init_tracing() {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Worker) => {
+        Some(Command::Worker { export }) => {
             init_tracing();
-            let code = lorad::worker::process::run()?;
+            let code = lorad::worker::process::run(export)?;
             std::process::exit(code);
         }
         Some(Command::MakeTinyModel { dir, seed }) => {
@@ -164,11 +172,10 @@ fn serve(cli: Cli) -> anyhow::Result<()> {
     if !cli.user {
         config.socket_mode = 0o660;
     }
-    if !cli.plugin_dir.is_empty() {
-        eprintln!(
-            "lorad: note: --plugin-dir is accepted but plugins are not loaded by this version yet"
-        );
-    }
+    let mut plugin_dirs = file.plugin_dirs.unwrap_or_default();
+    plugin_dirs.extend(cli.plugin_dir);
+    let defaults = !cli.no_default_plugins && file.default_plugins.unwrap_or(true);
+    config.set_plugin_dirs(defaults, &plugin_dirs);
     if cli.daemonize {
         daemonize::Daemonize::new()
             .working_directory("/")

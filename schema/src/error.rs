@@ -21,6 +21,8 @@ pub enum ErrorCode {
     Busy,
     /// A bug or an I/O failure inside the daemon.
     Internal,
+    /// The work ran and failed (e.g. an exporter plugin reported an error); the message says why.
+    Failed,
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -34,6 +36,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Busy => "busy",
             ErrorCode::Internal => "internal",
+            ErrorCode::Failed => "failed",
         };
         f.write_str(s)
     }

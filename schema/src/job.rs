@@ -278,6 +278,13 @@ pub enum EventBody {
         /// Its name (`step-N`), as `resume --checkpoint` takes it.
         name: String,
     },
+    /// Progress of an export of the job (a line the exporter printed, or its start and end).
+    Export {
+        /// The format being exported.
+        format: String,
+        /// The line.
+        text: String,
+    },
     /// Something worth telling people.
     Notice {
         /// "info", "warn" or "error".

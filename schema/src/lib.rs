@@ -20,8 +20,9 @@ pub use job::{
     Event, EventBody, GpuSample, JobId, JobRecord, JobSpec, JobState, MetricPoint, Progress,
 };
 pub use proto::{
-    CheckpointInfo, ClientFrame, DaemonStatus, DeviceInfo, Handshake, Push, Reply, Request,
-    Response, ServerFrame, Template, PROTOCOL_VERSION,
+    CheckpointInfo, ClientFrame, DaemonStatus, DeviceInfo, ExportInfo, Handshake, PluginInfo,
+    PluginKind, PluginsStatus, Push, RejectedPlugin, Reply, Request, Response, ServerFrame,
+    Template, PROTOCOL_VERSION,
 };
 pub use settings::{DType, Schedule, SettingError, TrainSettings, TARGET_MODULES};
 

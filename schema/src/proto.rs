@@ -104,6 +104,19 @@ pub enum Request {
         /// The job.
         job: JobId,
     },
+    /// Export a job's adapter (final, or a checkpoint) with an exporter plugin. The reply comes when the
+    /// export is done; meanwhile the job's event stream carries `export` events with its progress.
+    Export {
+        /// The job.
+        job: JobId,
+        /// Export format, as an exporter plugin names it (`peft`, `merged`, `zip`).
+        format: String,
+        /// Absolute path to write (a directory or a file, by format). It must not exist; its parent must.
+        out: String,
+        /// A checkpoint name (`step-N`) to export instead of the final adapter.
+        #[serde(default)]
+        checkpoint: Option<String>,
+    },
     /// A job's metric points in step order.
     Metrics {
         /// The job.
@@ -156,6 +169,7 @@ impl Request {
             Request::Retry { .. } => "retry",
             Request::SetPriority { .. } => "set_priority",
             Request::Checkpoints { .. } => "checkpoints",
+            Request::Export { .. } => "export",
             Request::Metrics { .. } => "metrics",
             Request::Logs { .. } => "logs",
             Request::Subscribe { .. } => "subscribe",
@@ -224,6 +238,71 @@ pub struct DaemonStatus {
     pub jobs: u64,
     /// Last event seq in the journal.
     pub last_seq: u64,
+    /// Plugins loaded and rejected at the last scan (start or SIGHUP).
+    #[serde(default)]
+    pub plugins: PluginsStatus,
+}
+
+/// The plugin registry as `status` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PluginsStatus {
+    /// Plugins in use, in load order.
+    pub loaded: Vec<PluginInfo>,
+    /// Libraries that were skipped, with why.
+    pub rejected: Vec<RejectedPlugin>,
+    /// The directories searched, in order.
+    pub dirs: Vec<String>,
+}
+
+/// What a plugin can provide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PluginKind {
+    /// Training templates.
+    Templates,
+    /// Export formats.
+    Export,
+    /// Dataset formats.
+    Dataloader,
+}
+
+/// A loaded plugin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginInfo {
+    /// The name it declares.
+    pub name: String,
+    /// Its library file.
+    pub path: String,
+    /// What it provides.
+    pub kinds: Vec<PluginKind>,
+    /// The templates, export formats and dataset formats it provides, by name.
+    #[serde(default)]
+    pub provides: Vec<String>,
+}
+
+/// A plugin library that was not loaded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RejectedPlugin {
+    /// The library file.
+    pub path: String,
+    /// Why (wrong ABI version, missing symbol, a failing call, a duplicate name).
+    pub reason: String,
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportInfo {
+    /// The format.
+    pub format: String,
+    /// The path written (directory or file).
+    pub out: String,
+    /// The checkpoint exported, or None for the final adapter.
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+    /// The files the exporter wrote.
+    pub files: Vec<String>,
+    /// Wall time of the export, seconds.
+    pub elapsed_s: f64,
 }
 
 /// Successful answers.
@@ -252,6 +331,8 @@ pub enum Response {
         /// Complete checkpoints, oldest (lowest step) first.
         checkpoints: Vec<CheckpointInfo>,
     },
+    /// To `export`.
+    Exported(ExportInfo),
     /// To `metrics`.
     Metrics {
         /// Points in step order.

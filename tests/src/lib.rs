@@ -25,6 +25,33 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The plugins bundled with lorad, as cargo names their libraries.
+pub const BUNDLED_PLUGINS: [&str; 4] = [
+    "lorad_templates",
+    "lorad_export_peft",
+    "lorad_export_merged",
+    "lorad_export_zip",
+];
+
+/// The library `lib<name>.so` of a plugin crate of this workspace: the newer of `target/<profile>/`
+/// (where `cargo build` puts it) and `target/<profile>/deps/` (where `cargo test` leaves it).
+pub fn plugin_lib(name: &str) -> PathBuf {
+    let file = format!("lib{name}.so");
+    let dir = bin("lorad")
+        .parent()
+        .map(Path::to_path_buf)
+        .expect("target dir");
+    let candidates = [dir.join(&file), dir.join("deps").join(&file)];
+    candidates
+        .iter()
+        .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p.clone())))
+        .max()
+        .map(|(_, p)| p)
+        .unwrap_or_else(|| {
+            panic!("{file} is not built; run the tests with `cargo test --workspace`")
+        })
+}
+
 /// A running daemon owned by a test.
 pub struct TestDaemon {
     /// Holds the socket, state dir and anything else the test writes.
@@ -41,6 +68,12 @@ impl TestDaemon {
 
     /// Starts a daemon whose environment (and so its workers') has these extra variables.
     pub fn start_with_env(env: &[(&str, &str)]) -> TestDaemon {
+        Self::start_with(env, &BUNDLED_PLUGINS)
+    }
+
+    /// Starts a daemon with extra environment variables and only these plugins (library names as in
+    /// [`plugin_lib`]), linked into its private plugin dir ([`TestDaemon::plugin_dir`]).
+    pub fn start_with(env: &[(&str, &str)], plugins: &[&str]) -> TestDaemon {
         let dir = tempfile::Builder::new()
             .prefix("lorad-test-")
             .tempdir()
@@ -49,13 +82,40 @@ impl TestDaemon {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let mut d = TestDaemon {
+        let d = TestDaemon {
             dir,
             child: None,
             env,
         };
+        std::fs::create_dir_all(d.plugin_dir()).expect("plugin dir");
+        for name in plugins {
+            d.add_plugin(name);
+        }
+        let mut d = d;
         d.restart();
         d
+    }
+
+    /// The daemon's only plugin directory (`--no-default-plugins --plugin-dir`).
+    pub fn plugin_dir(&self) -> PathBuf {
+        self.dir.path().join("plugins")
+    }
+
+    /// Links the plugin library `name` (see [`plugin_lib`]) into the plugin dir; a running daemon sees
+    /// it after [`TestDaemon::sighup`].
+    pub fn add_plugin(&self, name: &str) -> PathBuf {
+        let link = self.plugin_dir().join(format!("lib{name}.so"));
+        std::os::unix::fs::symlink(plugin_lib(name), &link).expect("link plugin");
+        link
+    }
+
+    /// Sends SIGHUP: the daemon rescans its plugin dirs (asynchronously; poll `status`).
+    pub fn sighup(&self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("SIGHUP");
     }
 
     /// The socket path.
@@ -90,6 +150,9 @@ impl TestDaemon {
             .arg(self.socket())
             .arg("--state-dir")
             .arg(self.state_dir())
+            .arg("--no-default-plugins")
+            .arg("--plugin-dir")
+            .arg(self.plugin_dir())
             .env("RUST_LOG", "lorad=debug,info")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())

@@ -104,6 +104,20 @@ pub enum Command {
         /// Job id.
         job: u64,
     },
+    /// Export a job's adapter with an exporter plugin (peft, merged, zip), showing its progress.
+    Export {
+        /// Job id.
+        job: u64,
+        /// Export format, as `loractl status` lists the exporters (peft, merged, zip).
+        #[arg(long)]
+        format: String,
+        /// Where to write (a directory, or a file for zip); must not exist yet.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Export this checkpoint (step-N, see `loractl checkpoints`) instead of the final adapter.
+        #[arg(long)]
+        checkpoint: Option<String>,
+    },
     /// Follow a job with a progress bar until it ends.
     Watch {
         /// Job id.

@@ -1,6 +1,7 @@
 //! `loractl`: the command-line client. `main` parses [`Cli`] and calls [`run`]; errors come back to
 //! `main`, which prints them as `loractl: <code>: <message>` via [`describe`].
 pub mod args;
+mod export;
 mod follow;
 mod output;
 mod watch;
@@ -106,6 +107,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let checkpoints = ctx.connect().await?.checkpoints(JobId(job)).await?;
             show(&ctx, &checkpoints, |c| output::checkpoints_table(c))
         }
+        Command::Export {
+            job,
+            format,
+            out,
+            checkpoint,
+        } => export::export(&ctx, JobId(job), &format, &out, checkpoint).await,
         Command::Logs { job, follow } => follow::logs(&ctx, JobId(job), follow).await,
         Command::Wait { job, timeout } => follow::wait(&ctx, JobId(job), timeout).await,
         Command::Watch { job } => watch::watch(&ctx, JobId(job)).await,

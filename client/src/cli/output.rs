@@ -195,6 +195,25 @@ pub fn status(s: &DaemonStatus) -> String {
     {
         let _ = writeln!(out, "  {line}");
     }
+    let p = &s.plugins;
+    let _ = writeln!(
+        out,
+        "plugins: {} loaded, {} rejected",
+        p.loaded.len(),
+        p.rejected.len()
+    );
+    for plugin in &p.loaded {
+        let _ = writeln!(out, "  {}  {}", plugin.name, plugin.path);
+        if !plugin.provides.is_empty() {
+            let _ = writeln!(out, "    {}", plugin.provides.join(", "));
+        }
+    }
+    for rejected in &p.rejected {
+        let _ = writeln!(out, "  rejected {}: {}", rejected.path, rejected.reason);
+    }
+    if p.loaded.is_empty() && p.rejected.is_empty() {
+        let _ = writeln!(out, "  none found in {}", p.dirs.join(", "));
+    }
     out
 }
 

@@ -164,6 +164,9 @@ pub async fn watch(ctx: &Ctx, job: JobId) -> anyhow::Result<ExitCode> {
                     }
                 }
                 EventBody::Checkpoint { name, .. } => bar.bar.println(format!("checkpoint {name}")),
+                EventBody::Export { format, text } => {
+                    bar.bar.println(format!("export {format}: {text}"))
+                }
                 EventBody::Log { .. } => {}
             }
             bar.render(job, &view);

@@ -6,7 +6,7 @@ use interprocess::local_socket::tokio::Stream;
 use interprocess::local_socket::traits::StreamCommon as _;
 use lorad_schema::frame::{self, FrameError};
 use lorad_schema::{
-    ClientFrame, ErrorCode, Handshake, Reply, ServerFrame, WireError, PROTOCOL_VERSION,
+    ClientFrame, Request, ErrorCode, Handshake, Reply, ServerFrame, WireError, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -152,6 +152,23 @@ pub async fn handle(core: Arc<Core>, stream: Stream) {
                 }
             }
         };
+        // An export can take minutes: it runs on its own task and replies when done, so the
+        // connection goes on serving (replies carry their request's id).
+        if let Request::Export {
+            job,
+            format,
+            out,
+            checkpoint,
+        } = request.req
+        {
+            let (core, peer, reply_to) = (core.clone(), conn.peer, conn.out.clone());
+            tokio::spawn(async move {
+                let result =
+                    handlers::export::handle(&core, peer, job, format, out, checkpoint).await;
+                send_reply_to(&reply_to, request.id, result).await;
+            });
+            continue;
+        }
         let result = handlers::dispatch(&core, &mut conn, request.req).await;
         send_reply(&conn, request.id, result).await;
     }
@@ -177,6 +194,14 @@ fn bad_request(e: &FrameError) -> String {
 }
 
 async fn send_reply(conn: &Conn, id: u64, result: Result<lorad_schema::Response, WireError>) {
+    send_reply_to(&conn.out, id, result).await
+}
+
+async fn send_reply_to(
+    out: &mpsc::Sender<Vec<u8>>,
+    id: u64,
+    result: Result<lorad_schema::Response, WireError>,
+) {
     let reply = match result {
         Ok(ok) => Reply {
             id,
@@ -191,7 +216,7 @@ async fn send_reply(conn: &Conn, id: u64, result: Result<lorad_schema::Response,
     };
     match frame::encode(&ServerFrame::Reply(reply)).and_then(|b| frame::frame_bytes(&b)) {
         Ok(bytes) => {
-            let _ = conn.out.send(bytes).await;
+            let _ = out.send(bytes).await;
         }
         Err(e) => tracing::error!(error = %e, "cannot encode reply"),
     }

@@ -3,6 +3,7 @@
 use crate::channel::{FromWorker, ToWorker, CONTROL_FD};
 use crate::core::{Core, WorkerHandle};
 use crate::logs;
+use crate::plugins::PluginRef;
 use crate::worker::{Phase, TrainEvent, TrainTask};
 use command_fds::{CommandFdExt, FdMapping};
 use lorad_schema::{frame, EventBody, JobId, JobRecord, JobState};
@@ -33,7 +34,7 @@ pub enum SpawnError {
     Frame(#[from] frame::FrameError),
 }
 
-fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> SpawnError {
+pub(super) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> SpawnError {
     move |source| SpawnError::Io { what, source }
 }
 
@@ -86,31 +87,13 @@ pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, S
         .map_err(io("open job.log"))?
     };
 
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(io("socketpair"))?;
-    let mut cmd = tokio::process::Command::new(&core.config.worker_exe);
-    cmd.arg("worker")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(io("dup job.log"))?)
-        .stderr(log)
-        .env(
-            "RUST_LOG",
-            std::env::var("LORAD_WORKER_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .env_remove("LORAD_SOCKET")
-        .process_group(0)
-        .kill_on_drop(true);
-    cmd.fd_mappings(vec![FdMapping {
-        parent_fd: theirs.into(),
-        child_fd: CONTROL_FD,
-    }])
-    .map_err(|e| SpawnError::Fd(e.to_string()))?;
-    let child = cmd.spawn().map_err(io("spawn lorad worker"))?;
-    // Drop our copy of the worker's end, so that its exit closes the channel.
-    drop(cmd);
+    let (child, mut control) = start_worker(
+        core,
+        false,
+        Stdio::from(log.try_clone().map_err(io("dup job.log"))?),
+        Stdio::from(log),
+    )?;
     let pid = child.id().unwrap_or(0);
-
-    ours.set_nonblocking(true).map_err(io("control channel"))?;
-    let mut control = UnixStream::from_std(ours).map_err(io("control channel"))?;
     let task = TrainTask {
         job: job.id,
         base_model: PathBuf::from(&job.base_model),
@@ -120,7 +103,16 @@ pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, S
         settings: job.settings.clone(),
         resume_from,
     };
-    frame::write_msg_async(&mut control, &ToWorker::Train { task }).await?;
+    // A dataset whose extension a dataloader plugin claims is read by that plugin, in the worker.
+    let dataloader = core
+        .plugins()
+        .dataloader_for(&task.dataset)
+        .map(|d| PluginRef {
+            library: d.lib.path.clone(),
+            name: d.lib.name.clone(),
+            format: d.format.name,
+        });
+    frame::write_msg_async(&mut control, &ToWorker::Train { task, dataloader }).await?;
 
     let stop = CancellationToken::new();
     if let Ok(mut workers) = core.workers.lock() {
@@ -141,6 +133,42 @@ pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, S
         log_path,
         log_offset,
     })
+}
+
+/// Starts `lorad worker [--export]` in its own process group with the control channel on fd 3.
+pub(super) fn start_worker(
+    core: &Core,
+    export: bool,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> Result<(Child, UnixStream), SpawnError> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(io("socketpair"))?;
+    let mut cmd = tokio::process::Command::new(&core.config.worker_exe);
+    cmd.arg("worker");
+    if export {
+        cmd.arg("--export");
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .env(
+            "RUST_LOG",
+            std::env::var("LORAD_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .env_remove("LORAD_SOCKET")
+        .process_group(0)
+        .kill_on_drop(true);
+    cmd.fd_mappings(vec![FdMapping {
+        parent_fd: theirs.into(),
+        child_fd: CONTROL_FD,
+    }])
+    .map_err(|e| SpawnError::Fd(e.to_string()))?;
+    let child = cmd.spawn().map_err(io("spawn lorad worker"))?;
+    // Drop our copy of the worker's end, so that its exit closes the channel.
+    drop(cmd);
+    ours.set_nonblocking(true).map_err(io("control channel"))?;
+    let control = UnixStream::from_std(ours).map_err(io("control channel"))?;
+    Ok((child, control))
 }
 
 /// Follows the worker until it exits, recording its reports; stops it when asked.
@@ -416,6 +444,10 @@ async fn handle(
         }
         FromWorker::Failed { message } => {
             *failure = Some(message);
+            Ok(())
+        }
+        FromWorker::Exported { .. } => {
+            tracing::warn!(job = %id, "a training worker reported an export; ignored");
             Ok(())
         }
     };

@@ -2,7 +2,9 @@
 //!
 //! The worker exits by itself when the channel closes (the daemon died): a reader thread watches it, so
 //! an orphaned worker never keeps training or holding a device.
-use crate::channel::{FromWorker, ToWorker, CONTROL_FD};
+use crate::channel::{ExportTask, FromWorker, ToWorker, CONTROL_FD};
+use lorad_plugin::{methods, ExportResponse};
+use crate::plugins::source::PluginSource;
 use crate::worker::error::EngineError;
 use crate::worker::train;
 use lorad_schema::frame::{self, FrameError};
@@ -24,8 +26,9 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
 }
 
-/// Runs the worker; returns the process exit code.
-pub fn run() -> Result<i32, WorkerError> {
+/// Runs the worker (`export`: the `--export` flag, an export task expected); returns the process exit
+/// code.
+pub fn run(export: bool) -> Result<i32, WorkerError> {
     // Refuse early unless fd 3 is an open socket, instead of adopting a random descriptor.
     // SAFETY: borrow_raw only wraps the number; fstat on a closed descriptor fails cleanly.
     let is_socket =
@@ -48,30 +51,35 @@ pub fn run() -> Result<i32, WorkerError> {
         }
     };
 
-    let task = match frame::read_msg::<ToWorker, _>(&mut reader, frame::MAX_FRAME)? {
-        ToWorker::Train { task } => task,
-    };
+    let msg = frame::read_msg::<ToWorker, _>(&mut reader, frame::MAX_FRAME)?;
     send(&FromWorker::Ready {
         pid: std::process::id(),
     });
+    let (task, dataloader) = match (msg, export) {
+        (ToWorker::Train { task, dataloader }, false) => (task, dataloader),
+        (ToWorker::Export { task }, true) => {
+            watch_channel(reader)?;
+            return Ok(run_export(task, &send));
+        }
+        (_, _) => {
+            send(&FromWorker::Failed {
+                message: "the task does not match the worker's mode (--export)".into(),
+            });
+            return Ok(1);
+        }
+    };
 
-    // Watch the channel: EOF means the daemon is gone, and a worker without a daemon must not go on.
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || loop {
-            match frame::read_msg::<ToWorker, _>(&mut reader, frame::MAX_FRAME) {
-                Ok(msg) => tracing::warn!(?msg, "unexpected control message while training"),
-                Err(_) => {
-                    tracing::error!("control channel closed: the daemon is gone; exiting");
-                    std::process::exit(3);
-                }
-            }
-        })?;
+    watch_channel(reader)?;
 
     install_stop_handler();
     tracing::info!(job = %task.job, model = %task.base_model.display(), data = %task.dataset.display(), "worker started");
     let mut on_event = |event| send(&FromWorker::Train { event });
-    match train::train(&task, &mut on_event) {
+    let open_source = |path: &std::path::Path| match &dataloader {
+        Some(plugin) => Ok(std::sync::Arc::new(PluginSource::open(plugin, path)?)
+            as std::sync::Arc<dyn crate::worker::data::DataSource>),
+        None => train::open_jsonl(path),
+    };
+    match train::train_with_source(&task, &open_source, &mut on_event) {
         Ok(summary) => {
             send(&FromWorker::Finished {
                 adapter_dir: task.adapter_dir.display().to_string(),
@@ -90,6 +98,43 @@ pub fn run() -> Result<i32, WorkerError> {
                 message: e.to_string(),
             });
             Ok(1)
+        }
+    }
+}
+
+/// Watches the control channel: EOF means the daemon is gone, and a worker without a daemon must not
+/// go on.
+fn watch_channel(mut reader: UnixStream) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || loop {
+            match frame::read_msg::<ToWorker, _>(&mut reader, frame::MAX_FRAME) {
+                Ok(msg) => tracing::warn!(?msg, "unexpected control message while working"),
+                Err(_) => {
+                    tracing::error!("control channel closed: the daemon is gone; exiting");
+                    std::process::exit(3);
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Opens the exporter plugin and runs `export.run`; reports the files or the error.
+fn run_export(task: ExportTask, send: &dyn Fn(&FromWorker)) -> i32 {
+    let result = task.plugin.open().and_then(|lib| {
+        lib.call::<_, ExportResponse>(methods::EXPORT_RUN, &task.request)
+            .map_err(|e| format!("exporter {} ({}): {e}", lib.name, task.plugin.format))
+    });
+    match result {
+        Ok(reply) => {
+            tracing::info!(files = reply.files.len(), out = %task.request.out, "export written");
+            send(&FromWorker::Exported { files: reply.files });
+            0
+        }
+        Err(message) => {
+            tracing::error!(error = %message, "export failed");
+            send(&FromWorker::Failed { message });
+            1
         }
     }
 }

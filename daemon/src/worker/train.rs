@@ -14,7 +14,8 @@ use candle_core::{Device, Tensor};
 use lorad_schema::{DType, MetricPoint, TrainSettings};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What a finished run reports.
@@ -90,9 +91,26 @@ pub fn total_steps(s: &TrainSettings, examples: usize) -> u64 {
 pub const DTYPE_UNSUPPORTED: &str =
     "only f32 training is implemented yet (bf16/f16 arrive with the CUDA path); use --set dtype=f32";
 
-/// Trains one job and writes its adapter to `task.adapter_dir`.
+/// Opens the dataset of a task (lorad's JSONL reader, or a dataloader plugin's source).
+pub type OpenSource<'a> = dyn Fn(&Path) -> Result<Arc<dyn DataSource>, EngineError> + 'a;
+
+/// The dataset as lorad reads it itself: JSONL.
+pub fn open_jsonl(path: &Path) -> Result<Arc<dyn DataSource>, EngineError> {
+    Ok(Arc::new(JsonlSource::open(path)?))
+}
+
+/// Trains one job on a JSONL dataset and writes its adapter to `task.adapter_dir`.
 pub fn train(
     task: &TrainTask,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<TrainSummary, EngineError> {
+    train_with_source(task, &open_jsonl, on_event)
+}
+
+/// Trains one job, its dataset opened by `open_source`, and writes its adapter to `task.adapter_dir`.
+pub fn train_with_source(
+    task: &TrainTask,
+    open_source: &OpenSource<'_>,
     on_event: &mut dyn FnMut(TrainEvent),
 ) -> Result<TrainSummary, EngineError> {
     let s = &task.settings;
@@ -140,8 +158,7 @@ pub fn train(
         .with_vocab_size(cfg.vocab_size)
         .with_train_on_inputs(s.train_on_inputs);
     let pad = cfg.eos_token_id.or(cfg.bos_token_id).unwrap_or(0);
-    let source: std::sync::Arc<dyn DataSource> =
-        std::sync::Arc::new(JsonlSource::open(&task.dataset)?);
+    let source = open_source(&task.dataset)?;
     let mut loader = Loader::from_source(
         source,
         std::sync::Arc::new(encoder),

@@ -62,7 +62,8 @@ pub use host::{call_plugin, call_typed, check_abi, plugin_name, AbiError, Plugin
 pub use messages::{
     methods, DataFormatDef, DataloaderFormatsRequest, DataloaderFormatsResponse,
     DataloaderOpenRequest, DataloaderOpenResponse, DataloaderReadRequest, DataloaderReadResponse,
-    ExportRequest, ExportResponse, TemplateDef, TemplatesListRequest,
+    ExportFormatDef, ExportFormatsRequest, ExportFormatsResponse, ExportRequest, ExportResponse,
+    TemplateDef, TemplatesListRequest,
 };
 #[doc(hidden)]
 pub use sdk::__private;

@@ -10,6 +10,9 @@ use crate::PluginError;
 pub mod methods {
     /// [`TemplatesListRequest`](super::TemplatesListRequest) -> `Vec<`[`TemplateDef`](super::TemplateDef)`>`.
     pub const TEMPLATES_LIST: &str = "templates.list";
+    /// [`ExportFormatsRequest`](super::ExportFormatsRequest) ->
+    /// [`ExportFormatsResponse`](super::ExportFormatsResponse).
+    pub const EXPORT_FORMATS: &str = "export.formats";
     /// [`ExportRequest`](super::ExportRequest) -> [`ExportResponse`](super::ExportResponse).
     pub const EXPORT_RUN: &str = "export.run";
     /// [`DataloaderFormatsRequest`](super::DataloaderFormatsRequest) ->
@@ -38,12 +41,35 @@ pub struct TemplateDef {
     pub settings: TrainSettings,
 }
 
+/// Request of `export.formats` (an empty map today).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExportFormatsRequest {}
+
+/// Response of `export.formats`: the export formats an exporter plugin writes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportFormatsResponse {
+    /// The formats.
+    pub formats: Vec<ExportFormatDef>,
+}
+
+/// One export format (`loractl export --format NAME`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportFormatDef {
+    /// The name users type (`peft`, `merged`, `zip`).
+    pub name: String,
+    /// One line on what it writes.
+    pub description: String,
+}
+
 /// Request of `export.run`. The daemon resolves and validates every path before the call (the job's
 /// own directories, a checkpoint name checked against traversal); exporters run in a `lorad worker
 /// --export` process, never in the daemon, and may print progress lines on stderr (they go to the job's
 /// log and to the client that asked for the export).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExportRequest {
+    /// The format to write, one of those `export.formats` listed (a plugin may write several).
+    #[serde(default)]
+    pub format: String,
     /// The job's directory (`job.log`, `checkpoints/`, `adapter/`).
     pub job_dir: String,
     /// The adapter to export, in HF PEFT layout (`adapter_config.json` + `adapter_model.safetensors`):

@@ -6,8 +6,9 @@ use crate::abi::{kinds, Buf, LoradPluginV1, ABI_VERSION, STATUS_ERROR, STATUS_OK
 use crate::messages::{self, methods};
 use crate::{
     DataFormatDef, DataloaderFormatsRequest, DataloaderFormatsResponse, DataloaderOpenRequest,
-    DataloaderOpenResponse, DataloaderReadRequest, DataloaderReadResponse, ExportRequest,
-    ExportResponse, PluginError, TemplateDef, TemplatesListRequest,
+    DataloaderOpenResponse, DataloaderReadRequest, DataloaderReadResponse, ExportFormatDef,
+    ExportFormatsRequest, ExportFormatsResponse, ExportRequest, ExportResponse, PluginError,
+    TemplateDef, TemplatesListRequest,
 };
 
 /// A lorad plugin. Implement `name`, `kinds` and the typed methods of the kinds you declare; the
@@ -25,6 +26,11 @@ pub trait Plugin: Send + Sync + 'static {
     /// `templates.list`: the templates this plugin offers.
     fn templates(&self) -> Result<Vec<TemplateDef>, PluginError> {
         Err(unsupported(methods::TEMPLATES_LIST))
+    }
+
+    /// `export.formats`: the export formats this plugin writes.
+    fn export_formats(&self) -> Result<Vec<ExportFormatDef>, PluginError> {
+        Err(unsupported(methods::EXPORT_FORMATS))
     }
 
     /// `export.run`: write an export of a job's adapter.
@@ -79,6 +85,12 @@ pub fn dispatch<P: Plugin + ?Sized>(
         methods::TEMPLATES_LIST if has(kinds::TEMPLATES) => {
             let _: TemplatesListRequest = messages::decode(request)?;
             messages::encode(&plugin.templates()?)
+        }
+        methods::EXPORT_FORMATS if has(kinds::EXPORT) => {
+            let _: ExportFormatsRequest = messages::decode(request)?;
+            messages::encode(&ExportFormatsResponse {
+                formats: plugin.export_formats()?,
+            })
         }
         methods::EXPORT_RUN if has(kinds::EXPORT) => {
             messages::encode(&plugin.export(messages::decode(request)?)?)

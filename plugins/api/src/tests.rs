@@ -50,6 +50,7 @@ fn desc() -> &'static LoradPluginV1 {
 
 fn export_request(out: &str) -> ExportRequest {
     ExportRequest {
+        format: "test".into(),
         job_dir: "/jobs/7".into(),
         adapter_dir: "/jobs/7/adapter".into(),
         base_model: "/models/tiny".into(),

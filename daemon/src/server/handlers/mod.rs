@@ -1,6 +1,7 @@
 //! Request handlers, one file per request, dispatched from one exhaustive match.
 mod cancel;
 mod checkpoints;
+pub mod export;
 mod get;
 mod list;
 mod logs;
@@ -55,7 +56,7 @@ pub async fn dispatch(
     let kind = req.kind();
     let result = match req {
         Request::Status => status::handle(core).await,
-        Request::Templates => templates::handle(),
+        Request::Templates => templates::handle(core),
         Request::Submit(spec) => submit::handle(core, conn.peer, spec).await,
         Request::List { state, all } => list::handle(core, conn.peer, state, all).await,
         Request::Get { job } => get::handle(core, conn.peer, job).await,
@@ -69,6 +70,12 @@ pub async fn dispatch(
             priority::handle(core, conn.peer, job, priority).await
         }
         Request::Checkpoints { job } => checkpoints::handle(core, conn.peer, job).await,
+        Request::Export {
+            job,
+            format,
+            out,
+            checkpoint,
+        } => export::handle(core, conn.peer, job, format, out, checkpoint).await,
         Request::Metrics { job, since_step } => {
             metrics::handle(core, conn.peer, job, since_step).await
         }

@@ -31,5 +31,6 @@ pub async fn handle(core: &Core) -> Result<Response, WireError> {
         running: jobs.iter().filter(|j| j.state.is_active()).count() as u64,
         jobs: jobs.len() as u64,
         last_seq,
+        plugins: core.plugins().status(),
     }))
 }

@@ -10,16 +10,21 @@ fn invalid(msg: impl Into<String>) -> WireError {
 }
 
 pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, WireError> {
-    let template = crate::templates::find(&spec.template).ok_or_else(|| {
-        let names: Vec<String> = crate::templates::builtin()
-            .into_iter()
-            .map(|t| t.name)
-            .collect();
-        invalid(format!(
-            "unknown template '{}' (available: {})",
-            spec.template,
-            names.join(", ")
-        ))
+    let plugins = core.plugins();
+    let template = plugins.template(&spec.template).ok_or_else(|| {
+        let names: Vec<String> = plugins.templates().into_iter().map(|t| t.name).collect();
+        invalid(if names.is_empty() {
+            format!(
+                "unknown template '{}': no template plugin is loaded (see `loractl status`)",
+                spec.template
+            )
+        } else {
+            format!(
+                "unknown template '{}' (available: {})",
+                spec.template,
+                names.join(", ")
+            )
+        })
     })?;
     let mut settings = template.settings;
     for (key, value) in &spec.overrides {
@@ -56,7 +61,10 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
         spec.dataset.clone(),
         settings.max_seq_len,
     );
-    let examples = tokio::task::spawn_blocking(move || -> Result<usize, String> {
+    // A dataset whose extension a dataloader plugin claims is read by that plugin, in the worker (the
+    // daemon runs no plugin on user data); lorad checks the rest of it here.
+    let plugin_format = plugins.dataloader_for(Path::new(&dataset)).map(|d| d.format.name);
+    let examples = tokio::task::spawn_blocking(move || -> Result<Option<usize>, String> {
         let config = crate::worker::source::check_model(Path::new(&model)).map_err(|e| e.to_string())?;
         if max_seq_len as usize > config.max_position_embeddings {
             return Err(format!(
@@ -64,7 +72,15 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
                 config.max_position_embeddings
             ));
         }
-        crate::worker::data::validate_jsonl(Path::new(&dataset)).map_err(|e| e.to_string())
+        if let Some(format) = plugin_format {
+            return match std::fs::metadata(&dataset) {
+                Ok(_) => Ok(None),
+                Err(e) => Err(format!("dataset {dataset} ({format}, read by a plugin): {e}")),
+            };
+        }
+        crate::worker::data::validate_jsonl(Path::new(&dataset))
+            .map(Some)
+            .map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
@@ -116,7 +132,7 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
         })
         .await
         .map_err(super::journal_error)?;
-    tracing::info!(job = %job.id, uid = peer.uid, examples, template = %job.template, "job queued");
+    tracing::info!(job = %job.id, uid = peer.uid, examples = ?examples, template = %job.template, "job queued");
     core.kick.notify_one();
     Ok(Response::Job(job))
 }

@@ -1,7 +1,8 @@
+use crate::core::Core;
 use lorad_schema::{Response, WireError};
 
-pub fn handle() -> Result<Response, WireError> {
+pub fn handle(core: &Core) -> Result<Response, WireError> {
     Ok(Response::Templates {
-        templates: crate::templates::builtin(),
+        templates: core.plugins().templates(),
     })
 }
