@@ -2,7 +2,9 @@
 //!
 //! A library is opened at most once per process and path: a rescan reuses what is already mapped (the
 //! C ABI gives no way to unload safely, and a plugin's static descriptor must outlive every call).
-use lorad_plugin::{check_abi, plugin_name, AbiError, LoradPluginV1, PluginCallError, ENTRY_SYMBOL};
+use lorad_plugin::{
+    check_abi, plugin_name, AbiError, LoradPluginV1, PluginCallError, ENTRY_SYMBOL,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -83,8 +85,8 @@ impl PluginLib {
         }
         // SAFETY: loading a library runs its initialisers; plugins are trusted code installed by the
         // machine's owner in the plugin directories (the same trust as the lorad binary itself).
-        let library =
-            unsafe { libloading::Library::new(&path) }.map_err(|e| LoadError::Open(e.to_string()))?;
+        let library = unsafe { libloading::Library::new(&path) }
+            .map_err(|e| LoadError::Open(e.to_string()))?;
         // SAFETY: the symbol's type is fixed by the ABI (`EntryFn`).
         let entry = unsafe { library.get::<lorad_plugin::EntryFn>(ENTRY_SYMBOL) }
             .map_err(|e| LoadError::NoSymbol(e.to_string()))?;

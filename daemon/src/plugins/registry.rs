@@ -141,7 +141,8 @@ impl Registry {
                 other.lib.path.display()
             ));
         }
-        let failed = |method: &str, e: lorad_plugin::PluginCallError| format!("{method} failed: {e}");
+        let failed =
+            |method: &str, e: lorad_plugin::PluginCallError| format!("{method} failed: {e}");
         let templates: Vec<TemplateDef> = if lib.has(kinds::TEMPLATES) {
             lib.call(methods::TEMPLATES_LIST, &TemplatesListRequest {})
                 .map_err(|e| failed(methods::TEMPLATES_LIST, e))?
@@ -189,7 +190,10 @@ impl Registry {
                 return Err(format!("template {} is listed twice", t.name));
             }
             if let Some(owner) = self.template_owner(&t.name) {
-                return Err(format!("template {} is already provided by plugin {owner}", t.name));
+                return Err(format!(
+                    "template {} is already provided by plugin {owner}",
+                    t.name
+                ));
             }
         }
         for f in &new.export_formats {
@@ -313,14 +317,20 @@ impl Registry {
                                 .iter()
                                 .map(|f| format!("export {}", f.name)),
                         )
-                        .chain(l.data_formats.iter().map(|f| {
-                            format!("dataset {} (.{})", f.name, f.extensions.join(", ."))
-                        }))
+                        .chain(
+                            l.data_formats.iter().map(|f| {
+                                format!("dataset {} (.{})", f.name, f.extensions.join(", ."))
+                            }),
+                        )
                         .collect(),
                 })
                 .collect(),
             rejected: self.rejected.clone(),
-            dirs: self.dirs.iter().map(|d| d.path.display().to_string()).collect(),
+            dirs: self
+                .dirs
+                .iter()
+                .map(|d| d.path.display().to_string())
+                .collect(),
         }
     }
 }

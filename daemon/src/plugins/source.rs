@@ -36,11 +36,18 @@ impl PluginSource {
                 EngineError::dataset(
                     dataset,
                     None,
-                    format!("plugin {} ({}) cannot open it: {e}", lib.name, plugin.format),
+                    format!(
+                        "plugin {} ({}) cannot open it: {e}",
+                        lib.name, plugin.format
+                    ),
                 )
             })?;
         let len = usize::try_from(reply.len).map_err(|_| {
-            EngineError::dataset(dataset, None, format!("plugin {} reports {} records", lib.name, reply.len))
+            EngineError::dataset(
+                dataset,
+                None,
+                format!("plugin {} reports {} records", lib.name, reply.len),
+            )
         })?;
         Ok(PluginSource {
             lib,

@@ -6,7 +6,7 @@ use interprocess::local_socket::tokio::Stream;
 use interprocess::local_socket::traits::StreamCommon as _;
 use lorad_schema::frame::{self, FrameError};
 use lorad_schema::{
-    ClientFrame, Request, ErrorCode, Handshake, Reply, ServerFrame, WireError, PROTOCOL_VERSION,
+    ClientFrame, ErrorCode, Handshake, Reply, Request, ServerFrame, WireError, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -40,11 +40,16 @@ async fn run_worker(
     task: ExportTask,
 ) -> Result<Vec<String>, String> {
     let spawned = async {
-        let (mut child, mut control) =
-            start_worker(core, true, Stdio::piped(), Stdio::piped())?;
+        let (mut child, mut control) = start_worker(core, true, Stdio::piped(), Stdio::piped())?;
         frame::write_msg_async(&mut control, &ToWorker::Export { task }).await?;
-        let out = child.stdout.take().ok_or_else(|| io("worker stdout")(missing()))?;
-        let err = child.stderr.take().ok_or_else(|| io("worker stderr")(missing()))?;
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| io("worker stdout")(missing()))?;
+        let err = child
+            .stderr
+            .take()
+            .ok_or_else(|| io("worker stderr")(missing()))?;
         Ok::<_, SpawnError>((child, control, out, err))
     };
     let (mut child, mut control, out, err) = spawned
@@ -60,7 +65,9 @@ async fn run_worker(
     };
     let reports = async {
         let mut outcome: Option<Result<Vec<String>, String>> = None;
-        while let Ok(msg) = frame::read_msg_async::<FromWorker, _>(&mut control, frame::MAX_FRAME).await {
+        while let Ok(msg) =
+            frame::read_msg_async::<FromWorker, _>(&mut control, frame::MAX_FRAME).await
+        {
             match msg {
                 FromWorker::Exported { files } => outcome = Some(Ok(files)),
                 FromWorker::Failed { message } => outcome = Some(Err(message)),
@@ -70,12 +77,17 @@ async fn run_worker(
         outcome
     };
     let (_, outcome) = tokio::join!(lines, reports);
-    let status = child.wait().await.map_err(|e| format!("export worker: {e}"))?;
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| format!("export worker: {e}"))?;
     match outcome {
         Some(result) => result,
         None => Err(match (status.code(), status.signal()) {
             (_, Some(sig)) => format!("the export worker was killed by signal {sig}"),
-            (Some(code), _) => format!("the export worker exited with code {code} without a result"),
+            (Some(code), _) => {
+                format!("the export worker exited with code {code} without a result")
+            }
             _ => "the export worker ended without a result".into(),
         }),
     }
@@ -102,8 +114,7 @@ async fn forward(
 
 async fn append_log(path: &std::path::Path, text: String) {
     let path: PathBuf = path.to_path_buf();
-    let written =
-        tokio::task::spawn_blocking(move || logs::append(&path, text.as_bytes())).await;
+    let written = tokio::task::spawn_blocking(move || logs::append(&path, text.as_bytes())).await;
     if !matches!(written, Ok(Ok(()))) {
         tracing::warn!("cannot append the export's output to job.log");
     }

@@ -4,6 +4,7 @@ mod chaos;
 mod cli;
 mod control;
 mod jobs;
+mod plugins;
 mod protocol;
 mod recovery;
 

@@ -75,7 +75,12 @@ pub async fn handle(
     let started = Instant::now();
     let files = crate::supervisor::export::run(core, id, task)
         .await
-        .map_err(|e| WireError::new(ErrorCode::Failed, format!("export {format} of job {id}: {e}")))?;
+        .map_err(|e| {
+            WireError::new(
+                ErrorCode::Failed,
+                format!("export {format} of job {id}: {e}"),
+            )
+        })?;
     Ok(Response::Exported(ExportInfo {
         format,
         out,
@@ -113,14 +118,23 @@ async fn final_adapter(
         let hint = if names.is_empty() {
             "it has no checkpoint yet either".to_string()
         } else {
-            format!("export a checkpoint with --checkpoint ({})", names.join(", "))
+            format!(
+                "export a checkpoint with --checkpoint ({})",
+                names.join(", ")
+            )
         };
         return Err(WireError::new(
             ErrorCode::InvalidState,
-            format!("job {id} has no final adapter (it is {}); {hint}", job.state),
+            format!(
+                "job {id} has no final adapter (it is {}); {hint}",
+                job.state
+            ),
         ));
     }
-    Ok((adapter, latest.map(|c| c.join(STATE_FILE)).filter(|p| p.is_file())))
+    Ok((
+        adapter,
+        latest.map(|c| c.join(STATE_FILE)).filter(|p| p.is_file()),
+    ))
 }
 
 /// `out` must be absolute, not exist, and have an existing parent directory.
@@ -135,7 +149,9 @@ async fn check_out(out: &str) -> Result<(), WireError> {
     let out = out.to_string();
     tokio::task::spawn_blocking(move || {
         if path.symlink_metadata().is_ok() {
-            return Err(invalid(format!("out: {out} already exists; choose a new path")));
+            return Err(invalid(format!(
+                "out: {out} already exists; choose a new path"
+            )));
         }
         match path.parent() {
             Some(parent) if parent.is_dir() => Ok(()),

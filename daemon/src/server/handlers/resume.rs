@@ -41,7 +41,11 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 /// `name` must be `step-<digits>` and exist as a complete checkpoint of job `id`.
-pub(super) async fn validate_checkpoint(core: &Core, id: JobId, name: &str) -> Result<(), WireError> {
+pub(super) async fn validate_checkpoint(
+    core: &Core,
+    id: JobId,
+    name: &str,
+) -> Result<(), WireError> {
     if !valid_name(name) {
         return Err(WireError::new(
             ErrorCode::InvalidArgument,

@@ -63,7 +63,9 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
     );
     // A dataset whose extension a dataloader plugin claims is read by that plugin, in the worker (the
     // daemon runs no plugin on user data); lorad checks the rest of it here.
-    let plugin_format = plugins.dataloader_for(Path::new(&dataset)).map(|d| d.format.name);
+    let plugin_format = plugins
+        .dataloader_for(Path::new(&dataset))
+        .map(|d| d.format.name);
     let examples = tokio::task::spawn_blocking(move || -> Result<Option<usize>, String> {
         let config = crate::worker::source::check_model(Path::new(&model)).map_err(|e| e.to_string())?;
         if max_seq_len as usize > config.max_position_embeddings {
