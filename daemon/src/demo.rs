@@ -97,7 +97,7 @@ pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
         let socket = config.socket.clone();
         let shutdown = CancellationToken::new();
         let daemon = tokio::spawn(crate::run(config, listener, shutdown.clone()));
-        let result = drive(&socket, &model, &data).await;
+        let result = drive(&socket, &model, &data, &dir).await;
         shutdown.cancel();
         let _ = daemon.await;
         let _ = std::fs::remove_file(&socket);
@@ -107,8 +107,21 @@ pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn drive(socket: &Path, model: &Path, data: &Path) -> anyhow::Result<()> {
+async fn drive(socket: &Path, model: &Path, data: &Path, dir: &Path) -> anyhow::Result<()> {
     let client = lorad_client::Client::connect(socket).await?;
+    let plugins = client.status().await?.plugins;
+    if !client.templates().await?.iter().any(|t| t.name == "basic-fine-tune") {
+        let rejected: Vec<String> = plugins
+            .rejected
+            .iter()
+            .map(|r| format!("\n  rejected {}: {}", r.path, r.reason))
+            .collect();
+        bail!(
+            "the templates plugin is not loaded (searched {}){}\nbuild the bundled plugins next to lorad: cargo build --release --workspace",
+            plugins.dirs.join(", "),
+            rejected.concat()
+        );
+    }
     let overrides: BTreeMap<String, String> = DEMO_OVERRIDES
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -186,7 +199,21 @@ async fn drive(socket: &Path, model: &Path, data: &Path) -> anyhow::Result<()> {
     }
     println!(
         "adapter (HF PEFT layout): {}",
-        job.adapter_dir.unwrap_or(job.output_dir)
+        job.adapter_dir.clone().unwrap_or(job.output_dir.clone())
     );
+    // Export through the bundled exporter plugins, as `loractl export` does.
+    for (format, name) in [("zip", "demo-adapter.zip"), ("merged", "demo-merged")] {
+        let out = dir.join(name);
+        let info = client
+            .export(job.id, format, &out.display().to_string(), None)
+            .await
+            .with_context(|| format!("export {format}"))?;
+        println!(
+            "export {format}: {} ({} files, {:.1} s)",
+            info.out,
+            info.files.len(),
+            info.elapsed_s
+        );
+    }
     Ok(())
 }
