@@ -7,6 +7,7 @@ mod jobs;
 mod plugins;
 mod protocol;
 mod recovery;
+mod third_party;
 
 use lorad_client::blocking::Client;
 use lorad_schema::{EventBody, JobId, JobRecord, JobSpec, JobState};

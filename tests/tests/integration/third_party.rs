@@ -1,0 +1,1 @@
+//! placeholder: a third-party plugin job
