@@ -32,9 +32,10 @@ pub enum LoadError {
     /// The descriptor is missing or of another ABI version.
     #[error(transparent)]
     Abi(#[from] AbiError),
-    /// The file changed since this process loaded it; a library cannot be reloaded in place.
-    #[error("the file changed since lorad loaded it; restart lorad to load the new version")]
-    Changed,
+    /// The file changed since this process loaded it; a library cannot be reloaded in place, so the
+    /// loaded version (carried here) stays in use.
+    #[error("the file changed since lorad loaded it; still using the loaded version; restart lorad to load the new one")]
+    Changed(Arc<PluginLib>),
 }
 
 /// A loaded, checked plugin library.
@@ -80,7 +81,7 @@ impl PluginLib {
             return if lib.identity == identity {
                 Ok(lib.clone())
             } else {
-                Err(LoadError::Changed)
+                Err(LoadError::Changed(lib.clone()))
             };
         }
         // SAFETY: loading a library runs its initialisers; plugins are trusted code installed by the

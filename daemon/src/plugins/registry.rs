@@ -1,10 +1,10 @@
 //! The plugins in use: found in the plugin directories, loaded, asked what they provide, checked for
 //! clashes. Built by a scan (at start and on SIGHUP) and then read-only; a rescan builds a new one.
-use super::library::PluginLib;
+use super::library::{LoadError, PluginLib};
 use lorad_plugin::{
     kinds, methods, DataFormatDef, DataloaderFormatsRequest, DataloaderFormatsResponse,
     ExportFormatDef, ExportFormatsRequest, ExportFormatsResponse, TemplateDef,
-    TemplatesListRequest,
+    TemplatesListRequest, TemplatesListResponse,
 };
 use lorad_schema::{PluginInfo, PluginKind, PluginsStatus, RejectedPlugin, Template};
 use std::collections::BTreeMap;
@@ -111,9 +111,19 @@ impl Registry {
         };
         for dir in dirs {
             for file in plugin_files(dir) {
-                let verdict = PluginLib::open(&file)
-                    .map_err(|e| e.to_string())
-                    .and_then(|lib| reg.describe(lib));
+                let lib = match PluginLib::open(&file) {
+                    Err(LoadError::Changed(loaded)) => {
+                        let reason = LoadError::Changed(loaded.clone()).to_string();
+                        tracing::warn!(path = %file.display(), %reason, "plugin file replaced");
+                        reg.rejected.push(RejectedPlugin {
+                            path: file.display().to_string(),
+                            reason,
+                        });
+                        Ok(loaded)
+                    }
+                    other => other.map_err(|e| e.to_string()),
+                };
+                let verdict = lib.and_then(|lib| reg.describe(lib));
                 match verdict {
                     Ok(loaded) => {
                         tracing::info!(plugin = %loaded.lib.name, path = %file.display(), "plugin loaded");
@@ -144,8 +154,9 @@ impl Registry {
         let failed =
             |method: &str, e: lorad_plugin::PluginCallError| format!("{method} failed: {e}");
         let templates: Vec<TemplateDef> = if lib.has(kinds::TEMPLATES) {
-            lib.call(methods::TEMPLATES_LIST, &TemplatesListRequest {})
+            lib.call::<_, TemplatesListResponse>(methods::TEMPLATES_LIST, &TemplatesListRequest {})
                 .map_err(|e| failed(methods::TEMPLATES_LIST, e))?
+                .templates
         } else {
             Vec::new()
         };

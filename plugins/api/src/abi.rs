@@ -18,7 +18,9 @@ pub type EntryFn = extern "C" fn() -> *const LoradPluginV1;
 /// The `call` function of a plugin: `method` is UTF-8 (not NUL-terminated), `req` a MessagePack request.
 /// Writes a buffer owned by the plugin to `*out` and returns 0 (then `out` holds the MessagePack
 /// response) or nonzero (then `out` holds a MessagePack [`ErrorReply`](crate::ErrorReply)). The caller
-/// must hand `*out` back to the same plugin's `free_buf` exactly once.
+/// must hand `*out` back to the same plugin's `free_buf` exactly once, even when it is empty (null `ptr`),
+/// so `free_buf` must accept an empty buffer. `call` may be called from several threads at once (a
+/// training worker reads records from its dataloader threads), so it must be thread-safe.
 pub type CallFn = unsafe extern "C" fn(
     method: *const u8,
     method_len: usize,

@@ -38,11 +38,11 @@
 //!
 //! // What lorad does after finding the symbol in the loaded library:
 //! let desc = unsafe { lorad_plugin::check_abi(lorad_plugin_v1()) }.unwrap();
-//! let templates: Vec<TemplateDef> = unsafe {
+//! let reply: lorad_plugin::TemplatesListResponse = unsafe {
 //!     lorad_plugin::call_typed(desc, methods::TEMPLATES_LIST, &lorad_plugin::TemplatesListRequest {})
 //! }
 //! .unwrap();
-//! assert_eq!(templates[0].settings.lora_r, 4);
+//! assert_eq!(reply.templates[0].settings.lora_r, 4);
 //! ```
 #![deny(clippy::unwrap_used)]
 #![warn(missing_docs)]
@@ -63,11 +63,14 @@ pub use messages::{
     methods, DataFormatDef, DataloaderFormatsRequest, DataloaderFormatsResponse,
     DataloaderOpenRequest, DataloaderOpenResponse, DataloaderReadRequest, DataloaderReadResponse,
     ExportFormatDef, ExportFormatsRequest, ExportFormatsResponse, ExportRequest, ExportResponse,
-    TemplateDef, TemplatesListRequest,
+    TemplateDef, TemplatesListRequest, TemplatesListResponse,
 };
 #[doc(hidden)]
 pub use sdk::__private;
 pub use sdk::{dispatch, Plugin};
+/// The `serde_json` the SDK uses (dataloader records are `serde_json::Value`s), so plugins need not
+/// pick a version of their own.
+pub use serde_json;
 
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,8 @@ use crate::PluginError;
 
 /// The method names a plugin may be called with.
 pub mod methods {
-    /// [`TemplatesListRequest`](super::TemplatesListRequest) -> `Vec<`[`TemplateDef`](super::TemplateDef)`>`.
+    /// [`TemplatesListRequest`](super::TemplatesListRequest) ->
+    /// [`TemplatesListResponse`](super::TemplatesListResponse).
     pub const TEMPLATES_LIST: &str = "templates.list";
     /// [`ExportFormatsRequest`](super::ExportFormatsRequest) ->
     /// [`ExportFormatsResponse`](super::ExportFormatsResponse).
@@ -30,6 +31,13 @@ pub mod methods {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TemplatesListRequest {}
 
+/// Response of `templates.list`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TemplatesListResponse {
+    /// The templates.
+    pub templates: Vec<TemplateDef>,
+}
+
 /// One training template: a named, complete set of settings that `--set` overrides can then change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TemplateDef {
@@ -37,7 +45,8 @@ pub struct TemplateDef {
     pub name: String,
     /// One line saying what the template is for.
     pub description: String,
-    /// Every setting; fields a plugin leaves out take lorad's defaults.
+    /// Every setting; fields a plugin leaves out (or the whole map) take lorad's defaults.
+    #[serde(default)]
     pub settings: TrainSettings,
 }
 

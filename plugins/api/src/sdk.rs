@@ -8,7 +8,7 @@ use crate::{
     DataFormatDef, DataloaderFormatsRequest, DataloaderFormatsResponse, DataloaderOpenRequest,
     DataloaderOpenResponse, DataloaderReadRequest, DataloaderReadResponse, ExportFormatDef,
     ExportFormatsRequest, ExportFormatsResponse, ExportRequest, ExportResponse, PluginError,
-    TemplateDef, TemplatesListRequest,
+    TemplateDef, TemplatesListRequest, TemplatesListResponse,
 };
 
 /// A lorad plugin. Implement `name`, `kinds` and the typed methods of the kinds you declare; the
@@ -84,7 +84,9 @@ pub fn dispatch<P: Plugin + ?Sized>(
     match method {
         methods::TEMPLATES_LIST if has(kinds::TEMPLATES) => {
             let _: TemplatesListRequest = messages::decode(request)?;
-            messages::encode(&plugin.templates()?)
+            messages::encode(&TemplatesListResponse {
+                templates: plugin.templates()?,
+            })
         }
         methods::EXPORT_FORMATS if has(kinds::EXPORT) => {
             let _: ExportFormatsRequest = messages::decode(request)?;

@@ -100,8 +100,9 @@ fn descriptor_fields() {
 
 #[test]
 fn templates_round_trip() {
-    let templates: Vec<TemplateDef> =
+    let reply: TemplatesListResponse =
         unsafe { call_typed(desc(), methods::TEMPLATES_LIST, &TemplatesListRequest {}) }.unwrap();
+    let templates = reply.templates;
     assert_eq!(templates.len(), 1);
     assert_eq!(templates[0].name, "t-basic");
     assert_eq!(

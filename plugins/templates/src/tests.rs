@@ -1,6 +1,8 @@
 //! The templates checked in-process and through the real C entry point, as lorad calls them.
 use super::*;
-use lorad_plugin::{call_typed, check_abi, methods, plugin_name, TemplatesListRequest};
+use lorad_plugin::{
+    call_typed, check_abi, methods, plugin_name, TemplatesListRequest, TemplatesListResponse,
+};
 use lorad_schema::TARGET_MODULES;
 
 const NAMES: [&str; 8] = [
@@ -18,7 +20,9 @@ fn listed_through_abi() -> Vec<TemplateDef> {
     let desc = unsafe { check_abi(lorad_plugin_v1()) }.unwrap();
     assert_eq!(unsafe { plugin_name(desc) }, PLUGIN_NAME);
     assert_eq!(desc.kinds, kinds::TEMPLATES);
-    unsafe { call_typed(desc, methods::TEMPLATES_LIST, &TemplatesListRequest {}) }.unwrap()
+    let reply: TemplatesListResponse =
+        unsafe { call_typed(desc, methods::TEMPLATES_LIST, &TemplatesListRequest {}) }.unwrap();
+    reply.templates
 }
 
 #[test]
