@@ -2,6 +2,7 @@
 mod bad_input;
 mod chaos;
 mod cli;
+mod export;
 mod control;
 mod jobs;
 mod plugins;
