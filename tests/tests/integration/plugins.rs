@@ -54,6 +54,21 @@ fn broken_plugins_are_rejected_and_the_daemon_keeps_serving() {
         "{panicked}"
     );
 
+    // `loractl status` shows both lists to people.
+    let out = std::process::Command::new(lorad_tests::bin("loractl"))
+        .arg("--socket")
+        .arg(d.socket())
+        .arg("status")
+        .output()
+        .expect("loractl status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("plugins: 1 loaded, 2 rejected"), "{text}");
+    assert!(text.contains("lorad-templates"), "{text}");
+    assert!(
+        text.contains("libbadabi_plugin.so: plugin badabi has ABI version 99"),
+        "{text}"
+    );
+
     // The daemon serves on: templates come from the good plugin, jobs run.
     let names: Vec<String> = c
         .templates()
