@@ -209,7 +209,7 @@ async fn drive(socket: &Path, model: &Path, data: &Path, dir: &Path) -> anyhow::
             .await
             .with_context(|| format!("export {format}"))?;
         println!(
-            "export {format}: {} ({} files, {:.1} s)",
+            "export {format}: {} ({} files, {:.2} s)",
             info.out,
             info.files.len(),
             info.elapsed_s
