@@ -16,8 +16,8 @@
 use crate::error::ClientError;
 use crate::{LogChunk, ServerInfo};
 use lorad_schema::{
-    CheckpointInfo, DaemonStatus, ExportInfo, Event, JobId, JobRecord, JobSpec, JobState, MetricPoint, Request,
-    Response, Template,
+    CheckpointInfo, DaemonStatus, Event, ExportInfo, JobId, JobRecord, JobSpec, JobState,
+    MetricPoint, Request, Response, Template,
 };
 use std::path::Path;
 use std::sync::Arc;

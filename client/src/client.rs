@@ -7,8 +7,8 @@ use interprocess::local_socket::traits::tokio::Stream as _;
 use interprocess::local_socket::{GenericFilePath, ToFsName};
 use lorad_schema::frame::{self, FrameError};
 use lorad_schema::{
-    CheckpointInfo, DaemonStatus, ExportInfo, Handshake, JobId, JobRecord, JobSpec, JobState, MetricPoint,
-    Request, Response, Template, MAX_FRAME, PROTOCOL_VERSION,
+    CheckpointInfo, DaemonStatus, ExportInfo, Handshake, JobId, JobRecord, JobSpec, JobState,
+    MetricPoint, Request, Response, Template, MAX_FRAME, PROTOCOL_VERSION,
 };
 use std::path::Path;
 use std::sync::Arc;

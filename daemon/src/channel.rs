@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 /// The descriptor number of the control socket in the worker.
 pub const CONTROL_FD: i32 = 3;
 
-/// Supervisor -> worker.
+/// Supervisor -> worker. One message per worker process, so the size difference of the variants
+/// costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToWorker {

@@ -127,11 +127,10 @@ impl Config {
         } else {
             Vec::new()
         };
-        self.plugin_dirs
-            .extend(extra.iter().map(|path| PluginDir {
-                path: path.clone(),
-                pick: Pick::All,
-            }));
+        self.plugin_dirs.extend(extra.iter().map(|path| PluginDir {
+            path: path.clone(),
+            pick: Pick::All,
+        }));
     }
 
     /// `<state_dir>/journal.redb`

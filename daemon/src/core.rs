@@ -1,10 +1,10 @@
 //! The daemon's shared state: config, journal, the live event bus and the supervisor's handle.
 use crate::config::Config;
 use crate::journal::{Journal, JournalError};
+use crate::plugins::Registry;
 use lorad_schema::{Event, JobId, JobRecord, JobState};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use crate::plugins::Registry;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use tokio::sync::{broadcast, Notify};

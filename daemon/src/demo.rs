@@ -110,7 +110,12 @@ pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
 async fn drive(socket: &Path, model: &Path, data: &Path, dir: &Path) -> anyhow::Result<()> {
     let client = lorad_client::Client::connect(socket).await?;
     let plugins = client.status().await?.plugins;
-    if !client.templates().await?.iter().any(|t| t.name == "basic-fine-tune") {
+    if !client
+        .templates()
+        .await?
+        .iter()
+        .any(|t| t.name == "basic-fine-tune")
+    {
         let rejected: Vec<String> = plugins
             .rejected
             .iter()

@@ -3,10 +3,10 @@
 //! The worker exits by itself when the channel closes (the daemon died): a reader thread watches it, so
 //! an orphaned worker never keeps training or holding a device.
 use crate::channel::{ExportTask, FromWorker, ToWorker, CONTROL_FD};
-use lorad_plugin::{methods, ExportResponse};
 use crate::plugins::source::PluginSource;
 use crate::worker::error::EngineError;
 use crate::worker::train;
+use lorad_plugin::{methods, ExportResponse};
 use lorad_schema::frame::{self, FrameError};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;

@@ -2,8 +2,8 @@
 mod bad_input;
 mod chaos;
 mod cli;
-mod export;
 mod control;
+mod export;
 mod jobs;
 mod plugins;
 mod protocol;

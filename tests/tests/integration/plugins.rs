@@ -111,11 +111,26 @@ fn sighup_loads_new_plugins_and_a_panicking_plugin_fails_only_its_work() {
     let c = d.client();
     assert!(c.status().expect("status").plugins.rejected.is_empty());
 
-    // A plugin dropped into the directory is picked up by SIGHUP.
+    // A plugin dropped into the directory is picked up by SIGHUP; a second copy of a loaded plugin is
+    // rejected by name.
     d.add_plugin("panicky_plugin");
+    std::os::unix::fs::symlink(
+        lorad_tests::plugin_lib("lorad_templates"),
+        d.plugin_dir().join("libzz_templates_again.so"),
+    )
+    .expect("link");
     d.sighup();
     let plugins = wait_plugins(&d, |p| p.loaded.iter().any(|l| l.name == "panicky"));
-    assert!(plugins.rejected.is_empty(), "{plugins:#?}");
+    assert_eq!(plugins.rejected.len(), 1, "{plugins:#?}");
+    assert!(
+        plugins.rejected[0]
+            .path
+            .ends_with("libzz_templates_again.so")
+            && plugins.rejected[0]
+                .reason
+                .starts_with("plugin lorad-templates is already loaded from"),
+        "{plugins:#?}"
+    );
     let panicky = plugins
         .loaded
         .iter()
