@@ -10,7 +10,7 @@ steps="${1:-60}"
 gguf="$("$here/fetch_smollm2.sh")"
 work="$(mktemp -d /tmp/lorad-fact-XXXXXX)"
 python3 "$here/fact/make_data.py" "$work/fact.jsonl"
-(cd "$repo" && cargo build --release -q -p lorad -p lorad-client)
+(cd "$repo" && cargo build --release -q --workspace)  # lorad, loractl and the bundled plugins (templates)
 lorad="$repo/target/release/lorad"
 loractl="$repo/target/release/loractl"
 # Held out: this phrasing is not in the dataset.

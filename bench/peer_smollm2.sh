@@ -23,7 +23,7 @@ gguf="$("$here/fetch_smollm2.sh")"
 work="$(mktemp -d /tmp/lorad-peer-XXXXXX)"
 python3 "$here/peer/make_data.py" "$work/data.jsonl" 64
 
-(cd "$repo" && cargo build --release -q -p lorad -p lorad-client)
+(cd "$repo" && cargo build --release -q --workspace)  # lorad, loractl and the bundled plugins (templates)
 lorad="$repo/target/release/lorad"
 loractl="$repo/target/release/loractl"
 
