@@ -112,6 +112,8 @@ pub fn export_merged(
             return Err(MergeError::Missing(path));
         }
     }
+    // Checked before the (possibly long) load of the base: a bad `out` fails at once.
+    let staging = Staging::new(out, Kind::Dir)?;
     let adapter = load_adapter(adapter_dir)?;
     eprintln!(
         "merged: adapter {} ({} modules, r {}, scale {})",
@@ -142,7 +144,6 @@ pub fn export_merged(
         cfg.num_hidden_layers
     );
 
-    let staging = Staging::new(out, Kind::Dir)?;
     let shards = plan_shards(entries, options.shard_bytes);
     let mut files = Vec::new();
     let mut progress = Progress::new(cfg.num_hidden_layers);

@@ -145,7 +145,11 @@ pub fn export_zip(request: &ExportRequest) -> Result<PathBuf, ZipExportError> {
     inner.flush().map_err(|e| ZipExportError::io(&tmp, e))?;
     drop(inner);
     let out = staging.commit()?;
-    eprintln!("zip: wrote {} ({} entries)", out.display(), entries.len() + 1);
+    eprintln!(
+        "zip: wrote {} ({} entries)",
+        out.display(),
+        entries.len() + 1
+    );
     Ok(out)
 }
 
