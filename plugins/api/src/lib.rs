@@ -52,6 +52,7 @@ mod error;
 pub mod host;
 pub mod messages;
 mod sdk;
+pub mod staging;
 
 pub use abi::{
     kinds, Buf, CallFn, EntryFn, FreeBufFn, LoradPluginV1, ABI_VERSION, ENTRY_SYMBOL, STATUS_ERROR,

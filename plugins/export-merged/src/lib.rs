@@ -20,18 +20,17 @@ pub mod base;
 pub mod error;
 pub mod hf_files;
 pub mod merge;
-pub mod staging;
 pub mod writer;
 
 use base::BaseTensors;
 use error::MergeError;
 use lorad::worker::adapter::{load_adapter, CONFIG_FILE, WEIGHTS_FILE};
 use lorad::worker::source::ModelSource;
+use lorad_plugin::staging::{Kind, Staging};
 use lorad_plugin::{
     export_plugin, kinds, ExportFormatDef, ExportRequest, ExportResponse, Plugin, PluginError,
 };
 use merge::Deltas;
-use staging::{Kind, Staging};
 use std::path::{Path, PathBuf};
 use writer::{plan_shards, ShardWriter, DEFAULT_SHARD_BYTES, INDEX};
 

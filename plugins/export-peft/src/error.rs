@@ -1,6 +1,6 @@
 //! Errors of the PEFT exporter; each message names the file at fault.
-use crate::staging::StagingError;
 use lorad::worker::error::EngineError;
+use lorad_plugin::staging::StagingError;
 use lorad_plugin::PluginError;
 use std::path::PathBuf;
 

@@ -13,15 +13,14 @@
 
 pub mod card;
 pub mod error;
-pub mod staging;
 
 use card::RunSummary;
 use error::PeftError;
 use lorad::worker::adapter::{load_adapter, CONFIG_FILE, WEIGHTS_FILE};
+use lorad_plugin::staging::{Kind, Staging};
 use lorad_plugin::{
     export_plugin, kinds, ExportFormatDef, ExportRequest, ExportResponse, Plugin, PluginError,
 };
-use staging::{Kind, Staging};
 use std::path::{Path, PathBuf};
 
 /// The plugin's name, as `loractl status` lists it.

@@ -1,5 +1,5 @@
 //! Errors of the ZIP exporter; each message names the file at fault.
-use crate::staging::StagingError;
+use lorad_plugin::staging::StagingError;
 use lorad_plugin::PluginError;
 use std::path::PathBuf;
 

@@ -19,13 +19,12 @@
 
 pub mod contents;
 pub mod error;
-pub mod staging;
 
 use error::ZipExportError;
+use lorad_plugin::staging::{Kind, Staging};
 use lorad_plugin::{
     export_plugin, kinds, ExportFormatDef, ExportRequest, ExportResponse, Plugin, PluginError,
 };
-use staging::{Kind, Staging};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use zip::write::SimpleFileOptions;

@@ -2,7 +2,7 @@
 //! renamed to `out` only when complete. Dropping an uncommitted [`Staging`] removes the temporary, so a
 //! failed export leaves nothing behind, neither at `out` nor beside it.
 //!
-//! (The same file lives in each exporter crate; a shared helper in lorad-plugin would remove that.)
+//! For exporters: `Staging::new(out, Kind::Dir)`, write into `staging.path()`, then `commit()`.
 use std::path::{Path, PathBuf};
 
 /// Why the output could not be prepared or published.
