@@ -498,3 +498,46 @@ fn peft_fixture() {
     .unwrap();
     eprintln!("lorad: base loss {base:.6}, with adapter {adapted:.6}");
 }
+
+/// The loss curve of the engine before any speed work (issue 6), committed in
+/// `testdata/losses_before_speed_work.json`: 20 steps of a job that adapts every module, with LoRA
+/// dropout, accumulation and right padding, so every kernel of the step is on the path. Faster kernels
+/// must reproduce it to 1e-5 relative. `LORAD_UPDATE_GOLDEN=1` rewrites the file (only ever from the
+/// unoptimised engine).
+#[test]
+fn losses_match_the_engine_before_speed_work() {
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/worker/testdata/losses_before_speed_work.json");
+    let f = Fixture::new();
+    let mut s = fast_settings();
+    for (k, v) in [
+        ("max_steps", "20"),
+        ("lora_dropout", "0.1"),
+        ("batch_size", "4"),
+        ("grad_accum", "2"),
+        ("lr", "0.003"),
+    ] {
+        s.set(k, v).unwrap();
+    }
+    let summary = train(&f.task(s, "adapter"), &mut |_| {}).unwrap();
+    assert_eq!(summary.losses.len(), 20);
+    if std::env::var_os("LORAD_UPDATE_GOLDEN").is_some() {
+        let text = serde_json::to_string_pretty(&serde_json::json!({ "losses": summary.losses })).unwrap();
+        std::fs::write(&golden, text + "\n").unwrap();
+        return;
+    }
+    let text = std::fs::read_to_string(&golden).unwrap();
+    let want: Vec<f64> = serde_json::from_value(
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["losses"].clone(),
+    )
+    .unwrap();
+    assert_eq!(want.len(), 20);
+    for (step, (got, want)) in summary.losses.iter().zip(&want).enumerate() {
+        let rel = (got - want).abs() / want.abs().max(1e-12);
+        assert!(
+            rel < 1e-5,
+            "step {}: loss {got} vs {want} before the speed work (relative error {rel:.2e})",
+            step + 1
+        );
+    }
+}
