@@ -6,7 +6,7 @@
 pub use super::config::{check_model_dir, ModelConfig};
 use super::error::EngineError;
 use super::lora::{LoraConfig, LoraLinear, LoraPair};
-use super::ops::{apply_rope, frozen_linear, nll_sum, rms_norm, softmax_last};
+use super::ops::{apply_rope, causal_attention, frozen_linear, lm_head_nll_sum, rms_norm, swiglu};
 pub use super::rope::Rope;
 pub use super::source::check_model;
 use super::source::ModelSource;
@@ -15,24 +15,6 @@ use lorad_schema::TARGET_MODULES;
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-/// Causal (and, when configured, sliding-window) additive mask `[t, t]`: 0 where allowed, -inf elsewhere.
-/// Right padding needs no extra mask: pads come after every real token, so causality keeps them out.
-fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..t).map(move |j| {
-                let outside = j > i || window.is_some_and(|w| i - j >= w);
-                if outside {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (t, t), device)
-}
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -51,7 +33,7 @@ impl Attention {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        window: Option<usize>,
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -62,28 +44,12 @@ impl Attention {
         let v = split(self.v.forward(x, rng.as_deref_mut())?, self.kv_heads)?;
         let q = apply_rope(&q, cos, sin)?;
         let k = apply_rope(&k, cos, sin)?;
-        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
-        let scores =
-            (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
-        let out = softmax_last(&scores)?.matmul(&v)?;
+        let out = causal_attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), window)?;
         let out = out
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, self.heads * d))?;
         self.o.forward(&out, rng)
-    }
-
-    /// transformers' `repeat_kv`: each KV head serves `heads / kv_heads` consecutive query heads.
-    fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
-        let n_rep = self.heads / self.kv_heads;
-        if n_rep == 1 {
-            return Ok(x);
-        }
-        let (b, h, t, d) = x.dims4()?;
-        x.unsqueeze(2)?
-            .broadcast_as((b, h, n_rep, t, d))?
-            .contiguous()?
-            .reshape((b, h * n_rep, t, d))
     }
 }
 
@@ -273,28 +239,24 @@ impl Llama {
         ))?;
         let cos = self.rope.cos.narrow(0, 0, t)?;
         let sin = self.rope.sin.narrow(0, 0, t)?;
-        let mask = causal_mask(t, self.cfg.window(), &self.device)?;
+        let window = self.cfg.window();
         let eps = self.cfg.rms_norm_eps;
         for block in &self.blocks {
             let a = block.attn.forward(
                 &rms_norm(&x, &block.input_norm, eps)?,
                 &cos,
                 &sin,
-                &mask,
+                window,
                 dropout_rng.as_deref_mut(),
             )?;
             x = (x + a)?;
             let n = rms_norm(&x, &block.post_norm, eps)?;
-            let gate = block
-                .mlp
-                .gate
-                .forward(&n, dropout_rng.as_deref_mut())?
-                .silu()?;
+            let gate = block.mlp.gate.forward(&n, dropout_rng.as_deref_mut())?;
             let up = block.mlp.up.forward(&n, dropout_rng.as_deref_mut())?;
             x = (x + block
                 .mlp
                 .down
-                .forward(&(gate * up)?, dropout_rng.as_deref_mut())?)?;
+                .forward(&swiglu(&gate, &up)?, dropout_rng.as_deref_mut())?)?;
         }
         rms_norm(&x, &self.norm, eps)
     }
@@ -332,7 +294,7 @@ impl Llama {
         let rows = h
             .reshape(((), self.cfg.hidden_size))?
             .index_select(positions, 0)?;
-        nll_sum(&frozen_linear(&rows, &self.lm_head, None)?, labels)
+        lm_head_nll_sum(&rows, &self.lm_head, labels)
     }
 
     /// Every projection by HF module path (`model.layers.3.self_attn.q_proj`), in a fixed order:

@@ -1,5 +1,6 @@
 //! Tests of the forward pass on the tiny model.
 use super::*;
+use crate::worker::ops::causal_mask;
 use crate::worker::tiny::make_tiny_model;
 use crate::worker::weights;
 use candle_core::DType;

@@ -39,6 +39,69 @@ pub fn nll_sum(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     (log_z - picked)?.sum_all()
 }
 
+/// `silu(gate) * up`: the SwiGLU of the Llama MLP.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.silu()? * up
+}
+
+/// Summed next-token NLL of `labels` under the logits `h @ lm_head^T` (`h` `[n, hidden]`, `lm_head`
+/// `[vocab, hidden]` frozen): the LM head and the loss together.
+pub fn lm_head_nll_sum(h: &Tensor, lm_head: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    nll_sum(&frozen_linear(h, lm_head, None)?, labels)
+}
+
+/// Causal (and, with `window`, sliding-window) attention with grouped KV heads: `q` `[b, h, t, d]`,
+/// `k`/`v` `[b, kv, t, d]`, query head `i` reading KV head `i / (h / kv)` (transformers' `repeat_kv`),
+/// scores scaled by `scale`. Returns `[b, h, t, d]`.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let (_, heads, t, _) = q.dims4()?;
+    let (k, v) = (repeat_kv(k, heads)?, repeat_kv(v, heads)?);
+    let mask = causal_mask(t, window, q.device())?;
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
+    softmax_last(&scores)?.matmul(&v)
+}
+
+/// transformers' `repeat_kv`: each of the `x`'s KV heads serves `heads / kv` consecutive query heads.
+fn repeat_kv(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, kv, t, d) = x.dims4()?;
+    let n_rep = heads / kv.max(1);
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n_rep, t, d))?
+        .contiguous()?
+        .reshape((b, kv * n_rep, t, d))
+}
+
+/// Causal (and, when configured, sliding-window) additive mask `[t, t]`: 0 where allowed, -inf elsewhere.
+/// Right padding needs no extra mask: pads come after every real token, so causality keeps them out.
+pub(crate) fn causal_mask(
+    t: usize,
+    window: Option<usize>,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                let outside = j > i || window.is_some_and(|w| i - j >= w);
+                if outside {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, t), device)
+}
+
 /// HF's `rotate_half` (non-interleaved layout): `[x1, x2] -> [-x2, x1]` on the last dimension.
 pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
