@@ -522,7 +522,8 @@ fn losses_match_the_engine_before_speed_work() {
     let summary = train(&f.task(s, "adapter"), &mut |_| {}).unwrap();
     assert_eq!(summary.losses.len(), 20);
     if std::env::var_os("LORAD_UPDATE_GOLDEN").is_some() {
-        let text = serde_json::to_string_pretty(&serde_json::json!({ "losses": summary.losses })).unwrap();
+        let text =
+            serde_json::to_string_pretty(&serde_json::json!({ "losses": summary.losses })).unwrap();
         std::fs::write(&golden, text + "\n").unwrap();
         return;
     }
