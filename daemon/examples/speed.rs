@@ -78,25 +78,6 @@ struct Args {
     json: PathBuf,
 }
 
-/// The same allocator settings as the worker (`worker::process::tune_allocator`, private): big
-/// buffers stay in the heap between steps instead of being re-zeroed by the kernel.
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        }
-    }
-}
-
-fn peak_rss_mb() -> f64 {
-    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
-        .map(|u| u.max_rss() as f64 / 1024.0)
-        .unwrap_or(0.0)
-}
-
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
 }
@@ -300,7 +281,7 @@ fn time_case(c: &Case, reps: usize) -> candle_core::Result<(f64, f64)> {
 }
 
 fn main() -> Result<()> {
-    tune_allocator();
+    lorad::worker::process::tune_allocator();
     let args = Args::parse();
     let settings = TrainSettings {
         lora_r: 16,
@@ -327,7 +308,7 @@ fn main() -> Result<()> {
 
     let steps = [args.warmup, args.steps];
     let ([fwd, bwd, opt, step], losses) = run_steps(&model, &settings, &b, steps)?;
-    let (peak_rss, step_ms) = (peak_rss_mb(), median(&step));
+    let (peak_rss, step_ms) = (lorad::worker::process::peak_rss_mb(), median(&step));
 
     // Per class, in the order of first appearance: forward and backward ms per step.
     let (mut ops, mut classes) = (Vec::new(), Vec::<(&str, [f64; 2])>::new());
@@ -362,7 +343,7 @@ fn main() -> Result<()> {
         "step_ms_all": step,
         "tokens_per_s": (args.batch * args.seq) as f64 / (step_ms / 1000.0),
         "peak_rss_mb": peak_rss,
-        "peak_rss_mb_after_ops": peak_rss_mb(),
+        "peak_rss_mb_after_ops": lorad::worker::process::peak_rss_mb(),
         "losses": losses,
         "op_reps": args.reps,
         "ops": ops,

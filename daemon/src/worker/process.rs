@@ -145,7 +145,7 @@ fn run_export(task: ExportTask, send: &dyn Fn(&FromWorker)) -> i32 {
 /// the pages again when the next step faults them in: measured at about a quarter of a LoRA step's time
 /// on CPU (CANDLE-NOTES). A fixed 32 MiB mmap threshold and no trimming make those buffers reused
 /// instead; the peak RSS is the same (the step needs them all at once anyway).
-fn tune_allocator() {
+pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
@@ -160,7 +160,7 @@ fn tune_allocator() {
 }
 
 /// The process's peak resident set size in MiB (getrusage; Linux reports KiB).
-fn peak_rss_mb() -> f64 {
+pub fn peak_rss_mb() -> f64 {
     nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
         .map(|u| u.max_rss() as f64 / 1024.0)
         .unwrap_or(0.0)
