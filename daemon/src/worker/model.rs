@@ -38,10 +38,11 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let d = self.head_dim;
-        let split = |y: Tensor, h: usize| y.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous();
+        // [b, t, h*d] -> [b, h, t, d] views; RoPE reads q and k strided and writes them contiguous.
+        let split = |y: Tensor, h: usize| y.reshape((b, t, h, d))?.transpose(1, 2);
         let q = split(self.q.forward(x, rng.as_deref_mut())?, self.heads)?;
         let k = split(self.k.forward(x, rng.as_deref_mut())?, self.kv_heads)?;
-        let v = split(self.v.forward(x, rng.as_deref_mut())?, self.kv_heads)?;
+        let v = split(self.v.forward(x, rng.as_deref_mut())?, self.kv_heads)?.contiguous()?;
         let q = apply_rope(&q, cos, sin)?;
         let k = apply_rope(&k, cos, sin)?;
         let out = causal_attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), window)?;

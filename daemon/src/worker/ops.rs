@@ -10,15 +10,10 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Result, Shape, Tensor, D,
 };
 
-/// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension (HF `LlamaRMSNorm`).
+/// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension (HF `LlamaRMSNorm`); `weight` frozen.
+/// A fused kernel on the CPU (one pass each way), the composition elsewhere.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let inv = x
-        .sqr()?
-        .mean_keepdim(D::Minus1)?
-        .affine(1.0, eps)?
-        .sqrt()?
-        .recip()?;
-    x.broadcast_mul(&inv)?.broadcast_mul(weight)
+    lorad_kernels::norm::rms_norm(x, weight, eps)
 }
 
 /// Softmax over the last dimension. The row maximum is detached: subtracting it does not change the
@@ -39,9 +34,9 @@ pub fn nll_sum(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     (log_z - picked)?.sum_all()
 }
 
-/// `silu(gate) * up`: the SwiGLU of the Llama MLP.
+/// `silu(gate) * up`: the SwiGLU of the Llama MLP (fused on the CPU).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.silu()? * up
+    lorad_kernels::swiglu::swiglu(gate, up)
 }
 
 /// Summed next-token NLL of `labels` under the logits `h @ lm_head^T` (`h` `[n, hidden]`, `lm_head`
@@ -110,9 +105,10 @@ pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
 }
 
-/// Applies rotary embeddings to `x` (`[b, heads, t, d]`) with `cos`/`sin` tables of shape `[t, d]`.
+/// Applies rotary embeddings to `x` (`[b, heads, t, d]`, any layout with a unit last stride) with
+/// `cos`/`sin` tables of shape `[t, d]`; the result is contiguous (fused on the CPU).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
+    lorad_kernels::rope::rope(x, cos, sin)
 }
 
 /// `x @ weight^T (+ bias)` for a frozen `weight` (`[out, in]`), `x` of shape `[n, in]`.
