@@ -47,8 +47,22 @@ pub fn lm_head_nll_sum(h: &Tensor, lm_head: &Tensor, labels: &Tensor) -> Result<
 
 /// Causal (and, with `window`, sliding-window) attention with grouped KV heads: `q` `[b, h, t, d]`,
 /// `k`/`v` `[b, kv, t, d]`, query head `i` reading KV head `i / (h / kv)` (transformers' `repeat_kv`),
-/// scores scaled by `scale`. Returns `[b, h, t, d]`.
+/// scores scaled by `scale`. Returns `[b, h, t, d]`. On the CPU a fused kernel that keeps only the
+/// output and the row log-sum-exp for backward (never the `[t, t]` probabilities); elsewhere
+/// [`causal_attention_composed`].
 pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    lorad_kernels::attention::causal_attention(q, k, v, scale, window)
+}
+
+/// The attention of [`causal_attention`] composed from candle ops (repeat_kv, masked scores, softmax),
+/// kept as the reference the fused kernel is tested against.
+pub fn causal_attention_composed(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
