@@ -40,9 +40,15 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 /// Summed next-token NLL of `labels` under the logits `h @ lm_head^T` (`h` `[n, hidden]`, `lm_head`
-/// `[vocab, hidden]` frozen): the LM head and the loss together.
+/// `[vocab, hidden]` frozen): the LM head and the loss together, a chunk of rows at a time, so the
+/// `[n, vocab]` logits never exist at once and the frozen head gets no gradient.
 pub fn lm_head_nll_sum(h: &Tensor, lm_head: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    nll_sum(&frozen_linear(h, lm_head, None)?, labels)
+    lorad_kernels::ce::linear_cross_entropy_sum(
+        h,
+        lm_head,
+        labels,
+        lorad_kernels::ce::DEFAULT_CHUNK,
+    )
 }
 
 /// Causal (and, with `window`, sliding-window) attention with grouped KV heads: `q` `[b, h, t, d]`,
