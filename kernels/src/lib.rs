@@ -18,6 +18,7 @@
 
 pub mod attention;
 pub mod ce;
+mod cpu;
 pub mod norm;
 pub mod rope;
 pub mod swiglu;

@@ -14,6 +14,7 @@
 //!
 //! Outputs are not zeroed before they are written, and the row loops are compiled for AVX-512/AVX2
 //! as well and picked at run time (see `wide`).
+use crate::cpu::{contiguous_f32, rows_per_task, uninit_output, wide};
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
@@ -64,20 +65,6 @@ struct RmsNorm {
 /// Backward op on (`x`, `weight`, `grad`), all contiguous f32; yields `dx`.
 struct RmsNormBwd {
     eps: f64,
-}
-
-/// The elements of a contiguous f32 tensor. The wrappers make every input contiguous, so anything
-/// else is a bug in this module, reported as an error rather than a panic.
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&s.as_slice::<f32>()?[start..end]),
-        None => bail!("rms_norm: input is not contiguous"),
-    }
-}
-
-/// Rows handed to one rayon task: enough work (~16k elements) to amortise the task's overhead.
-fn rows_per_task(d: usize) -> usize {
-    (16 * 1024 / d).max(1)
 }
 
 /// `sum(x_i^2)`, accumulated in f64 over eight lanes (which the compiler keeps in vector registers).
@@ -156,46 +143,6 @@ fn bwd_rows(dx: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], g: &[f32], eps: f
     }
 }
 
-/// A buffer of `n` floats that `fill` writes in full. Not zeroed first: with the worker's
-/// allocator, which keeps freed memory, `vec![0.0; n]` is a memset, a whole extra pass over it.
-fn uninit_output(n: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n);
-    fill(&mut out.spare_capacity_mut()[..n]);
-    // SAFETY: the capacity is at least `n`, and both callers' `fill` write every element: they
-    // split it into whole rows (the length is checked to be a multiple of `d`), each zipped with an
-    // input row of the same length and written in full.
-    unsafe { out.set_len(n) };
-    out
-}
-
-/// Runs `f` compiled for AVX-512 or AVX2 where the CPU has them (picked at run time, so the build
-/// stays portable), else for the baseline. `f` is a kernel call, inlined into these wrappers and so
-/// compiled with their features. Results are the same on every path: nothing here is contracted into
-/// FMAs. The f64 row sums are compute-bound on SSE2's two f64 lanes.
-#[inline(always)]
-fn wide<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f")]
-        fn avx512<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        #[target_feature(enable = "avx2")]
-        fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, checked just above.
-            return unsafe { avx512(f) };
-        }
-        if is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2, checked just above.
-            return unsafe { avx2(f) };
-        }
-    }
-    f()
-}
-
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "fused-rms-norm"
@@ -208,7 +155,10 @@ impl CustomOp2 for RmsNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        let (x, w) = (
+            contiguous_f32("rms_norm", s1, l1)?,
+            contiguous_f32("rms_norm", s2, l2)?,
+        );
         let d = w.len();
         if x.len() % d != 0 {
             bail!("rms_norm: {} elements are not rows of {d}", x.len())
@@ -249,9 +199,9 @@ impl CustomOp3 for RmsNormBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, g) = (
-            contiguous_f32(s1, l1)?,
-            contiguous_f32(s2, l2)?,
-            contiguous_f32(s3, l3)?,
+            contiguous_f32("rms_norm", s1, l1)?,
+            contiguous_f32("rms_norm", s2, l2)?,
+            contiguous_f32("rms_norm", s3, l3)?,
         );
         if g.len() != x.len() {
             bail!(

@@ -12,6 +12,7 @@
 //! a transposed view (`[b, t, h, d]` seen as `[b, h, t, d]`); it is read through its strides, without
 //! a copy, as long as the last dimension is unit-stride. The output is contiguous, not zeroed before
 //! it is written; the row loop is compiled for AVX-512/AVX2 as well and picked at run time.
+use crate::cpu::{contiguous_f32, rows_per_task, uninit_output, wide};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -64,60 +65,6 @@ fn composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// incoming gradient), which rotates the other way.
 struct Rope {
     transposed: bool,
-}
-
-/// The elements of a contiguous f32 tensor. The wrappers make the tables contiguous, so anything else
-/// is a bug in this module, reported as an error rather than a panic.
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&s.as_slice::<f32>()?[start..end]),
-        None => bail!("rope: table is not contiguous"),
-    }
-}
-
-/// Rows (one head at one position) handed to one rayon task: ~16k elements.
-fn rows_per_task(d: usize) -> usize {
-    (16 * 1024 / d).max(1)
-}
-
-/// A buffer of `n` floats that `fill` writes in full. Not zeroed first: with the worker's
-/// allocator, which keeps freed memory, `vec![0.0; n]` is a memset, a whole extra pass over it.
-fn uninit_output(n: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n);
-    fill(&mut out.spare_capacity_mut()[..n]);
-    // SAFETY: the capacity is at least `n`, and the one caller's `fill` writes every element: it
-    // splits the buffer into whole rows of `d` (`n` is rows * d), and `rotate_row` writes both halves
-    // of each row in full.
-    unsafe { out.set_len(n) };
-    out
-}
-
-/// Runs `f` compiled for AVX-512 or AVX2 where the CPU has them (picked at run time, so the build
-/// stays portable), else for the baseline. `f` is a kernel call, inlined into these wrappers and so
-/// compiled with their features. Results are the same on every path: nothing here is contracted into
-/// FMAs.
-#[inline(always)]
-fn wide<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f")]
-        fn avx512<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        #[target_feature(enable = "avx2")]
-        fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, checked just above.
-            return unsafe { avx512(f) };
-        }
-        if is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2, checked just above.
-            return unsafe { avx2(f) };
-        }
-    }
-    f()
 }
 
 /// One row: the rotation (`T = false`) or its transpose, from the halves of the input and tables.
@@ -205,7 +152,10 @@ impl CustomOp3 for Rope {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (cos, sin) = (contiguous_f32(s2, l2)?, contiguous_f32(s3, l3)?);
+        let (cos, sin) = (
+            contiguous_f32("rope", s2, l2)?,
+            contiguous_f32("rope", s3, l3)?,
+        );
         let out = self.run(s1.as_slice::<f32>()?, l1, cos, sin)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }

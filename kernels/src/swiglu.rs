@@ -12,6 +12,7 @@
 //! `exp` is a branch-free polynomial that vectorises (libm's `expf` does not), outputs are not zeroed
 //! before they are written, and the loops are compiled for AVX-512/AVX2 as well and picked at run
 //! time (see `wide`).
+use crate::cpu::{contiguous_f32, uninit_output, wide};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -42,26 +43,6 @@ struct SwigluBwd;
 
 /// Elements handed to one rayon task.
 const CHUNK: usize = 16 * 1024;
-
-/// The elements of a contiguous f32 tensor. The wrappers make every input contiguous, so anything
-/// else is a bug in this module, reported as an error rather than a panic.
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&s.as_slice::<f32>()?[start..end]),
-        None => bail!("swiglu: input is not contiguous"),
-    }
-}
-
-/// A buffer of `n` floats that `fill` writes in full. Not zeroed first: with the worker's
-/// allocator, which keeps freed memory, `vec![0.0; n]` is a memset, a whole extra pass over it.
-fn uninit_output(n: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n);
-    fill(&mut out.spare_capacity_mut()[..n]);
-    // SAFETY: the capacity is at least `n`, and both callers' `fill` write every element: they zip
-    // each output chunk with input chunks of the same length (input lengths are checked to match).
-    unsafe { out.set_len(n) };
-    out
-}
 
 /// `exp(x)` to about one ulp for `x` in `[-87, 88]` (Cephes' `expf` polynomial), arguments outside
 /// clamped into it (the sigmoid needs nothing beyond). Unlike `f32::exp` (a libm call) it has no
@@ -114,34 +95,6 @@ fn bwd_kernel(
     }
 }
 
-/// Runs `f` compiled for AVX-512 or AVX2 where the CPU has them (picked at run time, so the build
-/// stays portable), else for the baseline. `f` is a kernel call, inlined into these wrappers and so
-/// compiled with their features. Results are the same on every path: nothing here is contracted into
-/// FMAs. `exp` makes these passes compute-bound on SSE2; wider vectors were ~1.7x faster here.
-#[inline(always)]
-fn wide<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f")]
-        fn avx512<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        #[target_feature(enable = "avx2")]
-        fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, checked just above.
-            return unsafe { avx512(f) };
-        }
-        if is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2, checked just above.
-            return unsafe { avx2(f) };
-        }
-    }
-    f()
-}
-
 impl CustomOp2 for Swiglu {
     fn name(&self) -> &'static str {
         "fused-swiglu"
@@ -154,7 +107,10 @@ impl CustomOp2 for Swiglu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, u) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
+        let (g, u) = (
+            contiguous_f32("swiglu", s1, l1)?,
+            contiguous_f32("swiglu", s2, l2)?,
+        );
         let n = g.len();
         if u.len() != n {
             bail!("swiglu: {n} gate elements, {} up", u.len())
@@ -194,9 +150,9 @@ impl CustomOp3 for SwigluBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (g, u, dy) = (
-            contiguous_f32(s1, l1)?,
-            contiguous_f32(s2, l2)?,
-            contiguous_f32(s3, l3)?,
+            contiguous_f32("swiglu", s1, l1)?,
+            contiguous_f32("swiglu", s2, l2)?,
+            contiguous_f32("swiglu", s3, l3)?,
         );
         let n = g.len();
         if u.len() != n || dy.len() != n {
