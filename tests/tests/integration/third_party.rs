@@ -76,8 +76,10 @@ fn acme_plugin_template_and_tsv_dataloader_train_a_job() {
     // A job on the acme template and a .tsv dataset trains and learns.
     let data = d.dir.path().join("support.tsv");
     std::fs::write(&data, support_tsv()).expect("dataset");
-    // FAST: lr 0.01, batch 8, warmup 0, constant schedule, dropout 0, max_seq_len 64.
-    let overrides = fast_with(&[("max_steps", "30"), ("grad_accum", "1")]);
+    // FAST (batch 8, warmup 0, constant schedule, dropout 0, max_seq_len 64) with lr 0.005: at FAST's
+    // 0.01 this tiny model's loss spikes now and then late in the run, and which steps spike depends
+    // on float rounding (any kernel change moves them).
+    let overrides = fast_with(&[("max_steps", "30"), ("grad_accum", "1"), ("lr", "0.005")]);
     let mut good = spec(tiny_model(), &data, &overrides);
     good.template = "acme-support".into();
     let job = c.submit(good).expect("submit");
@@ -107,6 +109,10 @@ fn acme_plugin_template_and_tsv_dataloader_train_a_job() {
     assert_eq!(points.len(), 30, "{points:?}");
     let mean = |p: &[lorad_schema::MetricPoint]| p.iter().map(|p| p.loss).sum::<f64>() / 5.0;
     let (first, last) = (mean(&points[..5]), mean(&points[25..]));
+    eprintln!(
+        "acme losses: {:?}",
+        points.iter().map(|p| p.loss).collect::<Vec<_>>()
+    );
     assert!(
         last < first * 0.85,
         "loss did not go down: first 5 steps {first}, last 5 {last}: {:?}",
