@@ -19,6 +19,7 @@
 pub mod attention;
 pub mod ce;
 mod cpu;
+pub mod linear;
 pub mod norm;
 pub mod rope;
 pub mod swiglu;

@@ -122,11 +122,14 @@ impl LoraLinear {
                 Some(rng) if lora.dropout > 0.0 => dropout(&x2, lora.dropout, rng)?,
                 _ => x2.clone(),
             };
-            let update = xin
-                .matmul(&lora.a.t()?)?
-                .matmul(&lora.b.t()?)?
-                .affine(lora.scale, 0.0)?;
-            y = (y + update)?;
+            let u = xin.matmul(&lora.a.t()?)?;
+            let b = lora.b.as_tensor();
+            y = if lorad_kernels::linear::supported(&[&y, &u, b]) {
+                // y + scale * u @ B^T in one pass (gemm accumulating into a copy of y).
+                lorad_kernels::linear::lora_add(&y, &u, b, lora.scale)?
+            } else {
+                (y + u.matmul(&b.t()?)?.affine(lora.scale, 0.0)?)?
+            };
         }
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {

@@ -137,6 +137,14 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// whose backward is `grad @ weight`: the gradient reaches `x` (and the LoRA weights below it), while no
 /// gradient of `weight` is ever computed.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    // On the CPU (f32) gemm writes the product straight into the op's output: no copy to attach it.
+    if lorad_kernels::linear::supported(&[x, weight]) {
+        let y = lorad_kernels::linear::frozen_linear(x, weight)?;
+        return match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
+    }
     let y = x.detach().matmul(&weight.t()?)?;
     let y = match bias {
         Some(b) => y.broadcast_add(b)?,
