@@ -46,9 +46,7 @@ fn gemm_nt(
     dst: *mut f32,
     lhs: &[f32],
     rhs: &[f32],
-    n: usize,
-    out: usize,
-    k: usize,
+    (n, out, k): (usize, usize, usize),
     beta: f32,
     accumulate: bool,
 ) {
@@ -111,7 +109,7 @@ impl CustomOp2 for FrozenLinear {
         }
         let y = uninit_output(n * out, |dst| {
             // gemm writes every element of dst (read_dst = false).
-            gemm_nt(dst.as_mut_ptr().cast(), x, w, n, out, k, 1.0, false)
+            gemm_nt(dst.as_mut_ptr().cast(), x, w, (n, out, k), 1.0, false)
         });
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
@@ -154,7 +152,7 @@ impl CustomOp3 for LoraAdd {
         let u = contiguous_f32("lora-add", s2, l2)?;
         let b = contiguous_f32("lora-add", s3, l3)?;
         let mut dst = y.to_vec();
-        gemm_nt(dst.as_mut_ptr(), u, b, n, out, r, self.scale as f32, true);
+        gemm_nt(dst.as_mut_ptr(), u, b, (n, out, r), self.scale as f32, true);
         Ok((CpuStorage::F32(dst), Shape::from((n, out))))
     }
 
