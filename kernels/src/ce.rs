@@ -17,10 +17,7 @@
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp2, DType, Device, Layout, MetalStorage, Result, Shape,
-    Tensor, D,
-};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Rows per chunk when the caller has no reason to pick another, measured with
@@ -246,88 +243,16 @@ impl CustomOp2 for InputGrad<'_> {
     }
 }
 
-/// The unfused composition for non-CPU devices: the engine's `frozen_linear` (product on a detached
-/// `h`, attached through an identity whose backward is `grad @ weight`, so no head gradient is
-/// computed) followed by its `nll_sum` (max-subtracted logsumexp minus the gathered logit).
+/// The unfused composition for non-CPU devices: `linear::frozen_linear` (no head gradient) followed by
+/// the engine's `nll_sum` (max-subtracted logsumexp minus the gathered logit).
 fn unfused(h: &Tensor, weight: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let weight = weight.detach();
-    let logits = h.detach().matmul(&weight.t()?)?;
-    let logits = if h.track_op() {
-        h.apply_op2(&logits, FrozenHead { weight })?
-    } else {
-        logits
-    };
+    let logits = crate::linear::frozen_linear(h, weight)?;
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     let labels = labels.to_device(h.device())?.unsqueeze(1)?;
     let picked = shifted.gather(&labels, 1)?;
     (log_z - picked)?.sum_all()
-}
-
-/// The identity on its second argument (the precomputed product); backward sends `grad @ weight` to
-/// the first.
-struct FrozenHead {
-    weight: Tensor,
-}
-
-/// The precomputed product is always fresh (contiguous from offset 0), so copying its storage is a
-/// copy of exactly the result.
-fn check_fresh(l: &Layout) -> Result<()> {
-    if l.is_contiguous() && l.start_offset() == 0 {
-        Ok(())
-    } else {
-        bail!("linear-cross-entropy: precomputed product is not a fresh contiguous tensor")
-    }
-}
-
-impl CustomOp2 for FrozenHead {
-    fn name(&self) -> &'static str {
-        "linear-cross-entropy-frozen-head"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        check_fresh(l2)?;
-        Ok((s2.try_clone(l2)?, l2.shape().clone()))
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        check_fresh(l2)?;
-        Ok((s2.try_clone(l2)?, l2.shape().clone()))
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        s2: &MetalStorage,
-        l2: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        check_fresh(l2)?;
-        Ok((s2.try_clone(l2)?, l2.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _h: &Tensor,
-        _logits: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(&self.weight)?), None))
-    }
 }
 
 #[cfg(test)]

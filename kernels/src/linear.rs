@@ -6,9 +6,15 @@
 //!   (`u = dropout(x) @ a^T` is computed by the caller, so `a` gets its gradient through `u`), instead
 //!   of a product, a scaled copy and a sum as separate tensors.
 //!
-//! Both need f32, rank-2, CPU tensors; callers keep the candle composition for anything else.
+//! The fused paths need f32, rank-2, CPU tensors. Elsewhere `frozen_linear` computes the product on a
+//! detached input and attaches it through an identity op with the same backward (so the CUDA build
+//! computes no weight gradient either); `lora_add` needs the callers' candle composition.
 use crate::cpu::{contiguous_f32, uninit_output};
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, MetalStorage, Result,
+    Shape, Tensor,
+};
 
 /// Whether the fused path applies: every tensor f32 on the CPU.
 pub fn supported(ts: &[&Tensor]) -> bool {
@@ -16,13 +22,20 @@ pub fn supported(ts: &[&Tensor]) -> bool {
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2)
 }
 
-/// `x @ weight^T` (`x` `[n, in]`, `weight` `[out, in]` frozen) -> `[n, out]`; `x` gets a gradient.
+/// `x @ weight^T` (`x` `[n, in]`, `weight` `[out, in]` frozen) -> `[n, out]`; `x` gets a gradient,
+/// `weight` never does.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    if !supported(&[x, weight]) {
-        bail!("frozen-linear: needs rank-2 f32 CPU tensors");
+    if supported(&[x, weight]) {
+        return x
+            .contiguous()?
+            .apply_op2(&weight.contiguous()?.detach(), FrozenLinear);
     }
-    x.contiguous()?
-        .apply_op2(&weight.contiguous()?.detach(), FrozenLinear)
+    let weight = weight.detach();
+    let y = x.detach().matmul(&weight.t()?)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op2(&y, AttachProduct { weight })
 }
 
 /// `y + scale * u @ b^T` (`y` `[n, out]`, `u` `[n, r]`, `b` `[out, r]`); gradients for all three.
@@ -122,6 +135,71 @@ impl CustomOp2 for FrozenLinear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(grad.matmul(weight)?), None))
+    }
+}
+
+/// The identity on its second argument (a product computed on the detached input); backward sends
+/// `grad @ weight` to the first. Used off the CPU, where the product comes from candle's matmul.
+struct AttachProduct {
+    weight: Tensor,
+}
+
+/// The precomputed product is always fresh (contiguous from offset 0), so copying its storage is a
+/// copy of exactly the result.
+fn check_fresh(l: &Layout) -> Result<()> {
+    if l.is_contiguous() && l.start_offset() == 0 {
+        Ok(())
+    } else {
+        bail!("frozen-linear: precomputed product is not a fresh contiguous tensor")
+    }
+}
+
+impl CustomOp2 for AttachProduct {
+    fn name(&self) -> &'static str {
+        "frozen-linear-attach"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        check_fresh(l2)?;
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        check_fresh(l2)?;
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        s2: &MetalStorage,
+        l2: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        check_fresh(l2)?;
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&self.weight)?), None))
     }
 }
 
@@ -256,6 +334,10 @@ mod tests {
         let u = Tensor::zeros((2, 2), DType::F32, &d).unwrap();
         let b = Tensor::zeros((4, 3), DType::F32, &d).unwrap();
         assert!(lora_add(&y, &u, &b, 1.0).is_err());
-        assert!(frozen_linear(&x.to_dtype(DType::F64).unwrap(), &w).is_err());
+        // Off the fused path (here f64) the product still comes out, through candle's matmul.
+        let x64 = Tensor::ones((2, 3), DType::F64, &d).unwrap();
+        let w64 = Tensor::ones((4, 3), DType::F64, &d).unwrap();
+        let y64 = frozen_linear(&x64, &w64).unwrap();
+        assert_eq!(y64.to_vec2::<f64>().unwrap(), vec![vec![3.0; 4]; 2]);
     }
 }

@@ -2,13 +2,10 @@
 //!
 //! candle 0.11's fused `candle_nn::ops::{rms_norm, softmax_last_dim, rotary_emb::*}` record no backward
 //! and silently cut the gradient (see CANDLE-NOTES.md), so everything here is composed from ops that
-//! do have one. `frozen_linear` is the one custom op: a product with a frozen weight whose backward
-//! returns only the input's gradient, because candle's matmul backward would also compute (and store)
-//! the gradient of every frozen base weight, which LoRA never uses.
-use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, Layout, MetalStorage, Result, Shape, Tensor, D,
-};
+//! do have one, or is a lorad-kernels op with its own backward. `frozen_linear` is a product with a
+//! frozen weight whose backward returns only the input's gradient, because candle's matmul backward
+//! would also compute (and store) the gradient of every frozen base weight, which LoRA never uses.
+use candle_core::{Result, Tensor, D};
 
 /// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension (HF `LlamaRMSNorm`); `weight` frozen.
 /// A fused kernel on the CPU (one pass each way), the composition elsewhere.
@@ -133,95 +130,14 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// `x @ weight^T (+ bias)` for a frozen `weight` (`[out, in]`), `x` of shape `[n, in]`.
 ///
-/// The product is computed on a detached input, then attached to the graph through an identity op
-/// whose backward is `grad @ weight`: the gradient reaches `x` (and the LoRA weights below it), while no
-/// gradient of `weight` is ever computed.
+/// The gradient reaches `x` (and the LoRA weights below it), while no gradient of `weight` is ever
+/// computed (`lorad_kernels::linear::frozen_linear`: gemm into the op's output on the CPU, an identity
+/// op over candle's product elsewhere).
 pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    // On the CPU (f32) gemm writes the product straight into the op's output: no copy to attach it.
-    if lorad_kernels::linear::supported(&[x, weight]) {
-        let y = lorad_kernels::linear::frozen_linear(x, weight)?;
-        return match bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        };
-    }
-    let y = x.detach().matmul(&weight.t()?)?;
-    let y = match bias {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    if !x.track_op() {
-        return Ok(y);
-    }
-    x.apply_op2(
-        &y,
-        FrozenMatmul {
-            weight: weight.clone(),
-        },
-    )
-}
-
-/// The identity on its second argument; backward sends `grad @ weight` to the first.
-struct FrozenMatmul {
-    weight: Tensor,
-}
-
-/// The precomputed product is always fresh (contiguous from offset 0), so copying its storage is a
-/// copy of exactly the result.
-fn check_fresh(l: &Layout) -> Result<()> {
-    if l.is_contiguous() && l.start_offset() == 0 {
-        Ok(())
-    } else {
-        candle_core::bail!("frozen-linear: precomputed product is not a fresh contiguous tensor")
-    }
-}
-
-impl CustomOp2 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        check_fresh(l2)?;
-        Ok((s2.try_clone(l2)?, l2.shape().clone()))
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        check_fresh(l2)?;
-        Ok((s2.try_clone(l2)?, l2.shape().clone()))
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        s2: &MetalStorage,
-        l2: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        check_fresh(l2)?;
-        Ok((s2.try_clone(l2)?, l2.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(&self.weight)?), None))
+    let y = lorad_kernels::linear::frozen_linear(x, weight)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
     }
 }
 
