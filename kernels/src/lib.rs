@@ -23,3 +23,5 @@ pub mod linear;
 pub mod norm;
 pub mod rope;
 pub mod swiglu;
+#[cfg(test)]
+mod testing;
