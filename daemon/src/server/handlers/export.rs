@@ -98,7 +98,7 @@ async fn final_adapter(
     let id = job.id;
     let adapter = PathBuf::from(job.adapter_dir.as_deref().unwrap_or(&job.output_dir));
     let dir = job_dir.to_path_buf();
-    let (exists, latest, names) = {
+    let (exists, trainer_state, names) = {
         let adapter = adapter.clone();
         tokio::task::spawn_blocking(move || {
             let names: Vec<String> = list_checkpoints(&dir)
@@ -107,7 +107,9 @@ async fn final_adapter(
                 .collect();
             (
                 adapter.join(crate::worker::adapter::WEIGHTS_FILE).is_file(),
-                latest_checkpoint(&dir),
+                latest_checkpoint(&dir)
+                    .map(|c| c.join(STATE_FILE))
+                    .filter(|p| p.is_file()),
                 names,
             )
         })
@@ -131,10 +133,7 @@ async fn final_adapter(
             ),
         ));
     }
-    Ok((
-        adapter,
-        latest.map(|c| c.join(STATE_FILE)).filter(|p| p.is_file()),
-    ))
+    Ok((adapter, trainer_state))
 }
 
 /// `out` must be absolute, not exist, and have an existing parent directory.
