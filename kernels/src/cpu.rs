@@ -57,3 +57,147 @@ pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
     }
     f()
 }
+
+/// An operand of [`gemm_to`]: a matrix stored row-major, used as stored or transposed.
+#[derive(Clone, Copy)]
+pub(crate) struct Operand<'a> {
+    pub data: &'a [f32],
+    /// The stored matrix is `[cols, rows]` of the operand (it is read transposed, no copy).
+    pub transposed: bool,
+}
+
+impl<'a> Operand<'a> {
+    pub(crate) fn plain(data: &'a [f32]) -> Self {
+        Operand {
+            data,
+            transposed: false,
+        }
+    }
+
+    pub(crate) fn t(data: &'a [f32]) -> Self {
+        Operand {
+            data,
+            transposed: true,
+        }
+    }
+
+    /// Column and row strides of the `[rows, cols]` operand.
+    fn strides(&self, rows: usize, cols: usize) -> (isize, isize) {
+        match self.transposed {
+            true => (rows as isize, 1),
+            false => (1, cols as isize),
+        }
+    }
+}
+
+/// `dst[m, n] = scale * lhs[m, k] @ rhs[k, n]` (or `dst += ...` with `accumulate`), `dst` row-major,
+/// computed by the `gemm` crate on the current rayon pool. Every buffer's length is checked, so a
+/// shape bug is an error, never an out-of-bounds access. Writes every element of `dst`.
+pub(crate) fn gemm_to(
+    dst: &mut [MaybeUninit<f32>],
+    lhs: Operand<'_>,
+    rhs: Operand<'_>,
+    (m, n, k): (usize, usize, usize),
+    scale: f32,
+    accumulate: bool,
+) -> Result<()> {
+    if dst.len() != m * n || lhs.data.len() != m * k || rhs.data.len() != k * n {
+        bail!(
+            "gemm: buffers of {}, {} and {} floats for a [{m}, {k}] @ [{k}, {n}] product",
+            dst.len(),
+            lhs.data.len(),
+            rhs.data.len()
+        );
+    }
+    if m * n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(MaybeUninit::new(0.0));
+        }
+        return Ok(());
+    }
+    let parallelism = match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    };
+    let (lhs_cs, lhs_rs) = lhs.strides(m, k);
+    let (rhs_cs, rhs_rs) = rhs.strides(k, n);
+    // SAFETY: the lengths were checked above: lhs holds m*k floats and rhs k*n, read with the
+    // strides of their [m, k] / [k, n] views (row-major, or transposed); dst holds m*n floats,
+    // written row-major, and aliases neither input (it is a unique borrow). With accumulate =
+    // false gemm writes dst without reading it, so uninitialised memory is never read; with
+    // accumulate = true the callers pass initialised memory (`gemm_add`).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().cast::<f32>(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            rhs.data.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
+/// `dst += scale * lhs @ rhs` on initialised memory (see [`gemm_to`]).
+pub(crate) fn gemm_add(
+    dst: &mut [f32],
+    lhs: Operand<'_>,
+    rhs: Operand<'_>,
+    dims: (usize, usize, usize),
+    scale: f32,
+) -> Result<()> {
+    // SAFETY: f32 and MaybeUninit<f32> have the same layout; gemm_to only writes floats into it.
+    let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    gemm_to(dst, lhs, rhs, dims, scale, true)
+}
+
+/// `dst = scale * lhs @ rhs` into initialised memory (a reused buffer; see [`gemm_to`]).
+pub(crate) fn gemm_set(
+    dst: &mut [f32],
+    lhs: Operand<'_>,
+    rhs: Operand<'_>,
+    dims: (usize, usize, usize),
+    scale: f32,
+) -> Result<()> {
+    // SAFETY: f32 and MaybeUninit<f32> have the same layout; gemm_to only writes floats into it.
+    let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    gemm_to(dst, lhs, rhs, dims, scale, false)
+}
+
+/// A fresh `[m, n]` product `scale * lhs @ rhs` (see [`gemm_to`]), never zero-filled first.
+pub(crate) fn gemm_new(
+    lhs: Operand<'_>,
+    rhs: Operand<'_>,
+    (m, n, k): (usize, usize, usize),
+    scale: f32,
+) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(m * n);
+    gemm_to(
+        &mut out.spare_capacity_mut()[..m * n],
+        lhs,
+        rhs,
+        (m, n, k),
+        scale,
+        false,
+    )?;
+    // SAFETY: gemm_to succeeded, so it wrote all m * n elements (accumulate = false).
+    unsafe { out.set_len(m * n) };
+    Ok(out)
+}

@@ -9,7 +9,7 @@
 //! The fused paths need f32, rank-2, CPU tensors. Elsewhere `frozen_linear` computes the product on a
 //! detached input and attaches it through an identity op with the same backward (so the CUDA build
 //! computes no weight gradient either); `lora_add` needs the callers' candle composition.
-use crate::cpu::{contiguous_f32, uninit_output};
+use crate::cpu::{contiguous_f32, gemm_add, gemm_new, Operand};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, MetalStorage, Result,
@@ -47,46 +47,24 @@ pub fn lora_add(y: &Tensor, u: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor
         .apply_op3(&u.contiguous()?, &b.contiguous()?, LoraAdd { scale })
 }
 
-fn threads() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
+/// `scale * lhs @ rhs`, or `scale * lhs^T @ rhs` with `lhs_t`, as a fresh tensor that tracks no
+/// gradient: the products of the backward passes here. On the CPU in f32 it is one gemm into an
+/// output that is never zero-filled first (candle's matmul zero-fills it, then scaling is another
+/// pass); elsewhere candle's matmul.
+pub fn product(lhs: &Tensor, rhs: &Tensor, lhs_t: bool, scale: f64) -> Result<Tensor> {
+    if supported(&[lhs, rhs]) {
+        let op = Product {
+            lhs_t,
+            scale: scale as f32,
+        };
+        return lhs.contiguous()?.apply_op2_no_bwd(&rhs.contiguous()?, &op);
     }
-}
-
-/// `dst[n, out] (+)= beta * lhs[n, k] @ rhs^T` with `rhs` stored `[out, k]` row-major.
-fn gemm_nt(
-    dst: *mut f32,
-    lhs: &[f32],
-    rhs: &[f32],
-    (n, out, k): (usize, usize, usize),
-    beta: f32,
-    accumulate: bool,
-) {
-    // SAFETY: the callers check lhs.len() == n * k and rhs.len() == out * k, and `dst` points to
-    // n * out writable floats that alias neither input; strides below stay inside those bounds.
-    unsafe {
-        gemm::gemm(
-            n,
-            out,
-            k,
-            dst,
-            1,
-            out as isize,
-            accumulate,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            k as isize,
-            1,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            threads(),
-        );
+    let lhs = if lhs_t { lhs.t()? } else { lhs.clone() };
+    let p = lhs.matmul(rhs)?;
+    if scale == 1.0 {
+        Ok(p)
+    } else {
+        p.affine(scale, 0.0)
     }
 }
 
@@ -117,13 +95,7 @@ impl CustomOp2 for FrozenLinear {
         }
         let x = contiguous_f32("frozen-linear", s1, l1)?;
         let w = contiguous_f32("frozen-linear", s2, l2)?;
-        if k == 0 {
-            return Ok((CpuStorage::F32(vec![0.0; n * out]), Shape::from((n, out))));
-        }
-        let y = uninit_output(n * out, |dst| {
-            // gemm writes every element of dst (read_dst = false).
-            gemm_nt(dst.as_mut_ptr().cast(), x, w, (n, out, k), 1.0, false)
-        });
+        let y = gemm_new(Operand::plain(x), Operand::t(w), (n, out, k), 1.0)?;
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
@@ -134,7 +106,7 @@ impl CustomOp2 for FrozenLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(weight)?), None))
+        Ok((Some(product(grad, weight, false, 1.0)?), None))
     }
 }
 
@@ -203,6 +175,40 @@ impl CustomOp2 for AttachProduct {
     }
 }
 
+/// See [`product`].
+struct Product {
+    lhs_t: bool,
+    scale: f32,
+}
+
+impl CustomOp2 for Product {
+    fn name(&self) -> &'static str {
+        "product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((a, b), (k2, n)) = (dims2(l1, "product")?, dims2(l2, "product")?);
+        let (m, k) = if self.lhs_t { (b, a) } else { (a, b) };
+        if k != k2 {
+            bail!("product: [{m}, {k}] @ [{k2}, {n}] do not fit");
+        }
+        let lhs = contiguous_f32("product", s1, l1)?;
+        let rhs = contiguous_f32("product", s2, l2)?;
+        let lhs = Operand {
+            data: lhs,
+            transposed: self.lhs_t,
+        };
+        let out = gemm_new(lhs, Operand::plain(rhs), (m, n, k), self.scale)?;
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
 struct LoraAdd {
     scale: f64,
 }
@@ -230,7 +236,13 @@ impl CustomOp3 for LoraAdd {
         let u = contiguous_f32("lora-add", s2, l2)?;
         let b = contiguous_f32("lora-add", s3, l3)?;
         let mut dst = y.to_vec();
-        gemm_nt(dst.as_mut_ptr(), u, b, (n, out, r), self.scale as f32, true);
+        gemm_add(
+            &mut dst,
+            Operand::plain(u),
+            Operand::t(b),
+            (n, out, r),
+            self.scale as f32,
+        )?;
         Ok((CpuStorage::F32(dst), Shape::from((n, out))))
     }
 
@@ -242,8 +254,8 @@ impl CustomOp3 for LoraAdd {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let du = (grad.matmul(b)? * self.scale)?;
-        let db = (grad.t()?.matmul(u)? * self.scale)?;
+        let du = product(grad, b, false, self.scale)?;
+        let db = product(grad, u, true, self.scale)?;
         Ok((Some(grad.clone()), Some(du), Some(db)))
     }
 }
