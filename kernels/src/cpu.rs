@@ -1,7 +1,7 @@
 //! What the CPU kernels share: reading a contiguous f32 input, handing out rows to rayon tasks,
 //! output buffers written in full without zeroing, and compiling a kernel for the widest SIMD the CPU
 //! has (picked at run time, so the build stays portable).
-use candle_core::{bail, CpuStorage, Layout, Result};
+use candle_core::{bail, CpuStorage, Layout, Result, Storage, StorageRef, Tensor};
 use std::mem::MaybeUninit;
 
 /// The elements of a contiguous f32 tensor. The wrappers make every input contiguous, so anything
@@ -200,4 +200,25 @@ pub(crate) fn gemm_new(
     // SAFETY: gemm_to succeeded, so it wrote all m * n elements (accumulate = false).
     unsafe { out.set_len(m * n) };
     Ok(out)
+}
+
+/// A read-locked CPU tensor: backward passes receive tensors, not storages.
+pub(crate) struct Read<'a> {
+    storage: StorageRef<'a>,
+    layout: &'a Layout,
+}
+
+impl<'a> Read<'a> {
+    pub(crate) fn new(t: &'a Tensor) -> Self {
+        let (storage, layout) = t.storage_and_layout();
+        Read { storage, layout }
+    }
+
+    /// The elements, if the tensor is a contiguous f32 CPU tensor (else an error naming `what`).
+    pub(crate) fn f32(&self, what: &str) -> Result<&[f32]> {
+        let Storage::Cpu(s) = &*self.storage else {
+            bail!("{what}: not a CPU tensor");
+        };
+        contiguous_f32(what, s, self.layout)
+    }
 }

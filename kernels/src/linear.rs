@@ -2,14 +2,15 @@
 //!
 //! - [`frozen_linear`]: `x @ weight^T` for a frozen weight: backward returns only `grad @ weight` (no
 //!   weight gradient), and the product is the op's own output (no copy to attach it to the graph).
-//! - [`lora_add`]: `y + scale * u @ b^T`, the LoRA update added to a layer's output in one pass
-//!   (`u = dropout(x) @ a^T` is computed by the caller, so `a` gets its gradient through `u`), instead
-//!   of a product, a scaled copy and a sum as separate tensors.
+//! - [`lora_linear`]: a frozen layer and its LoRA update (with the adapter's dropout mask) as one op:
+//!   without dropout the update is merged into a copy of the weight, so the output and the input
+//!   gradient are one product each; the adapter's gradients are rank-`r` products.
+//! - [`product`]: the backward passes' products, into outputs that are never zero-filled first.
 //!
 //! The fused paths need f32, rank-2, CPU tensors. Elsewhere `frozen_linear` computes the product on a
 //! detached input and attaches it through an identity op with the same backward (so the CUDA build
-//! computes no weight gradient either); `lora_add` needs the callers' candle composition.
-use crate::cpu::{contiguous_f32, gemm_add, gemm_new, Operand};
+//! computes no weight gradient either), and `lora_linear` is the candle composition.
+use crate::cpu::{contiguous_f32, gemm_add, gemm_new, Operand, Read};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, MetalStorage, Result,
@@ -38,13 +39,43 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     x.apply_op2(&y, AttachProduct { weight })
 }
 
-/// `y + scale * u @ b^T` (`y` `[n, out]`, `u` `[n, r]`, `b` `[out, r]`); gradients for all three.
-pub fn lora_add(y: &Tensor, u: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    if !supported(&[y, u, b]) {
-        bail!("lora-add: needs rank-2 f32 CPU tensors");
+/// A frozen linear layer with its LoRA update, in one op:
+/// `x @ weight^T + scale * (x * mask) @ a^T @ b^T`, for `x` `[n, in]`, a frozen `weight` `[out, in]`
+/// (never gets a gradient), `a` `[r, in]`, `b` `[out, r]` and the adapter's dropout `mask` `[n, in]`
+/// (0 or 1/keep; `None` without dropout). Gradients for `x`, `a` and `b`.
+///
+/// On the CPU in f32 the output and every gradient are single gemm passes into fresh buffers. Without
+/// a mask the update is merged into a copy of the weight first (`weight + scale * b @ a`, an
+/// `[out, in]` buffer rebuilt in backward rather than kept), so the layer's output and its input
+/// gradient are one product each; with a mask the update is a rank-`r` product added to the output.
+/// Elsewhere this is the candle composition (`frozen_linear` plus the adapter's products).
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let mut all = vec![x, weight, a, b];
+    all.extend(mask);
+    if supported(&all) {
+        let op = LoraLinear {
+            weight: weight.detach().contiguous()?,
+            mask: mask.map(|m| m.detach().contiguous()).transpose()?,
+            scale: scale as f32,
+        };
+        return x
+            .contiguous()?
+            .apply_op3(&a.contiguous()?, &b.contiguous()?, op);
     }
-    y.contiguous()?
-        .apply_op3(&u.contiguous()?, &b.contiguous()?, LoraAdd { scale })
+    let y = frozen_linear(x, weight)?;
+    let xin = match mask {
+        Some(m) => (x * m)?,
+        None => x.clone(),
+    };
+    let u = xin.matmul(&a.t()?)?;
+    y + u.matmul(&b.t()?)?.affine(scale, 0.0)?
 }
 
 /// `scale * lhs @ rhs`, or `scale * lhs^T @ rhs` with `lhs_t`, as a fresh tensor that tracks no
@@ -209,13 +240,57 @@ impl CustomOp2 for Product {
     }
 }
 
-struct LoraAdd {
-    scale: f64,
+/// See [`lora_linear`].
+struct LoraLinear {
+    weight: Tensor,
+    mask: Option<Tensor>,
+    scale: f32,
 }
 
-impl CustomOp3 for LoraAdd {
+/// The shapes of a [`LoraLinear`]: rows, in, out, rank.
+struct LoraDims {
+    n: usize,
+    k: usize,
+    out: usize,
+    r: usize,
+}
+
+impl LoraLinear {
+    fn dims(&self, x: &Layout, a: &Layout, b: &Layout) -> Result<LoraDims> {
+        let what = "lora-linear";
+        let ((n, k), (r, ka), (out, rb)) = (dims2(x, what)?, dims2(a, what)?, dims2(b, what)?);
+        let (wo, wk) = self.weight.dims2()?;
+        if ka != k || rb != r || wo != out || wk != k {
+            bail!(
+                "lora-linear: x [{n}, {k}], weight [{wo}, {wk}], a [{r}, {ka}] and b [{out}, {rb}] \
+                 do not fit"
+            );
+        }
+        if let Some(m) = &self.mask {
+            if m.dims() != [n, k] {
+                bail!("lora-linear: dropout mask {:?} for x [{n}, {k}]", m.dims());
+            }
+        }
+        Ok(LoraDims { n, k, out, r })
+    }
+
+    /// `weight + scale * b @ a`, `[out, in]`.
+    fn merged(&self, w: &[f32], a: &[f32], b: &[f32], d: &LoraDims) -> Result<Vec<f32>> {
+        let mut merged = w.to_vec();
+        let (b, a) = (Operand::plain(b), Operand::plain(a));
+        gemm_add(&mut merged, b, a, (d.out, d.k, d.r), self.scale)?;
+        Ok(merged)
+    }
+}
+
+/// `x * mask`, elementwise.
+fn masked(x: &[f32], mask: &[f32]) -> Vec<f32> {
+    x.iter().zip(mask).map(|(x, m)| x * m).collect()
+}
+
+impl CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
-        "lora-add"
+        "lora-linear"
     }
 
     fn cpu_fwd(
@@ -227,36 +302,82 @@ impl CustomOp3 for LoraAdd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, out) = dims2(l1, "lora-add")?;
-        let ((n2, r), (out2, r2)) = (dims2(l2, "lora-add")?, dims2(l3, "lora-add")?);
-        if n != n2 || out != out2 || r != r2 {
-            bail!("lora-add: shapes [{n}, {out}] + [{n2}, {r}] @ [{out2}, {r2}]^T do not fit");
-        }
-        let y = contiguous_f32("lora-add", s1, l1)?;
-        let u = contiguous_f32("lora-add", s2, l2)?;
-        let b = contiguous_f32("lora-add", s3, l3)?;
-        let mut dst = y.to_vec();
-        gemm_add(
-            &mut dst,
-            Operand::plain(u),
-            Operand::t(b),
-            (n, out, r),
-            self.scale as f32,
-        )?;
-        Ok((CpuStorage::F32(dst), Shape::from((n, out))))
+        let d = self.dims(l1, l2, l3)?;
+        let x = contiguous_f32("lora-linear", s1, l1)?;
+        let a = contiguous_f32("lora-linear", s2, l2)?;
+        let b = contiguous_f32("lora-linear", s3, l3)?;
+        let weight = Read::new(&self.weight);
+        let w = weight.f32("lora-linear weight")?;
+        let y = match &self.mask {
+            None => {
+                let merged = self.merged(w, a, b, &d)?;
+                gemm_new(
+                    Operand::plain(x),
+                    Operand::t(&merged),
+                    (d.n, d.out, d.k),
+                    1.0,
+                )?
+            }
+            Some(mask) => {
+                let mask = Read::new(mask);
+                let xin = masked(x, mask.f32("lora-linear mask")?);
+                let mut y = gemm_new(Operand::plain(x), Operand::t(w), (d.n, d.out, d.k), 1.0)?;
+                let u = gemm_new(Operand::plain(&xin), Operand::t(a), (d.n, d.r, d.k), 1.0)?;
+                let (u, b) = (Operand::plain(&u), Operand::t(b));
+                gemm_add(&mut y, u, b, (d.n, d.out, d.r), self.scale)?;
+                y
+            }
+        };
+        Ok((CpuStorage::F32(y), Shape::from((d.n, d.out))))
     }
 
     fn bwd(
         &self,
-        _y: &Tensor,
-        u: &Tensor,
+        x: &Tensor,
+        a: &Tensor,
         b: &Tensor,
-        _res: &Tensor,
+        _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let du = product(grad, b, false, self.scale)?;
-        let db = product(grad, u, true, self.scale)?;
-        Ok((Some(grad.clone()), Some(du), Some(db)))
+        let grad = grad.contiguous()?;
+        let d = self.dims(x.layout(), a.layout(), b.layout())?;
+        let what = "lora-linear backward";
+        let (rx, ra, rb, rg) = (Read::new(x), Read::new(a), Read::new(b), Read::new(&grad));
+        let (xs, a_s, bs, g) = (rx.f32(what)?, ra.f32(what)?, rb.f32(what)?, rg.f32(what)?);
+        let weight = Read::new(&self.weight);
+        let w = weight.f32(what)?;
+        let (n, k, out, r, s) = (d.n, d.k, d.out, d.r, self.scale);
+        // g @ b, [n, r]: the gradient at the adapter's bottleneck (before the scale).
+        let gb = gemm_new(Operand::plain(g), Operand::plain(bs), (n, r, out), 1.0)?;
+        let (dx, xin) = match &self.mask {
+            None => {
+                // dx = g @ (weight + s * b @ a) in one product.
+                let merged = self.merged(w, a_s, bs, &d)?;
+                let dx = gemm_new(Operand::plain(g), Operand::plain(&merged), (n, k, out), 1.0)?;
+                (dx, None)
+            }
+            Some(mask) => {
+                let mask = Read::new(mask);
+                let mask = mask.f32(what)?;
+                let mut dx = gemm_new(Operand::plain(g), Operand::plain(w), (n, k, out), 1.0)?;
+                let dxin = gemm_new(Operand::plain(&gb), Operand::plain(a_s), (n, k, r), s)?;
+                for ((dx, din), m) in dx.iter_mut().zip(&dxin).zip(mask) {
+                    *dx += din * m;
+                }
+                (dx, Some(masked(xs, mask)))
+            }
+        };
+        let xin = xin.as_deref().unwrap_or(xs);
+        // u = xin @ a^T, [n, r] (recomputed: cheaper than keeping it).
+        let u = gemm_new(Operand::plain(xin), Operand::t(a_s), (n, r, k), 1.0)?;
+        let da = gemm_new(Operand::t(&gb), Operand::plain(xin), (r, k, n), s)?;
+        let db = gemm_new(Operand::t(g), Operand::plain(&u), (out, r, n), s)?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (n, k), dev)?),
+            Some(Tensor::from_vec(da, (r, k), dev)?),
+            Some(Tensor::from_vec(db, (out, r), dev)?),
+        ))
     }
 }
 
@@ -286,39 +407,69 @@ mod tests {
     }
 
     #[test]
-    fn frozen_linear_and_lora_add_match_the_composition() {
+    fn lora_linear_matches_the_composition_with_and_without_dropout() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         for (n, k, out, r) in [(1, 1, 1, 1), (37, 13, 29, 4), (130, 64, 96, 16)] {
-            let x = Var::from_tensor(&rand((n, k), &mut rng)).unwrap();
-            let w = rand((out, k), &mut rng);
-            let a = Var::from_tensor(&rand((r, k), &mut rng)).unwrap();
-            let b = Var::from_tensor(&rand((out, r), &mut rng)).unwrap();
-            let probe = rand((n, out), &mut rng);
-            let scale = 0.75;
+            for dropout in [false, true] {
+                let x = Var::from_tensor(&rand((n, k), &mut rng)).unwrap();
+                let w = rand((out, k), &mut rng);
+                let a = Var::from_tensor(&rand((r, k), &mut rng)).unwrap();
+                let b = Var::from_tensor(&rand((out, r), &mut rng)).unwrap();
+                let probe = rand((n, out), &mut rng);
+                let mask = dropout.then(|| {
+                    let m: Vec<f32> = (0..n * k)
+                        .map(|_| if rng.random_bool(0.3) { 0.0 } else { 1.0 / 0.7 })
+                        .collect();
+                    Tensor::from_vec(m, (n, k), &Device::Cpu).unwrap()
+                });
+                let scale = 0.75;
 
-            let u = x.matmul(&a.t().unwrap()).unwrap();
-            let fused = lora_add(&frozen_linear(&x, &w).unwrap(), &u, &b, scale).unwrap();
-            let composed = (x.matmul(&w.t().unwrap()).unwrap()
-                + (u.matmul(&b.t().unwrap()).unwrap() * scale).unwrap())
-            .unwrap();
-            close(&fused, &composed);
+                let fused = lora_linear(&x, &w, &a, &b, scale, mask.as_ref()).unwrap();
+                let xin = match &mask {
+                    Some(m) => (x.as_tensor() * m).unwrap(),
+                    None => x.as_tensor().clone(),
+                };
+                let update = xin
+                    .matmul(&a.t().unwrap())
+                    .unwrap()
+                    .matmul(&b.t().unwrap())
+                    .unwrap();
+                let composed =
+                    (x.matmul(&w.t().unwrap()).unwrap() + (update * scale).unwrap()).unwrap();
+                close(&fused, &composed);
 
-            let gf = (fused * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gc = (composed * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in [&x, &a, &b] {
-                close(gf.get(v).unwrap(), gc.get(v).unwrap());
+                let gf = (fused * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let gc = (composed * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                for v in [&x, &a, &b] {
+                    close(gf.get(v).unwrap(), gc.get(v).unwrap());
+                }
             }
         }
+    }
+
+    #[test]
+    fn products_match_matmul() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let (l, r) = (rand((7, 5), &mut rng), rand((5, 3), &mut rng));
+        close(
+            &product(&l, &r, false, 2.0).unwrap(),
+            &(l.matmul(&r).unwrap() * 2.0).unwrap(),
+        );
+        let lt = rand((5, 7), &mut rng);
+        close(
+            &product(&lt, &r, true, 0.5).unwrap(),
+            &(lt.t().unwrap().matmul(&r).unwrap() * 0.5).unwrap(),
+        );
     }
 
     #[test]
@@ -342,10 +493,15 @@ mod tests {
         let x = Tensor::zeros((2, 3), DType::F32, &d).unwrap();
         let w = Tensor::zeros((4, 5), DType::F32, &d).unwrap();
         assert!(frozen_linear(&x, &w).is_err());
-        let y = Tensor::zeros((2, 4), DType::F32, &d).unwrap();
-        let u = Tensor::zeros((2, 2), DType::F32, &d).unwrap();
+        let x = Tensor::zeros((2, 3), DType::F32, &d).unwrap();
+        let w = Tensor::zeros((4, 3), DType::F32, &d).unwrap();
+        let a = Tensor::zeros((2, 3), DType::F32, &d).unwrap();
         let b = Tensor::zeros((4, 3), DType::F32, &d).unwrap();
-        assert!(lora_add(&y, &u, &b, 1.0).is_err());
+        assert!(lora_linear(&x, &w, &a, &b, 1.0, None).is_err());
+        let b = Tensor::zeros((4, 2), DType::F32, &d).unwrap();
+        let mask = Tensor::zeros((3, 3), DType::F32, &d).unwrap();
+        assert!(lora_linear(&x, &w, &a, &b, 1.0, Some(&mask)).is_err());
+        assert!(lora_linear(&x, &w, &a, &b, 1.0, None).is_ok());
         // Off the fused path (here f64) the product still comes out, through candle's matmul.
         let x64 = Tensor::ones((2, 3), DType::F64, &d).unwrap();
         let w64 = Tensor::ones((4, 3), DType::F64, &d).unwrap();

@@ -2,7 +2,7 @@
 //!
 //! Initialisation and dropout draw from our own seeded ChaCha generator, because candle's CPU RNG
 //! cannot be seeded; that makes runs reproducible and (later) resumable from a saved RNG state.
-use super::ops::frozen_linear;
+use super::ops::{frozen_linear, lora_linear};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use lorad_schema::TrainSettings;
 use rand::Rng;
@@ -116,21 +116,21 @@ impl LoraLinear {
         let dims = x.dims().to_vec();
         let in_dim = dims.last().copied().unwrap_or(0);
         let x2 = x.reshape(((), in_dim))?;
-        let mut y = frozen_linear(&x2, &self.weight, self.bias.as_ref())?;
-        if let Some(lora) = &self.lora {
-            let xin = match dropout_rng {
-                Some(rng) if lora.dropout > 0.0 => dropout(&x2, lora.dropout, rng)?,
-                _ => x2.clone(),
-            };
-            let u = xin.matmul(&lora.a.t()?)?;
-            let b = lora.b.as_tensor();
-            y = if lorad_kernels::linear::supported(&[&y, &u, b]) {
-                // y + scale * u @ B^T in one pass (gemm accumulating into a copy of y).
-                lorad_kernels::linear::lora_add(&y, &u, b, lora.scale)?
-            } else {
-                (y + u.matmul(&b.t()?)?.affine(lora.scale, 0.0)?)?
-            };
-        }
+        let y = match &self.lora {
+            None => frozen_linear(&x2, &self.weight, self.bias.as_ref())?,
+            Some(lora) => {
+                let mask = match dropout_rng {
+                    Some(rng) if lora.dropout > 0.0 => {
+                        let mask = dropout_mask(x2.shape(), lora.dropout, rng, x2.device())?;
+                        Some(mask.to_dtype(x2.dtype())?)
+                    }
+                    _ => None,
+                };
+                let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
+                let bias = self.bias.as_ref();
+                lora_linear(&x2, &self.weight, bias, (a, b, lora.scale), mask.as_ref())?
+            }
+        };
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = self.weight.dim(0)?;
@@ -139,11 +139,16 @@ impl LoraLinear {
     }
 }
 
-/// Inverted dropout with a mask from `rng`: kept values are scaled by 1/(1-p).
-pub fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+/// The mask of inverted dropout, drawn from `rng`: 1/(1-p) where a value is kept, 0 where dropped.
+pub fn dropout_mask(
+    shape: &candle_core::Shape,
+    p: f64,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> Result<Tensor> {
     let keep = 1.0 - p;
     let scale = (1.0 / keep) as f32;
-    let mask: Vec<f32> = (0..x.elem_count())
+    let mask: Vec<f32> = (0..shape.elem_count())
         .map(|_| {
             if rng.random::<f64>() < keep {
                 scale
@@ -152,8 +157,7 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
             }
         })
         .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x * mask
+    Tensor::from_vec(mask, shape, device)
 }
 
 #[cfg(test)]
@@ -220,15 +224,19 @@ mod tests {
 
     #[test]
     fn dropout_is_seeded_and_scaled() {
-        let x = Tensor::ones(1000, DType::F32, &Device::Cpu).unwrap();
-        let d1 = dropout(&x, 0.25, &mut ChaCha8Rng::seed_from_u64(3))
+        let shape = candle_core::Shape::from(1000);
+        let mask = |seed| {
+            dropout_mask(
+                &shape,
+                0.25,
+                &mut ChaCha8Rng::seed_from_u64(seed),
+                &Device::Cpu,
+            )
             .unwrap()
             .to_vec1::<f32>()
-            .unwrap();
-        let d2 = dropout(&x, 0.25, &mut ChaCha8Rng::seed_from_u64(3))
             .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        };
+        let (d1, d2) = (mask(3), mask(3));
         assert_eq!(d1, d2);
         let zeros = d1.iter().filter(|v| **v == 0.0).count();
         assert!(

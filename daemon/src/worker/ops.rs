@@ -141,6 +141,25 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     }
 }
 
+/// A frozen linear layer with its LoRA adapter: `x @ weight^T (+ bias) + scale * (x * mask) @ a^T @
+/// b^T` for `x` `[n, in]`, `(a [r, in], b [out, r], scale)` and the adapter's dropout `mask` (`[n, in]`,
+/// `None` without dropout). Gradients reach `x`, `a` and `b`, never `weight`
+/// (`lorad_kernels::linear::lora_linear`: on the CPU the layer and its update are one op, and without
+/// dropout one product for the output and one for the input gradient).
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    (a, b, scale): (&Tensor, &Tensor, f64),
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let y = lorad_kernels::linear::lora_linear(x, weight, a, b, scale, mask)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
