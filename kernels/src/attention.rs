@@ -21,10 +21,10 @@
 //! so results do not depend on the number of threads.
 use std::sync::{Mutex, PoisonError};
 
-use candle_core::{
-    bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, StorageRef, Tensor, D,
-};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
+
+use crate::cpu::Read;
 
 /// Query rows per tile. A tile's scores are `BLOCK x keys` (at most `BLOCK x t` floats per thread);
 /// smaller tiles skip more of the masked upper triangle, larger ones make longer gemm calls.
@@ -210,15 +210,16 @@ impl CustomOp3 for Attention {
             bail!("causal-attention: backward without a forward");
         };
         let grad = grad.contiguous()?;
-        let (gq, gk, gv) = (Cpu::read(q), Cpu::read(k), Cpu::read(v));
-        let (go, ggrad) = (Cpu::read(out), Cpu::read(&grad));
+        let (gq, gk, gv) = (Read::new(q), Read::new(k), Read::new(v));
+        let (go, ggrad) = (Read::new(out), Read::new(&grad));
+        let what = "causal-attention backward";
         let (dq, dk, dv) = backward(
             &self.dims,
-            gq.slice()?,
-            gk.slice()?,
-            gv.slice()?,
-            go.slice()?,
-            ggrad.slice()?,
+            gq.f32(what)?,
+            gk.f32(what)?,
+            gv.f32(what)?,
+            go.f32(what)?,
+            ggrad.f32(what)?,
             lse,
         );
         let dq = Tensor::from_vec(dq, q.shape(), q.device())?;
@@ -240,26 +241,6 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, dims: &[usize]) -> Result<&
         );
     }
     Ok(&s.as_slice::<f32>()?[start..end])
-}
-
-/// A read-locked contiguous CPU tensor (backward receives tensors, not storages).
-struct Cpu<'a> {
-    storage: StorageRef<'a>,
-    layout: &'a Layout,
-}
-
-impl<'a> Cpu<'a> {
-    fn read(x: &'a Tensor) -> Self {
-        let (storage, layout) = x.storage_and_layout();
-        Cpu { storage, layout }
-    }
-
-    fn slice(&self) -> Result<&[f32]> {
-        let Storage::Cpu(s) = &*self.storage else {
-            bail!("causal-attention: backward on a non-CPU tensor");
-        };
-        contiguous_f32(s, self.layout, self.layout.dims())
-    }
 }
 
 /// Forward over all (batch, query head) pairs: the output `[b, h, t, d]` and log-sum-exp `[b, h, t]`.

@@ -21,14 +21,19 @@ use rayon::prelude::*;
 
 use crate::cpu::{contiguous_f32, gemm_set, Operand};
 
-/// Rows per chunk when the caller has no reason to pick another, measured with
-/// `bench_smollm2_shapes` (n = 1024, d = 576, vocab = 49152, 2 threads). Fwd+bwd took 1.16-1.20 s
-/// at 64 rows, 0.85-0.90 s at 128, 0.77-0.81 s at 256 and 0.72-0.78 s at 512 (the unfused graph:
-/// 1.42-1.51 s). Below ~256 rows the `dlogits @ weight` product (a `[rows, d]` result over a
-/// 49152-long reduction) leaves gemm too few output tiles to share between threads; past it the
-/// time barely moves while the logits buffer keeps doubling. At 256 rows that buffer is 50 MB
-/// (vocab 49152), against about 2.8 GB of peak extra memory for the unfused graph.
-pub const DEFAULT_CHUNK: usize = 256;
+/// The most memory one chunk's logits may take when the caller lets [`default_chunk`] pick.
+pub const LOGITS_BUDGET_BYTES: usize = 128 << 20;
+
+/// Rows per chunk for a vocabulary of `vocab`: as many as fit in [`LOGITS_BUDGET_BYTES`], between 128
+/// and 512. Measured with `bench_smollm2_shapes` (n = 1024, d = 576, vocab = 49152, 2 threads;
+/// fwd+bwd): 767 ms at 64 rows, 558 at 128, 485 at 256, 462 at 512, 458 at 1024 (the unfused graph:
+/// 1.8 s). Below ~256 rows the `dlogits @ weight` product (a `[rows, d]` result over a 49152-long
+/// reduction) leaves gemm too few output tiles to share between threads; past 512 the time no longer
+/// moves while the buffer keeps doubling (512 rows of SmolLM2's vocabulary: 100 MB, against about
+/// 2.8 GB of peak extra memory for the unfused graph).
+pub fn default_chunk(vocab: usize) -> usize {
+    (LOGITS_BUDGET_BYTES / (vocab.max(1) * 4)).clamp(128, 512)
+}
 
 /// Summed next-token NLL of `labels` under logits `h @ weight^T`, computed `chunk` rows at a time:
 /// h [n, d] f32 (gets a gradient), weight [vocab, d] f32 frozen (never gets one), labels [n] u32.
@@ -602,6 +607,17 @@ mod bench {
         }
     }
 
+    #[test]
+    fn default_chunks_stay_within_the_logits_budget() {
+        assert_eq!(default_chunk(49152), 512);
+        assert_eq!(default_chunk(32000), 512);
+        let llama3 = default_chunk(128256);
+        assert!((128..512).contains(&llama3));
+        assert!(llama3 * 128256 * 4 <= LOGITS_BUDGET_BYTES);
+        assert_eq!(default_chunk(1 << 22), 128);
+        assert_eq!(default_chunk(0), 512);
+    }
+
     /// SmolLM2-135M's head: `RAYON_NUM_THREADS=2 cargo test --release -p lorad-kernels ce::bench --
     /// --ignored --nocapture`. Compares with the engine's composition today (`frozen_linear` +
     /// `nll_sum`, as `unfused`), checks value and gradient agree at this size, and prints times and
@@ -624,7 +640,7 @@ mod bench {
              peak extra RSS {} MB, loss {}",
             u.ms, u.cpu_ms, u.peak_mb, u.loss
         );
-        for chunk in [32, 64, 128, 256, 512] {
+        for chunk in [32, 64, 128, 256, 512, 1024] {
             let f = fwd_bwd(&c.h, 3, |h| {
                 linear_cross_entropy_sum(h, &c.weight, &c.labels, chunk).unwrap()
             });
@@ -644,13 +660,15 @@ mod bench {
         }
         let labels = c.labels.to_vec1::<u32>().unwrap();
         let lazy = fwd_bwd(&c.h, 2, |h| {
-            let op = LinearCrossEntropy::new(labels.clone(), DEFAULT_CHUNK, false);
+            let op = LinearCrossEntropy::new(labels.clone(), default_chunk(vocab), false);
             h.apply_op2(&c.weight, op).unwrap()
         });
         println!(
-            "fused, chunk {DEFAULT_CHUNK}, logits recomputed in backward: {:7.1} ms fwd+bwd \
+            "fused, chunk {}, logits recomputed in backward: {:7.1} ms fwd+bwd \
              ({:6.0} ms CPU)",
-            lazy.ms, lazy.cpu_ms
+            default_chunk(vocab),
+            lazy.ms,
+            lazy.cpu_ms
         );
     }
 }

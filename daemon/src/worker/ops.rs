@@ -40,12 +40,8 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// `[vocab, hidden]` frozen): the LM head and the loss together, a chunk of rows at a time, so the
 /// `[n, vocab]` logits never exist at once and the frozen head gets no gradient.
 pub fn lm_head_nll_sum(h: &Tensor, lm_head: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    lorad_kernels::ce::linear_cross_entropy_sum(
-        h,
-        lm_head,
-        labels,
-        lorad_kernels::ce::DEFAULT_CHUNK,
-    )
+    let chunk = lorad_kernels::ce::default_chunk(lm_head.dim(0)?);
+    lorad_kernels::ce::linear_cross_entropy_sum(h, lm_head, labels, chunk)
 }
 
 /// Causal (and, with `window`, sliding-window) attention with grouped KV heads: `q` `[b, h, t, d]`,
