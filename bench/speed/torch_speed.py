@@ -152,6 +152,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--attn", default="sdpa")
+    ap.add_argument("--dropout", type=float, default=0.0)
     args = ap.parse_args()
 
     import peft
@@ -162,7 +163,7 @@ def main():
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = load(args.model, args.attn)
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     model.train()

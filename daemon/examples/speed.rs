@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p lorad --example speed -- --model PATH --batch 8 --seq 128 \
-//!     [--steps 5] [--warmup 2] [--ids IDS.json] [--reps 5] --json OUT.json
+//!     [--steps 5] [--warmup 2] [--ids IDS.json] [--reps 5] [--dropout 0.0] --json OUT.json
 //! ```
 //!
 //! The step is the worker's (`worker::train`): `Llama::from_source`, `loss_sum`, `backward`,
@@ -73,6 +73,9 @@ struct Args {
     /// Timed repetitions of each op-class measurement (after one untimed).
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// LoRA dropout on the adapters' input.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f64,
     /// Where the results go.
     #[arg(long)]
     json: PathBuf,
@@ -286,7 +289,7 @@ fn main() -> Result<()> {
     let settings = TrainSettings {
         lora_r: 16,
         lora_alpha: 32.0,
-        lora_dropout: 0.0,
+        lora_dropout: args.dropout,
         target_modules: TARGET_MODULES[..4].iter().map(|m| m.to_string()).collect(),
         max_seq_len: args.seq as u32,
         batch_size: args.batch as u32,
@@ -334,6 +337,7 @@ fn main() -> Result<()> {
         "trainable_params": trainable,
         "batch": args.batch,
         "seq": args.seq,
+        "dropout": args.dropout,
         "threads": threads,
         "warmup": args.warmup,
         "steps": args.steps,

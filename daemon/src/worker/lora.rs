@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use lorad_schema::TrainSettings;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 /// Which modules get an adapter and how it is shaped and scaled.
 #[derive(Debug, Clone, PartialEq)]
@@ -140,23 +141,38 @@ impl LoraLinear {
 }
 
 /// The mask of inverted dropout, drawn from `rng`: 1/(1-p) where a value is kept, 0 where dropped.
+///
+/// Element `i` is kept when the `i`-th `f64` drawn from `rng` is below `1 - p`, as if drawn one after
+/// the other, but blocks of elements are drawn in parallel: ChaCha is a counter-mode generator, so
+/// each block seeks a clone of `rng` to its own position in the stream. The values and the state
+/// `rng` is left in do not depend on the thread count.
 pub fn dropout_mask(
     shape: &candle_core::Shape,
     p: f64,
     rng: &mut ChaCha8Rng,
     device: &Device,
 ) -> Result<Tensor> {
+    /// Elements per parallel block.
+    const BLOCK: usize = 1 << 14;
+    /// 32-bit words of the ChaCha stream that one `f64` draw consumes (one `u64`).
+    const WORDS_PER_DRAW: u128 = 2;
     let keep = 1.0 - p;
     let scale = (1.0 / keep) as f32;
-    let mask: Vec<f32> = (0..shape.elem_count())
-        .map(|_| {
-            if rng.random::<f64>() < keep {
-                scale
-            } else {
-                0.0
+    let n = shape.elem_count();
+    let start = rng.get_word_pos();
+    let mut mask = vec![0f32; n];
+    mask.par_chunks_mut(BLOCK)
+        .enumerate()
+        .for_each(|(block, values)| {
+            let mut r = rng.clone();
+            r.set_word_pos(start + WORDS_PER_DRAW * (block * BLOCK) as u128);
+            for v in values {
+                if r.random::<f64>() < keep {
+                    *v = scale;
+                }
             }
-        })
-        .collect();
+        });
+    rng.set_word_pos(start + WORDS_PER_DRAW * n as u128);
     Tensor::from_vec(mask, shape, device)
 }
 
@@ -220,6 +236,46 @@ mod tests {
             y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             vec![2.5, 1.0, 0.5]
         );
+    }
+
+    #[test]
+    fn dropout_masks_are_the_sequential_draws_at_any_thread_count() {
+        let shape = candle_core::Shape::from((3, 40_000));
+        let (p, keep) = (0.1, 0.9);
+        // An odd start: every draw straddles two words, some of them two ChaCha blocks.
+        let mut seq = ChaCha8Rng::seed_from_u64(9);
+        let _: u32 = seq.random();
+        let want: Vec<f32> = (0..shape.elem_count())
+            .map(|_| {
+                if seq.random::<f64>() < keep {
+                    (1.0 / keep) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let after: u64 = seq.random();
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut rng = ChaCha8Rng::seed_from_u64(9);
+            let _: u32 = rng.random();
+            let got = pool
+                .install(|| dropout_mask(&shape, p, &mut rng, &Device::Cpu))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert!(got == want, "{threads} threads");
+            assert_eq!(
+                rng.random::<u64>(),
+                after,
+                "the stream goes on where it would"
+            );
+        }
     }
 
     #[test]
