@@ -16,6 +16,7 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, MetalStorage, Result,
     Shape, Tensor,
 };
+use rayon::prelude::*;
 
 /// Whether the fused path applies: every tensor f32 on the CPU.
 pub fn supported(ts: &[&Tensor]) -> bool {
@@ -285,8 +286,36 @@ impl LoraLinear {
 
 /// `x * mask`, elementwise.
 fn masked(x: &[f32], mask: &[f32]) -> Vec<f32> {
-    x.iter().zip(mask).map(|(x, m)| x * m).collect()
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(
+            x.par_chunks(ELEMS_PER_TASK)
+                .zip(mask.par_chunks(ELEMS_PER_TASK)),
+        )
+        .for_each(|(out, (x, mask))| {
+            for ((o, x), m) in out.iter_mut().zip(x).zip(mask) {
+                *o = x * m;
+            }
+        });
+    out
 }
+
+/// `dst += src * mask`, elementwise.
+fn add_masked(dst: &mut [f32], src: &[f32], mask: &[f32]) {
+    dst.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(
+            src.par_chunks(ELEMS_PER_TASK)
+                .zip(mask.par_chunks(ELEMS_PER_TASK)),
+        )
+        .for_each(|(dst, (src, mask))| {
+            for ((d, s), m) in dst.iter_mut().zip(src).zip(mask) {
+                *d += s * m;
+            }
+        });
+}
+
+/// Elements per rayon task in the elementwise loops above.
+const ELEMS_PER_TASK: usize = 1 << 15;
 
 impl CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
@@ -361,9 +390,7 @@ impl CustomOp3 for LoraLinear {
                 let mask = mask.f32(what)?;
                 let mut dx = gemm_new(Operand::plain(g), Operand::plain(w), (n, k, out), 1.0)?;
                 let dxin = gemm_new(Operand::plain(&gb), Operand::plain(a_s), (n, k, r), s)?;
-                for ((dx, din), m) in dx.iter_mut().zip(&dxin).zip(mask) {
-                    *dx += din * m;
-                }
+                add_masked(&mut dx, &dxin, mask);
                 (dx, Some(masked(xs, mask)))
             }
         };
