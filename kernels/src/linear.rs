@@ -485,6 +485,24 @@ mod tests {
     }
 
     #[test]
+    fn off_the_fused_path_lora_linear_is_the_composition() {
+        // f64 takes the path other devices take: candle's ops, gradients included.
+        let d = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::new(&[[1f64, 2.0], [3.0, -1.0]], &d).unwrap()).unwrap();
+        let w = Tensor::new(&[[1f64, 0.0], [0.0, 1.0], [1.0, 1.0]], &d).unwrap();
+        let a = Var::from_tensor(&Tensor::new(&[[0.5f64, -1.0]], &d).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::new(&[[1f64], [2.0], [0.0]], &d).unwrap()).unwrap();
+        let mask = Tensor::new(&[[2f64, 0.0], [0.0, 2.0]], &d).unwrap();
+        let y = lora_linear(&x, &w, &a, &b, 0.5, Some(&mask)).unwrap();
+        // Row 0: base [1, 2, 3]; x*mask = [2, 0] -> u = 1 -> + 0.5 * [1, 2, 0].
+        // Row 1: base [3, -1, 2]; x*mask = [0, -2] -> u = 2 -> + 0.5 * [2, 4, 0].
+        let want = vec![vec![1.5, 3.0, 3.0], vec![4.0, 1.0, 2.0]];
+        assert_eq!(y.to_vec2::<f64>().unwrap(), want);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x).is_some() && g.get(&a).is_some() && g.get(&b).is_some());
+    }
+
+    #[test]
     fn products_match_matmul() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         let (l, r) = (rand((7, 5), &mut rng), rand((5, 3), &mut rng));
