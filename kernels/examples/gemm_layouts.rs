@@ -80,6 +80,10 @@ fn main() {
         ];
     }
     println!("{rows} rows, {} threads", rayon::current_num_threads());
+    if std::env::var_os("THIN").is_some() {
+        thin();
+        return;
+    }
     for (k, out) in cases {
         let x: Vec<f32> = (0..rows * k).map(|i| (i % 7) as f32 * 0.1).collect();
         let w: Vec<f32> = (0..out * k).map(|i| (i % 5) as f32 * 0.1).collect();
@@ -103,6 +107,60 @@ fn main() {
             gf / b * 1e3,
             gf / c * 1e3,
             gf / d * 1e3
+        );
+    }
+}
+
+/// The rank-r products of a LoRA layer's backward at SmolLM2's q_proj shapes (n 1024, in = out 576,
+/// r 16), as `lorad_kernels::linear::lora_linear` lays them out.
+fn thin() {
+    let (n, k, out, r) = (1024usize, 576usize, 576usize, 16usize);
+    let buf = |len: usize| -> Vec<f32> { (0..len).map(|i| (i % 7) as f32 * 0.1).collect() };
+    let (g, x, a, b) = (buf(n * out), buf(n * k), buf(r * k), buf(out * r));
+    let (gb, u) = (buf(n * r), buf(n * r));
+    let (ki, oi, ri) = (k as isize, out as isize, r as isize);
+    let (mut d_nr, mut d_nr2) = (vec![0f32; n * r], vec![0f32; n * r]);
+    let mut d_rk = vec![0f32; r * k];
+    let mut d_or = vec![0f32; out * r];
+    let mut d_ok = vec![0f32; out * k];
+    let mut d_rk2 = vec![0f32; r * k];
+    let cases: [(&str, f64, Box<dyn FnMut()>); 6] = [
+        (
+            "gb = g @ b      ",
+            (n * r * out) as f64,
+            Box::new(|| run((n, r, out), &mut d_nr, (1, ri), &g, (1, oi), &b, (1, ri))),
+        ),
+        (
+            "u = x @ a^T     ",
+            (n * r * k) as f64,
+            Box::new(|| run((n, r, k), &mut d_nr2, (1, ri), &x, (1, ki), &a, (ki, 1))),
+        ),
+        (
+            "da = gb^T @ x   ",
+            (r * k * n) as f64,
+            Box::new(|| run((r, k, n), &mut d_rk, (1, ki), &gb, (ri, 1), &x, (1, ki))),
+        ),
+        (
+            "da^T = x^T @ gb ",
+            (r * k * n) as f64,
+            Box::new(|| run((k, r, n), &mut d_rk2, (ki, 1), &x, (ki, 1), &gb, (1, ri))),
+        ),
+        (
+            "db = g^T @ u    ",
+            (out * r * n) as f64,
+            Box::new(|| run((out, r, n), &mut d_or, (1, ri), &g, (oi, 1), &u, (1, ri))),
+        ),
+        (
+            "merged: b @ a   ",
+            (out * k * r) as f64,
+            Box::new(|| run((out, k, r), &mut d_ok, (1, ki), &b, (1, ri), &a, (1, ki))),
+        ),
+    ];
+    for (name, macs, mut f) in cases {
+        let ms = time(&mut f);
+        println!(
+            "{name} {ms:6.3} ms {:5.0} GF/s",
+            2.0 * macs / 1e9 / ms * 1e3
         );
     }
 }
