@@ -91,9 +91,11 @@ impl<'a> Operand<'a> {
 }
 
 /// `dst[m, n] = scale * lhs[m, k] @ rhs[k, n]` (or `dst += ...` with `accumulate`), `dst` row-major,
-/// computed by the `gemm` crate on the current rayon pool. Every buffer's length is checked, so a
-/// shape bug is an error, never an out-of-bounds access. Writes every element of `dst`.
-pub(crate) fn gemm_to(
+/// computed by the `gemm` crate on the current rayon pool (private: `accumulate` on uninitialised
+/// memory would read it; the wrappers below pair each kind of buffer with the right mode). Every
+/// buffer's length is checked, so a shape bug is an error, never an out-of-bounds access. Writes
+/// every element of `dst`.
+fn gemm_to(
     dst: &mut [MaybeUninit<f32>],
     lhs: Operand<'_>,
     rhs: Operand<'_>,
