@@ -111,6 +111,9 @@ fn main() {
     }
 }
 
+/// A named product: its multiply-adds and a closure that runs it.
+type Case<'a> = (&'static str, f64, Box<dyn FnMut() + 'a>);
+
 /// The rank-r products of a LoRA layer's backward at SmolLM2's q_proj shapes (n 1024, in = out 576,
 /// r 16), as `lorad_kernels::linear::lora_linear` lays them out.
 fn thin() {
@@ -124,7 +127,7 @@ fn thin() {
     let mut d_or = vec![0f32; out * r];
     let mut d_ok = vec![0f32; out * k];
     let mut d_rk2 = vec![0f32; r * k];
-    let cases: [(&str, f64, Box<dyn FnMut()>); 6] = [
+    let cases: [Case; 6] = [
         (
             "gb = g @ b      ",
             (n * r * out) as f64,
