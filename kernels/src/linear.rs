@@ -5,7 +5,7 @@
 //! - [`lora_linear`]: a frozen layer and its LoRA update (with the adapter's dropout mask) as one op:
 //!   without dropout the update is merged into a copy of the weight, so the output and the input
 //!   gradient are one product each; the adapter's gradients are rank-`r` products.
-//! - [`product`]: the backward passes' products, into outputs that are never zero-filled first.
+//! - [`product`]: the backward passes' products, the scale applied by gemm (no extra pass).
 //!
 //! The fused paths need f32, rank-2, CPU tensors. Elsewhere `frozen_linear` computes the product on a
 //! detached input and attaches it through an identity op with the same backward (so the CUDA build
@@ -65,6 +65,7 @@ pub fn lora_linear(
             weight: weight.detach().contiguous()?,
             mask: mask.map(|m| m.detach().contiguous()).transpose()?,
             scale: scale as f32,
+            x_grad: x.track_op(),
         };
         return x
             .contiguous()?
@@ -80,9 +81,8 @@ pub fn lora_linear(
 }
 
 /// `scale * lhs @ rhs`, or `scale * lhs^T @ rhs` with `lhs_t`, as a fresh tensor that tracks no
-/// gradient: the products of the backward passes here. On the CPU in f32 it is one gemm into an
-/// output that is never zero-filled first (candle's matmul zero-fills it, then scaling is another
-/// pass); elsewhere candle's matmul.
+/// gradient: the products of the backward passes here. On the CPU in f32 it is one gemm with the
+/// scale folded in (candle's matmul then a scaling would be two passes); elsewhere candle's matmul.
 pub fn product(lhs: &Tensor, rhs: &Tensor, lhs_t: bool, scale: f64) -> Result<Tensor> {
     if supported(&[lhs, rhs]) {
         let op = Product {
@@ -246,6 +246,9 @@ struct LoraLinear {
     weight: Tensor,
     mask: Option<Tensor>,
     scale: f32,
+    /// Whether `x` needs a gradient (not the first layer's input, which comes from frozen weights):
+    /// without it backward skips the full-size product for dx.
+    x_grad: bool,
 }
 
 /// The shapes of a [`LoraLinear`]: rows, in, out, rank.
@@ -379,18 +382,24 @@ impl CustomOp3 for LoraLinear {
         // g @ b, [n, r]: the gradient at the adapter's bottleneck (before the scale).
         let gb = gemm_new(Operand::plain(g), Operand::plain(bs), (n, r, out), 1.0)?;
         let (dx, xin) = match &self.mask {
+            None if !self.x_grad => (None, None),
             None => {
                 // dx = g @ (weight + s * b @ a) in one product.
                 let merged = self.merged(w, a_s, bs, &d)?;
                 let dx = gemm_new(Operand::plain(g), Operand::plain(&merged), (n, k, out), 1.0)?;
-                (dx, None)
+                (Some(dx), None)
             }
             Some(mask) => {
                 let mask = Read::new(mask);
                 let mask = mask.f32(what)?;
-                let mut dx = gemm_new(Operand::plain(g), Operand::plain(w), (n, k, out), 1.0)?;
-                let dxin = gemm_new(Operand::plain(&gb), Operand::plain(a_s), (n, k, r), s)?;
-                add_masked(&mut dx, &dxin, mask);
+                let dx = if self.x_grad {
+                    let mut dx = gemm_new(Operand::plain(g), Operand::plain(w), (n, k, out), 1.0)?;
+                    let dxin = gemm_new(Operand::plain(&gb), Operand::plain(a_s), (n, k, r), s)?;
+                    add_masked(&mut dx, &dxin, mask);
+                    Some(dx)
+                } else {
+                    None
+                };
                 (dx, Some(masked(xs, mask)))
             }
         };
@@ -401,7 +410,7 @@ impl CustomOp3 for LoraLinear {
         let db = gemm_new(Operand::t(g), Operand::plain(&u), (out, r, n), s)?;
         let dev = x.device();
         Ok((
-            Some(Tensor::from_vec(dx, (n, k), dev)?),
+            dx.map(|dx| Tensor::from_vec(dx, (n, k), dev)).transpose()?,
             Some(Tensor::from_vec(da, (r, k), dev)?),
             Some(Tensor::from_vec(db, (out, r), dev)?),
         ))
@@ -500,6 +509,32 @@ mod tests {
         assert_eq!(y.to_vec2::<f64>().unwrap(), want);
         let g = y.sum_all().unwrap().backward().unwrap();
         assert!(g.get(&x).is_some() && g.get(&a).is_some() && g.get(&b).is_some());
+    }
+
+    #[test]
+    fn an_input_without_gradient_gets_none_and_the_adapter_still_learns() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let x = rand((6, 4), &mut rng);
+        let w = rand((3, 4), &mut rng);
+        let a = Var::from_tensor(&rand((2, 4), &mut rng)).unwrap();
+        let b = Var::from_tensor(&rand((3, 2), &mut rng)).unwrap();
+        let mask = Tensor::ones((6, 4), DType::F32, &Device::Cpu).unwrap();
+        for mask in [None, Some(&mask)] {
+            let y = lora_linear(&x, &w, &a, &b, 2.0, mask).unwrap();
+            let g = y.sum_all().unwrap().backward().unwrap();
+            assert!(g.get(&x).is_none());
+            let composed = (x.matmul(&w.t().unwrap()).unwrap()
+                + (x.matmul(&a.t().unwrap())
+                    .unwrap()
+                    .matmul(&b.t().unwrap())
+                    .unwrap()
+                    * 2.0)
+                    .unwrap())
+            .unwrap();
+            let gc = composed.sum_all().unwrap().backward().unwrap();
+            close(g.get(&a).unwrap(), gc.get(&a).unwrap());
+            close(g.get(&b).unwrap(), gc.get(&b).unwrap());
+        }
     }
 
     #[test]
