@@ -91,10 +91,12 @@ impl<'a> Operand<'a> {
 }
 
 /// `dst[m, n] = scale * lhs[m, k] @ rhs[k, n]` (or `dst += ...` with `accumulate`), `dst` row-major,
-/// computed by the `gemm` crate on the current rayon pool. Every buffer's length is checked, so a
-/// shape bug is an error, never an out-of-bounds access. Writes every element of `dst`.
+/// computed by the `gemm` crate on the current rayon pool (private: `accumulate` on uninitialised
+/// memory would read it; the wrappers below pair each kind of buffer with the right mode). Every
+/// buffer's length is checked, so a shape bug is an error, never an out-of-bounds access. Writes
+/// every element of `dst`.
 fn gemm_to(
-    dst: &mut [f32],
+    dst: &mut [MaybeUninit<f32>],
     lhs: Operand<'_>,
     rhs: Operand<'_>,
     (m, n, k): (usize, usize, usize),
@@ -114,7 +116,7 @@ fn gemm_to(
     }
     if k == 0 {
         if !accumulate {
-            dst.fill(0.0);
+            dst.fill(MaybeUninit::new(0.0));
         }
         return Ok(());
     }
@@ -126,15 +128,21 @@ fn gemm_to(
     let (rhs_cs, rhs_rs) = rhs.strides(k, n);
     // SAFETY: the lengths were checked above: lhs holds m*k floats and rhs k*n, read with the
     // strides of their [m, k] / [k, n] views (row-major, or transposed); dst holds m*n floats,
-    // written row-major, and aliases neither input (it is a unique borrow). dst is always
-    // initialised memory (the wrappers take `&mut [f32]`): gemm reads the edge tiles of its
-    // destination into a temporary even with accumulate = false, and adds to it with true.
+    // written row-major, and aliases neither input (it is a unique borrow). With accumulate =
+    // false gemm writes dst without reading it, so uninitialised memory is never read: in
+    // gemm-common 0.19.0 (pinned `=0.19.0` in the workspace; re-check on any bump) every kernel
+    // compiled here (`microkernel!`, gemv, gevv, the k = 0 path) tests `alpha` (zero when
+    // read_dst is false) before reading dst, full tiles and edge tiles alike. Only its
+    // `microkernel_amx!` kernels copy a destination's edge tiles in first, and they exist only
+    // with gemm's `experimental-apple-amx` feature, which nothing in this workspace enables
+    // (`cargo tree -e features -i gemm-common`). With accumulate = true the callers pass
+    // initialised memory (`gemm_add`).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.as_mut_ptr().cast::<f32>(),
             1,
             n as isize,
             accumulate,
@@ -163,6 +171,8 @@ pub(crate) fn gemm_add(
     dims: (usize, usize, usize),
     scale: f32,
 ) -> Result<()> {
+    // SAFETY: f32 and MaybeUninit<f32> have the same layout; gemm_to only writes floats into it.
+    let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
     gemm_to(dst, lhs, rhs, dims, scale, true)
 }
 
@@ -174,20 +184,29 @@ pub(crate) fn gemm_set(
     dims: (usize, usize, usize),
     scale: f32,
 ) -> Result<()> {
+    // SAFETY: f32 and MaybeUninit<f32> have the same layout; gemm_to only writes floats into it.
+    let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
     gemm_to(dst, lhs, rhs, dims, scale, false)
 }
 
-/// A fresh `[m, n]` product `scale * lhs @ rhs` (see [`gemm_to`]).
+/// A fresh `[m, n]` product `scale * lhs @ rhs` (see [`gemm_to`]), never zero-filled first.
 pub(crate) fn gemm_new(
     lhs: Operand<'_>,
     rhs: Operand<'_>,
     (m, n, k): (usize, usize, usize),
     scale: f32,
 ) -> Result<Vec<f32>> {
-    // Zero-filled, not uninitialised: gemm copies the edge tiles of its destination into a
-    // temporary (typed f32 reads) before overwriting them, even with `read_dst = false`.
-    let mut out = vec![0f32; m * n];
-    gemm_set(&mut out, lhs, rhs, (m, n, k), scale)?;
+    let mut out = Vec::with_capacity(m * n);
+    gemm_to(
+        &mut out.spare_capacity_mut()[..m * n],
+        lhs,
+        rhs,
+        (m, n, k),
+        scale,
+        false,
+    )?;
+    // SAFETY: gemm_to succeeded, so it wrote all m * n elements (accumulate = false).
+    unsafe { out.set_len(m * n) };
     Ok(out)
 }
 
