@@ -210,9 +210,20 @@ impl Client {
         state: Option<JobState>,
         all: bool,
     ) -> Result<Vec<JobRecord>, ClientError> {
-        match self.call(Request::List { state, all }).await? {
-            Response::Jobs { jobs } => Ok(jobs),
-            other => Err(unexpected("jobs", &other)),
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            match self.call(Request::List { state, all, after }).await? {
+                Response::Jobs { jobs, next } => {
+                    out.extend(jobs);
+                    match next {
+                        // A daemon must move forward; stop rather than loop if it does not.
+                        Some(n) if after.is_none_or(|a: JobId| n > a) => after = Some(n),
+                        _ => return Ok(out),
+                    }
+                }
+                other => return Err(unexpected("jobs", &other)),
+            }
         }
     }
 

@@ -29,6 +29,11 @@ pub enum ToWorker {
         /// The task.
         task: ExportTask,
     },
+    /// Check a job's files at submit, as their owner (`lorad worker --check`).
+    Check {
+        /// The task.
+        task: crate::worker::preflight::CheckTask,
+    },
 }
 
 /// One export: the exporter plugin to open and the request to call it with.
@@ -70,6 +75,16 @@ pub enum FromWorker {
     Exported {
         /// The files the exporter wrote.
         files: Vec<String>,
+    },
+    /// The submit-time check passed.
+    Checked {
+        /// Examples in the dataset (None: a plugin reads it).
+        examples: Option<usize>,
+    },
+    /// The submit-time check refused the job.
+    Refused {
+        /// The error as the client gets it.
+        error: lorad_schema::WireError,
     },
     /// Training or the export failed; the worker exits non-zero after this.
     Failed {

@@ -21,6 +21,58 @@ pub struct Config {
     pub socket_mode: u32,
     /// Where plugins are looked for, in order (scanned at start and on SIGHUP).
     pub plugin_dirs: Vec<PluginDir>,
+    /// The system service (not `--user`): plugins must be root-owned, the socket has a group.
+    pub system: bool,
+    /// The socket's group (system mode; default `lorad`). None: the daemon's own group.
+    pub socket_group: Option<String>,
+    /// Members of this group are admins (besides root and the daemon's own user).
+    pub admin_group: Option<String>,
+    /// What one user and all clients together may hold.
+    pub limits: Limits,
+}
+
+/// Per-user quotas and the bounds on what clients may hold in the daemon. Every value has a default
+/// that fits a shared workstation; `[limits]` in the config file changes them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Jobs one user may have queued or paused (not yet running) at once.
+    pub max_queued_per_user: usize,
+    /// Jobs of one user that may be initializing or running at once.
+    pub max_running_per_user: usize,
+    /// The highest priority a non-admin may give a job.
+    pub max_priority: i32,
+    /// Open client connections in total (lowered at start to what the fd limit allows).
+    pub max_connections: usize,
+    /// Open client connections of one uid.
+    pub max_connections_per_user: usize,
+    /// Bytes of partly received frames across all connections.
+    pub max_pending_frame_bytes: usize,
+    /// Seconds a frame may take to arrive once it has started.
+    pub frame_timeout_s: u64,
+    /// Seconds the submit-time check of a model and dataset may take.
+    pub check_timeout_s: u64,
+    /// Submit-time checks running at once (all users); more wait.
+    pub max_checks: usize,
+    /// Submit-time checks of one user running at once; more are refused as busy.
+    pub max_checks_per_user: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_queued_per_user: 100,
+            max_running_per_user: 4,
+            max_priority: 100,
+            max_connections: 1024,
+            max_connections_per_user: 128,
+            max_pending_frame_bytes: 64 << 20,
+            frame_timeout_s: 30,
+            check_timeout_s: 300,
+            max_checks: 8,
+            max_checks_per_user: 4,
+        }
+    }
 }
 
 /// The subset of settings the TOML file may hold; flags override them.
@@ -39,6 +91,14 @@ pub struct FileConfig {
     pub plugin_dirs: Option<Vec<PathBuf>>,
     /// Search the default plugin directories (default true).
     pub default_plugins: Option<bool>,
+    /// The socket's group (system mode; default `lorad`).
+    pub socket_group: Option<String>,
+    /// The socket's permissions (default 0o660 system, 0o600 user).
+    pub socket_mode: Option<u32>,
+    /// Members of this group may see and control every job.
+    pub admin_group: Option<String>,
+    /// Quotas and client bounds.
+    pub limits: Option<Limits>,
 }
 
 /// Why the configuration could not be built.
@@ -60,6 +120,14 @@ pub enum ConfigError {
         /// The TOML error, with line and column.
         detail: String,
     },
+    /// A group named in the configuration does not exist.
+    #[error("group '{name}' ({what}) does not exist: create it (groupadd {name}, or systemd-sysusers with lorad.sysusers) or name another in the config")]
+    NoGroup {
+        /// The group.
+        name: String,
+        /// The setting that names it.
+        what: &'static str,
+    },
     /// No place for user-mode state.
     #[error("cannot find a state directory: set --state-dir, XDG_STATE_HOME or HOME")]
     NoStateDir,
@@ -76,6 +144,17 @@ impl FileConfig {
             path: path.into(),
             detail: e.to_string(),
         })
+    }
+}
+
+/// The gid of the socket group `name` (start-up: a missing group is an error, not a silent default).
+pub fn group_id(name: &str) -> Result<u32, ConfigError> {
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        _ => Err(ConfigError::NoGroup {
+            name: name.to_string(),
+            what: "socket_group",
+        }),
     }
 }
 
@@ -116,6 +195,10 @@ impl Config {
             max_frame: lorad_schema::MAX_FRAME,
             kill_grace: Duration::from_secs(3),
             socket_mode: 0o600,
+            system: false,
+            socket_group: None,
+            admin_group: None,
+            limits: Limits::default(),
         }
     }
 

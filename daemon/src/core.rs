@@ -37,6 +37,8 @@ pub struct Core {
     started: Instant,
     next_sub: AtomicU64,
     plugins: RwLock<Arc<Registry>>,
+    /// Submit-time checks in flight.
+    pub checks: crate::supervisor::check::Checks,
 }
 
 impl Core {
@@ -44,7 +46,6 @@ impl Core {
     pub fn new(config: Config, journal: Journal, shutdown: CancellationToken) -> Arc<Core> {
         let (events, _) = broadcast::channel(1024);
         Arc::new(Core {
-            config,
             journal,
             write_lock: Arc::new(Mutex::new(())),
             events,
@@ -54,6 +55,8 @@ impl Core {
             started: Instant::now(),
             next_sub: AtomicU64::new(1),
             plugins: RwLock::new(Arc::new(Registry::default())),
+            checks: crate::supervisor::check::Checks::new(config.limits.max_checks),
+            config,
         })
     }
 
@@ -70,7 +73,8 @@ impl Core {
     /// plugin they were given.
     pub async fn rescan_plugins(&self) {
         let dirs = self.config.plugin_dirs.clone();
-        match tokio::task::spawn_blocking(move || Registry::scan(&dirs)).await {
+        let strict = self.config.system;
+        match tokio::task::spawn_blocking(move || Registry::scan(&dirs, strict)).await {
             Ok(registry) => {
                 let status = registry.status();
                 tracing::info!(

@@ -93,7 +93,7 @@ pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listener = crate::server::bind(&config.socket, config.socket_mode)?;
+        let listener = crate::server::bind(&config.socket, config.socket_mode, None)?;
         let socket = config.socket.clone();
         let shutdown = CancellationToken::new();
         let daemon = tokio::spawn(crate::run(config, listener, shutdown.clone()));

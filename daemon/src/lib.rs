@@ -9,9 +9,11 @@ pub mod config;
 pub mod core;
 pub mod demo;
 pub mod generate;
+pub mod identity;
 pub mod journal;
 pub mod logs;
 pub mod plugins;
+pub mod quota;
 pub mod scheduler;
 pub mod server;
 pub mod state;
@@ -52,6 +54,12 @@ pub async fn run(
         path: state_dir.clone(),
         source,
     })?;
+    if nix::unistd::geteuid().is_root() {
+        open_state_dir(&state_dir).map_err(|source| RunError::StateDir {
+            path: state_dir.clone(),
+            source,
+        })?;
+    }
     let journal_path = config.journal_path();
     let journal = tokio::task::spawn_blocking(move || Journal::open(&journal_path))
         .await
@@ -66,6 +74,17 @@ pub async fn run(
     server::serve(core.clone(), listener).await;
     let _ = supervisor.await;
     tracing::info!("lorad stopped");
+    Ok(())
+}
+
+/// A root daemon's workers run as the jobs' owners and must reach their own job directories
+/// (`jobs/<id>`, 0700, owned by the user) but list nothing else: the state dir and `jobs/` are made
+/// traversable (0711). The journal stays 0600.
+fn open_state_dir(state_dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [state_dir.to_path_buf(), state_dir.join("jobs")] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+    }
     Ok(())
 }
 

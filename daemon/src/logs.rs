@@ -10,16 +10,102 @@ pub fn log_path(job_dir: &Path) -> PathBuf {
     job_dir.join("job.log")
 }
 
+/// Makes the job directory (0700) and gives it to its owner `ids` (uid, gid), so that the owner's
+/// worker writes its checkpoints and adapter there and no one else reads them. A directory an older
+/// lorad left owned by the daemon is handed over with its contents (safe: its owner could not have
+/// changed it). Blocking.
+pub fn prepare_job_dir(dir: &Path, ids: Option<(u32, u32)>) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
+    if let Some((uid, gid)) = ids {
+        if meta.uid() != uid {
+            if meta.uid() != nix::unistd::geteuid().as_raw() {
+                return Err(std::io::Error::other(format!(
+                    "{} belongs to uid {}, not to the job's owner {uid}",
+                    dir.display(),
+                    meta.uid()
+                )));
+            }
+            chown_tree(dir, uid, gid)?;
+        }
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// lchown of `dir` and everything under it, never following a link.
+fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    let own = |p: &Path| {
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            p,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(std::io::Error::from)
+    };
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            chown_tree(&entry.path(), uid, gid)?;
+        } else {
+            own(&entry.path())?;
+        }
+    }
+    own(dir)
+}
+
+/// Opens `path` without following a link and only if it is a regular file: job directories belong
+/// to their users, who must not be able to point the daemon's reads or writes elsewhere.
+fn open_checked(path: &Path, options: &mut std::fs::OpenOptions) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = options
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .mode(0o600)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    Ok(f)
+}
+
+/// Opens (creating, 0600) the log for appending, owned by `ids` (uid, gid) when given. Blocking.
+pub fn open_append(path: &Path, ids: Option<(u32, u32)>) -> std::io::Result<std::fs::File> {
+    let f = open_checked(path, std::fs::OpenOptions::new().create(true).append(true))?;
+    if let Some((uid, gid)) = ids {
+        nix::unistd::fchown(
+            &f,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )?;
+    }
+    Ok(f)
+}
+
 /// Appends `text` to the log, creating it (and its directory) if needed. Blocking: call it from a
 /// blocking context.
 pub fn append(path: &Path, text: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
+    let mut f = open_checked(path, std::fs::OpenOptions::new().create(true).append(true))?;
     f.write_all(text)
 }
 
@@ -38,7 +124,7 @@ pub fn export_separator(format: &str, what: &str) -> String {
 
 /// Reads up to `max` bytes at `offset`: (text, next_offset, size). A missing log reads as empty.
 pub fn read_chunk(path: &Path, offset: u64, max: u64) -> std::io::Result<(String, u64, u64)> {
-    let mut f = match std::fs::File::open(path) {
+    let mut f = match open_checked(path, std::fs::OpenOptions::new().read(true)) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((String::new(), 0, 0)),
         Err(e) => return Err(e),
@@ -68,5 +154,20 @@ mod tests {
         let (t, next, _) = read_chunk(&p, next, 100).unwrap();
         assert_eq!((t.as_str(), next), ("world", 11));
         assert_eq!(read_chunk(&p, 500, 10).unwrap().0, "");
+    }
+
+    #[test]
+    fn a_log_replaced_by_a_link_or_a_fifo_is_neither_read_nor_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "root only").unwrap();
+        let p = dir.path().join("job.log");
+        std::os::unix::fs::symlink(&secret, &p).unwrap();
+        assert!(read_chunk(&p, 0, 100).is_err());
+        assert!(append(&p, b"x").is_err());
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), "root only");
+        std::fs::remove_file(&p).unwrap();
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(read_chunk(&p, 0, 100).is_err());
     }
 }

@@ -30,6 +30,12 @@ struct Cli {
     /// Run as a per-user daemon ($XDG_RUNTIME_DIR/lorad.sock, $XDG_STATE_HOME/lorad).
     #[arg(long)]
     user: bool,
+    /// The socket's group in system mode (default: lorad); its members may connect.
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// Members of this group may see and control every user's jobs.
+    #[arg(long)]
+    admin_group: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -40,8 +46,11 @@ enum Command {
     #[command(hide = true)]
     Worker {
         /// Run an exporter plugin instead of training.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "check")]
         export: bool,
+        /// Check a job's files at submit instead of training.
+        #[arg(long)]
+        check: bool,
     },
     /// Run a private daemon on a tiny model: submit, watch, print where the adapter is.
     Demo {
@@ -94,9 +103,15 @@ fn init_tracing() {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Worker { export }) => {
+        Some(Command::Worker { export, check }) => {
             init_tracing();
-            let code = lorad::worker::process::run(export)?;
+            use lorad::worker::process::Mode;
+            let mode = match (export, check) {
+                (true, _) => Mode::Export,
+                (_, true) => Mode::Check,
+                _ => Mode::Train,
+            };
+            let code = lorad::worker::process::run(mode)?;
             std::process::exit(code);
         }
         Some(Command::MakeTinyModel { dir, seed }) => {
@@ -169,9 +184,20 @@ fn serve(cli: Cli) -> anyhow::Result<()> {
     if let Some(g) = file.kill_grace_s {
         config.kill_grace = std::time::Duration::from_secs(g);
     }
-    if !cli.user {
-        config.socket_mode = 0o660;
-    }
+    config.system = !cli.user;
+    config.socket_mode = file
+        .socket_mode
+        .unwrap_or(if config.system { 0o660 } else { 0o600 });
+    config.socket_group = cli
+        .socket_group
+        .or(file.socket_group)
+        .or_else(|| config.system.then(|| "lorad".to_string()));
+    config.admin_group = cli.admin_group.or(file.admin_group);
+    config.limits = file.limits.unwrap_or_default();
+    let socket_gid = match &config.socket_group {
+        Some(name) => Some(lorad::config::group_id(name)?),
+        None => None,
+    };
     let mut plugin_dirs = file.plugin_dirs.unwrap_or_default();
     plugin_dirs.extend(cli.plugin_dir);
     let defaults = !cli.no_default_plugins && file.default_plugins.unwrap_or(true);
@@ -183,12 +209,16 @@ fn serve(cli: Cli) -> anyhow::Result<()> {
             .context("cannot daemonize")?;
     }
     init_tracing();
+    // What the daemon creates is its own unless it says otherwise (job dirs, logs, the journal).
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe { libc::umask(0o077) };
+    lorad::server::raise_fd_limit(&mut config.limits);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listener = lorad::server::bind(&config.socket, config.socket_mode)
+        let listener = lorad::server::bind(&config.socket, config.socket_mode, socket_gid)
             .with_context(|| format!("cannot listen on {}", config.socket.display()))?;
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signals(shutdown.clone()));

@@ -23,6 +23,9 @@ pub enum ErrorCode {
     Internal,
     /// The work ran and failed (e.g. an exporter plugin reported an error); the message says why.
     Failed,
+    /// A per-user limit set by the admin (queued jobs, running jobs, highest priority) would be
+    /// exceeded; the message names the limit.
+    QuotaExceeded,
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -37,6 +40,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::Busy => "busy",
             ErrorCode::Internal => "internal",
             ErrorCode::Failed => "failed",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
         };
         f.write_str(s)
     }

@@ -1,13 +1,35 @@
 //! Framing: a 4-byte big-endian length, then that many bytes of MessagePack.
 //!
-//! The length is checked against the limit before anything is allocated, and decoding never panics:
-//! every failure is a [`FrameError`].
+//! The length is checked against the limit before anything is allocated, the body's buffer grows with
+//! the bytes that actually arrive (never to the announced length up front), and decoding never panics:
+//! every failure is a [`FrameError`]. Reading is split into header ([`read_len`], [`read_len_async`])
+//! and body ([`read_body`], [`read_body_async`]) so a server can reserve memory for the announced length
+//! in between.
 use serde::{de::DeserializeOwned, Serialize};
 use std::io::{Read, Write};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The default largest frame (16 MiB) either side accepts.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// The deepest nesting of arrays and maps [`decode`] accepts: a value may sit inside `MAX_DEPTH`
+/// containers, not one more.
+///
+/// Unknown fields are ignored, so any message can carry an arbitrarily nested value, and serde's
+/// internally tagged and untagged enums (every request, the handshake,
+/// [`ServerFrame`](crate::ServerFrame)) buffer such a value by recursing once per level. rmp-serde's
+/// own limit is 1024 levels, which take ~0.65 MiB of stack in the workspace's dev profile and
+/// ~4.3 MiB at opt-level 0: more than a tokio worker's 2 MiB. Our messages nest fewer than 10 levels;
+/// 128 leave room for newer peers' fields and take ~0.55 MiB at opt-level 0 (tests/fuzz.rs decodes
+/// 100,000 levels on a 2 MiB thread).
+pub const MAX_DEPTH: usize = 128;
+
+/// Longest [`FrameError::Decode`] message: decoding errors quote the peer's strings, and the message
+/// goes into logs and replies.
+const MAX_ERROR_LEN: usize = 512;
+
+/// How much of a body is read per call, and the smallest step by which its buffer grows.
+const CHUNK: usize = 64 * 1024;
 
 /// Why a frame could not be read, written or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -43,9 +65,118 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     rmp_serde::to_vec_named(msg).map_err(|e| FrameError::Encode(e.to_string()))
 }
 
-/// Decodes a MessagePack payload.
+/// Decodes a MessagePack payload: the first value in `bytes`, which must nest at most [`MAX_DEPTH`]
+/// levels and be complete; bytes after it are ignored.
+///
+/// [`check_shape`] walks the value first, without recursing or allocating. rmp-serde hands each array's
+/// and map's announced length to serde, which preallocates up to 1 MiB for it: unchecked, each level
+/// of a nest of arrays announcing 2^32 elements would cost 1 MiB for 5 bytes (128 MiB for a 640-byte
+/// frame at `MAX_DEPTH`). Once the shape is checked, the lengths announced add up to fewer than
+/// `bytes.len()`, so preallocations stay within a small multiple of the payload. Strings are read from
+/// `bytes` as needed and never preallocated.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
-    rmp_serde::from_slice(bytes).map_err(|e| FrameError::Decode(e.to_string()))
+    check_shape(bytes)?;
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    // A backstop only: check_shape refused deeper values, and rmp-serde counts an extension at the
+    // innermost level as one more and stops one short of its limit.
+    de.set_max_depth(MAX_DEPTH + 2);
+    T::deserialize(&mut de).map_err(|e| decode_error(e.to_string()))
+}
+
+/// A `Decode` error whose message is cut to [`MAX_ERROR_LEN`] bytes.
+fn decode_error(mut message: String) -> FrameError {
+    if message.len() > MAX_ERROR_LEN {
+        let mut cut = MAX_ERROR_LEN;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str("...");
+    }
+    FrameError::Decode(message)
+}
+
+/// Checks that `bytes` starts with one complete MessagePack value nesting at most [`MAX_DEPTH`] levels,
+/// each of whose arrays, maps, strings, binaries and extensions announces no more than the bytes left.
+///
+/// Iterative and allocation-free. `owed` counts the values announced but not yet read, across all
+/// open containers; each takes at least one byte, so `owed` never exceeds the bytes left, and the
+/// lengths announced in the whole value add up to fewer than `bytes.len()`.
+fn check_shape(bytes: &[u8]) -> Result<(), FrameError> {
+    let bad = |at: usize, why: &str| decode_error(format!("malformed MessagePack at byte {at}: {why}"));
+    // Values still to read in each open container, outermost first; slot 0 holds the top-level value.
+    let mut open = [0usize; MAX_DEPTH + 1];
+    open[0] = 1;
+    let mut depth = 0;
+    let mut owed = 1usize;
+    let mut pos = 0;
+    loop {
+        while open[depth] == 0 {
+            if depth == 0 {
+                return Ok(());
+            }
+            depth -= 1;
+        }
+        open[depth] -= 1;
+        owed -= 1;
+        let at = pos;
+        let marker = *bytes.get(pos).ok_or_else(|| bad(at, "the value is truncated"))?;
+        pos += 1;
+        // The big-endian length of `n` bytes at `pos`.
+        let mut length = |n: usize| -> Result<usize, FrameError> {
+            let field = bytes
+                .get(pos..pos + n)
+                .ok_or_else(|| bad(at, "the value is truncated"))?;
+            pos += n;
+            Ok(field.iter().fold(0usize, |acc, b| acc << 8 | usize::from(*b)))
+        };
+        // Either bytes to skip or values to read.
+        let (skip, values) = match marker {
+            0x00..=0x7f | 0xc0 | 0xc2 | 0xc3 | 0xe0..=0xff => (0, None),
+            0x80..=0x8f => (0, Some(2 * usize::from(marker & 0x0f))),
+            0x90..=0x9f => (0, Some(usize::from(marker & 0x0f))),
+            0xa0..=0xbf => (usize::from(marker & 0x1f), None),
+            0xc1 => return Err(bad(at, "reserved marker 0xc1")),
+            // bin and str 8/16/32
+            0xc4 | 0xd9 => (length(1)?, None),
+            0xc5 | 0xda => (length(2)?, None),
+            0xc6 | 0xdb => (length(4)?, None),
+            // ext 8/16/32: the length, then a type byte and the data
+            0xc7 => (length(1)?.saturating_add(1), None),
+            0xc8 => (length(2)?.saturating_add(1), None),
+            0xc9 => (length(4)?.saturating_add(1), None),
+            0xcc | 0xd0 => (1, None),
+            0xcd | 0xd1 => (2, None),
+            0xca | 0xce | 0xd2 => (4, None),
+            0xcb | 0xcf | 0xd3 => (8, None),
+            // fixext 1/2/4/8/16, with their type byte
+            0xd4 => (2, None),
+            0xd5 => (3, None),
+            0xd6 => (5, None),
+            0xd7 => (9, None),
+            0xd8 => (17, None),
+            0xdc => (0, Some(length(2)?)),
+            0xdd => (0, Some(length(4)?)),
+            0xde => (0, Some(length(2)?.saturating_mul(2))),
+            0xdf => (0, Some(length(4)?.saturating_mul(2))),
+        };
+        let left = bytes.len() - pos;
+        if skip > left {
+            return Err(bad(at, &format!("announces {skip} bytes, {left} remain")));
+        }
+        pos += skip;
+        if let Some(values) = values {
+            if depth == MAX_DEPTH {
+                return Err(bad(at, &format!("nested deeper than {MAX_DEPTH} levels")));
+            }
+            owed = owed.saturating_add(values);
+            if owed > left {
+                return Err(bad(at, &format!("announces {values} values, {left} bytes remain")));
+            }
+            depth += 1;
+            open[depth] = values;
+        }
+    }
 }
 
 /// Prefixes an encoded payload with its length.
@@ -60,6 +191,7 @@ pub fn frame_bytes(payload: &[u8]) -> Result<Vec<u8>, FrameError> {
     Ok(out)
 }
 
+/// The header's length, or `TooLarge` when it exceeds `max`.
 fn check_len(header: [u8; 4], max: usize) -> Result<usize, FrameError> {
     let len = u32::from_be_bytes(header) as usize;
     if len > max {
@@ -68,31 +200,82 @@ fn check_len(header: [u8; 4], max: usize) -> Result<usize, FrameError> {
     Ok(len)
 }
 
-/// Reads one raw frame payload from an async stream.
-pub async fn read_frame_async<R: AsyncRead + Unpin>(
+/// The error for a stream that ended after `got` bytes of a header.
+fn header_eof(got: usize) -> FrameError {
+    if got == 0 {
+        FrameError::Closed
+    } else {
+        FrameError::Truncated
+    }
+}
+
+/// Makes room for the next read of a `len`-byte body of which `filled` bytes have arrived, and returns
+/// where that read goes: `buf[filled..end]`, at most [`CHUNK`] bytes.
+///
+/// The buffer grows only once the bytes already in it have arrived, by an eighth of them (at least one
+/// chunk) and never past `len`: a peer that announces 16 MiB and sends 8 costs at most 9 MiB + 64 KiB.
+/// Growing by a fixed chunk would keep closer to what arrived, but each growth may copy the buffer;
+/// with many connections interleaving, glibc's realloc does, and a 16 MiB body then costs 256 copies
+/// (~80 ms at -O3). A geometric step keeps the copying within a few times the body.
+fn next_read(buf: &mut Vec<u8>, filled: usize, len: usize) -> usize {
+    if filled == buf.len() {
+        let grown = filled.saturating_add((filled / 8).max(CHUNK)).min(len);
+        // `reserve_exact` first: `resize` alone may round the capacity up past `len`.
+        buf.reserve_exact(grown - filled);
+        buf.resize(grown, 0);
+    }
+    buf.len().min(filled.saturating_add(CHUNK))
+}
+
+/// Reads a frame's 4-byte header from an async stream and returns the announced length.
+///
+/// `Closed` if the stream ends before the header's first byte, `Truncated` if it ends inside the header,
+/// `TooLarge` if the length exceeds `max`. Nothing is allocated.
+pub async fn read_len_async<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
-) -> Result<Vec<u8>, FrameError> {
+) -> Result<usize, FrameError> {
     let mut header = [0u8; 4];
     let mut got = 0;
     while got < 4 {
         let n = r.read(&mut header[got..]).await?;
         if n == 0 {
-            return Err(if got == 0 {
-                FrameError::Closed
-            } else {
-                FrameError::Truncated
-            });
+            return Err(header_eof(got));
         }
         got += n;
     }
-    let len = check_len(header, max)?;
-    let mut buf = vec![0u8; len];
-    match r.read_exact(&mut buf).await {
-        Ok(_) => Ok(buf),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(FrameError::Truncated),
-        Err(e) => Err(e.into()),
+    check_len(header, max)
+}
+
+/// Reads a `len`-byte frame body from an async stream; `Truncated` if the stream ends first.
+///
+/// The buffer follows the bytes received (never more than 9/8 of them plus 64 KiB, never past `len`)
+/// instead of being allocated to `len` up front; still, check `len` against a limit before calling
+/// this ([`read_len_async`] does).
+pub async fn read_body_async<R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: usize,
+) -> Result<Vec<u8>, FrameError> {
+    let mut buf = Vec::new();
+    let mut filled = 0;
+    while filled < len {
+        let end = next_read(&mut buf, filled, len);
+        let n = r.read(&mut buf[filled..end]).await?;
+        if n == 0 {
+            return Err(FrameError::Truncated);
+        }
+        filled += n;
     }
+    Ok(buf)
+}
+
+/// Reads one raw frame payload from an async stream: [`read_len_async`], then [`read_body_async`].
+pub async fn read_frame_async<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Vec<u8>, FrameError> {
+    let len = read_len_async(r, max).await?;
+    read_body_async(r, len).await
 }
 
 /// Reads and decodes one message from an async stream.
@@ -114,32 +297,56 @@ pub async fn write_msg_async<T: Serialize, W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Reads one raw frame payload from a blocking stream.
-pub fn read_frame<R: Read>(r: &mut R, max: usize) -> Result<Vec<u8>, FrameError> {
+/// `r.read(buf)`, retried while it is interrupted by a signal.
+fn read_retrying<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<usize, FrameError> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Reads a frame's 4-byte header from a blocking stream and returns the announced length.
+///
+/// `Closed` if the stream ends before the header's first byte, `Truncated` if it ends inside the header,
+/// `TooLarge` if the length exceeds `max`. Nothing is allocated.
+pub fn read_len<R: Read>(r: &mut R, max: usize) -> Result<usize, FrameError> {
     let mut header = [0u8; 4];
     let mut got = 0;
     while got < 4 {
-        let n = match r.read(&mut header[got..]) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.into()),
-        };
+        let n = read_retrying(r, &mut header[got..])?;
         if n == 0 {
-            return Err(if got == 0 {
-                FrameError::Closed
-            } else {
-                FrameError::Truncated
-            });
+            return Err(header_eof(got));
         }
         got += n;
     }
-    let len = check_len(header, max)?;
-    let mut buf = vec![0u8; len];
-    match r.read_exact(&mut buf) {
-        Ok(()) => Ok(buf),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(FrameError::Truncated),
-        Err(e) => Err(e.into()),
+    check_len(header, max)
+}
+
+/// Reads a `len`-byte frame body from a blocking stream; `Truncated` if the stream ends first.
+///
+/// The buffer follows the bytes received (never more than 9/8 of them plus 64 KiB, never past `len`)
+/// instead of being allocated to `len` up front; still, check `len` against a limit before calling
+/// this ([`read_len`] does).
+pub fn read_body<R: Read>(r: &mut R, len: usize) -> Result<Vec<u8>, FrameError> {
+    let mut buf = Vec::new();
+    let mut filled = 0;
+    while filled < len {
+        let end = next_read(&mut buf, filled, len);
+        let n = read_retrying(r, &mut buf[filled..end])?;
+        if n == 0 {
+            return Err(FrameError::Truncated);
+        }
+        filled += n;
     }
+    Ok(buf)
+}
+
+/// Reads one raw frame payload from a blocking stream: [`read_len`], then [`read_body`].
+pub fn read_frame<R: Read>(r: &mut R, max: usize) -> Result<Vec<u8>, FrameError> {
+    let len = read_len(r, max)?;
+    read_body(r, len)
 }
 
 /// Reads and decodes one message from a blocking stream.

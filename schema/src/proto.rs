@@ -63,6 +63,9 @@ pub enum Request {
         /// Admin only: every user's jobs, not just the caller's.
         #[serde(default)]
         all: bool,
+        /// Paging: only jobs with ids above this one (the `next` of the previous page).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<JobId>,
     },
     /// One job's record.
     Get {
@@ -325,6 +328,10 @@ pub enum Response {
     Jobs {
         /// Matching jobs in id order.
         jobs: Vec<JobRecord>,
+        /// More jobs follow: ask again with `after` set to this id. A page stays well under the frame
+        /// limit, whatever the number of jobs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<JobId>,
     },
     /// To `checkpoints`.
     Checkpoints {

@@ -44,6 +44,9 @@ pub enum JournalError {
     /// The state machine refused.
     #[error(transparent)]
     Transition(#[from] InvalidTransition),
+    /// A request's own check, made under the write lock (a quota), refused; nothing was written.
+    #[error(transparent)]
+    Refused(lorad_schema::WireError),
 }
 
 macro_rules! db_err {

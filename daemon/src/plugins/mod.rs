@@ -8,6 +8,7 @@
 pub mod library;
 pub mod registry;
 pub mod source;
+pub mod trust;
 
 pub use library::{LoadError, PluginLib};
 pub use registry::{default_dirs, Dataloader, Exporter, Pick, PluginDir, Registry};

@@ -103,14 +103,39 @@ pub struct Registry {
 
 impl Registry {
     /// Scans `dirs` in order (files sorted by name within a directory), loading every plugin that
-    /// passes; the others are recorded as rejected with their reason. Blocking; never fails.
-    pub fn scan(dirs: &[PluginDir]) -> Registry {
+    /// passes; the others are recorded as rejected with their reason. With `strict` (the system
+    /// daemon), a directory or file that anyone but root could have written is rejected unopened
+    /// ([`super::trust`]). Blocking; never fails.
+    pub fn scan(dirs: &[PluginDir], strict: bool) -> Registry {
         let mut reg = Registry {
             dirs: dirs.to_vec(),
             ..Registry::default()
         };
         for dir in dirs {
-            for file in plugin_files(dir) {
+            let files = plugin_files(dir);
+            if strict && !files.is_empty() {
+                if let Err(why) = super::trust::check_dir(&dir.path) {
+                    let reason = format!("plugin directory not trusted: {why}; a system daemon loads plugins only from places no one but root can write");
+                    tracing::warn!(path = %dir.path.display(), %reason, "plugin directory rejected");
+                    reg.rejected.push(RejectedPlugin {
+                        path: dir.path.display().to_string(),
+                        reason,
+                    });
+                    continue;
+                }
+            }
+            for file in files {
+                if strict {
+                    if let Err(why) = super::trust::check_file(&file) {
+                        let reason = format!("plugin file not trusted: {why}");
+                        tracing::warn!(path = %file.display(), %reason, "plugin rejected");
+                        reg.rejected.push(RejectedPlugin {
+                            path: file.display().to_string(),
+                            reason,
+                        });
+                        continue;
+                    }
+                }
                 let lib = match PluginLib::open(&file) {
                     Err(LoadError::Changed(loaded)) => {
                         let reason = LoadError::Changed(loaded.clone()).to_string();

@@ -1,6 +1,7 @@
 //! One client connection: handshake, then requests answered in order, with subscription pushes
 //! interleaved by a single writer task.
-use super::handlers::{self, Peer};
+use super::handlers;
+use super::session::{Admission, Peer, Slot};
 use crate::core::Core;
 use interprocess::local_socket::tokio::Stream;
 use interprocess::local_socket::traits::StreamCommon as _;
@@ -12,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 
 /// Largest handshake frame.
@@ -30,18 +31,52 @@ pub struct Conn {
     pub subs: HashMap<u64, AbortHandle>,
 }
 
-/// Serves one connection until the client leaves, breaks the protocol, or the daemon shuts down.
-pub async fn handle(core: Arc<Core>, stream: Stream) {
-    let peer = match stream.peer_creds() {
-        Ok(creds) => Peer::new(
+/// Who is on the other end of `stream`, and its place among the open connections; `None` (after telling
+/// the client why) when the caps are reached or the peer has no credentials.
+pub async fn admit(
+    core: &Arc<Core>,
+    admission: &Arc<Admission>,
+    stream: &Stream,
+) -> Option<(Peer, Slot)> {
+    let (uid, pid) = match stream.peer_creds() {
+        Ok(creds) => (
             creds.euid().unwrap_or(u32::MAX),
             creds.pid().unwrap_or(0) as u32,
         ),
         Err(e) => {
             tracing::warn!(error = %e, "no peer credentials; dropping connection");
-            return;
+            return None;
         }
     };
+    let slot = match admission.enter(uid, &core.config) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            tracing::debug!(uid, %refusal, "connection refused");
+            let msg = Handshake::Error {
+                code: ErrorCode::Busy,
+                message: refusal.to_string(),
+            };
+            let mut wr = stream;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                frame::write_msg_async(&mut wr, &msg),
+            )
+            .await;
+            return None;
+        }
+    };
+    let peer = match core.config.admin_group.clone() {
+        Some(group) => tokio::task::spawn_blocking(move || Peer::resolve(uid, pid, Some(&group)))
+            .await
+            .unwrap_or_else(|_| Peer::new(uid, pid)),
+        None => Peer::new(uid, pid),
+    };
+    Some((peer, slot))
+}
+
+/// Serves one connection until the client leaves, breaks the protocol, or the daemon shuts down.
+/// `budget` holds one permit per byte of frames being received, shared by every connection.
+pub async fn handle(core: Arc<Core>, stream: Stream, peer: Peer, budget: Arc<Semaphore>) {
     // `&Stream` reads and writes: the connection task reads, the writer task writes.
     let stream = Arc::new(stream);
     let mut rd = &*stream;
@@ -101,13 +136,18 @@ pub async fn handle(core: Arc<Core>, stream: Stream) {
     };
     loop {
         let read = tokio::select! {
-            r = frame::read_frame_async(&mut rd, core.config.max_frame) => r,
+            r = read_frame(&mut rd, &core, &budget) => r,
             _ = core.shutdown.cancelled() => break,
         };
-        let bytes = match read {
-            Ok(bytes) => bytes,
-            Err(FrameError::Closed) => break,
-            Err(e @ FrameError::TooLarge { .. }) => {
+        let (bytes, permit) = match read {
+            Ok(read) => read,
+            Err(ReadError::Frame(FrameError::Closed)) => break,
+            Err(ReadError::Busy(message)) => {
+                send_reply(&conn, 0, Err(WireError::new(ErrorCode::Busy, message.clone()))).await;
+                tracing::debug!(uid = peer.uid, error = %message, "closing connection");
+                break;
+            }
+            Err(ReadError::Frame(e @ FrameError::TooLarge { .. })) => {
                 send_reply(
                     &conn,
                     0,
@@ -122,13 +162,17 @@ pub async fn handle(core: Arc<Core>, stream: Stream) {
                 break;
             }
         };
-        let request = match frame::decode::<ClientFrame>(&bytes) {
+        let decoded = frame::decode::<ClientFrame>(&bytes);
+        let bytes_id = decoded.is_err().then(|| frame::decode::<IdOnly>(&bytes));
+        drop(bytes);
+        drop(permit);
+        let request = match decoded {
             Ok(f) => f,
             Err(e) => {
                 // A frame with a readable id but an unknown or malformed request is answered and the
                 // connection stays (forward compatibility); anything else is garbage and closes it.
-                match frame::decode::<IdOnly>(&bytes) {
-                    Ok(IdOnly { id }) => {
+                match bytes_id {
+                    Some(Ok(IdOnly { id })) => {
                         send_reply(
                             &conn,
                             id,
@@ -137,7 +181,7 @@ pub async fn handle(core: Arc<Core>, stream: Stream) {
                         .await;
                         continue;
                     }
-                    Err(_) => {
+                    _ => {
                         send_reply(
                             &conn,
                             0,
@@ -177,6 +221,48 @@ pub async fn handle(core: Arc<Core>, stream: Stream) {
     }
     drop(conn);
     let _ = writer.await;
+}
+
+/// Why no frame came.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    /// The stream or the frame failed.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// No budget for the frame in time.
+    #[error("{0}")]
+    Busy(String),
+    /// The frame stopped arriving.
+    #[error("a frame of {0} bytes did not arrive within frame_timeout_s")]
+    TimedOut(usize),
+}
+
+/// Reads one frame: the header, then a share of the global budget for its length, then the body,
+/// which must arrive within `frame_timeout_s`. Waiting for a header has no deadline: idle clients are
+/// fine, half-sent frames are not.
+async fn read_frame(
+    rd: &mut &Stream,
+    core: &Core,
+    budget: &Arc<Semaphore>,
+) -> Result<(Vec<u8>, OwnedSemaphorePermit), ReadError> {
+    let len = frame::read_len_async(rd, core.config.max_frame).await?;
+    let limits = &core.config.limits;
+    let deadline = Duration::from_secs(limits.frame_timeout_s);
+    let want = len.clamp(1, limits.max_pending_frame_bytes.max(1)) as u32;
+    let permit = match tokio::time::timeout(deadline, budget.clone().acquire_many_owned(want)).await
+    {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            return Err(ReadError::Busy(format!(
+                "the daemon is receiving too many large frames (max_pending_frame_bytes); a frame of {len} bytes waited {} s",
+                limits.frame_timeout_s
+            )))
+        }
+    };
+    match tokio::time::timeout(deadline, frame::read_body_async(rd, len)).await {
+        Ok(body) => Ok((body?, permit)),
+        Err(_) => Err(ReadError::TimedOut(len)),
+    }
 }
 
 #[derive(serde::Deserialize)]

@@ -4,9 +4,12 @@ use crate::channel::{FromWorker, ToWorker, CONTROL_FD};
 use crate::core::{Core, WorkerHandle};
 use crate::logs;
 use crate::plugins::PluginRef;
+use crate::identity::Identity;
+use crate::worker::process::Mode;
 use crate::worker::{Phase, TrainEvent, TrainTask};
 use command_fds::{CommandFdExt, FdMapping};
 use lorad_schema::{frame, EventBody, JobId, JobRecord, JobState};
+use std::io::Write as _;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -32,6 +35,9 @@ pub enum SpawnError {
     /// The task could not be sent.
     #[error("cannot send the task: {0}")]
     Frame(#[from] frame::FrameError),
+    /// The job's owner cannot be run as.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
 }
 
 pub(super) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> SpawnError {
@@ -69,27 +75,29 @@ pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, S
         None => "from the start".to_string(),
     };
     let separator = logs::separator(&format!("{why}; {from}"));
-    let (log, log_offset) = {
-        let log_path = log_path.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<(std::fs::File, u64)> {
-            let before = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
-            logs::append(&log_path, separator.as_bytes())?;
-            Ok((
-                std::fs::OpenOptions::new().append(true).open(&log_path)?,
-                before,
-            ))
+    let owner = job.owner_uid;
+    let (who, log, log_offset) = {
+        let (log_path, job_dir) = (log_path.clone(), job_dir.clone());
+        tokio::task::spawn_blocking(move || -> Result<_, SpawnError> {
+            let who = crate::identity::for_owner(owner)?;
+            let ids = who.as_ref().map(|w| (w.uid, w.gid));
+            logs::prepare_job_dir(&job_dir, ids).map_err(io("make the job directory"))?;
+            let log = logs::open_append(&log_path, ids).map_err(io("open job.log"))?;
+            let before = log.metadata().map(|m| m.len()).unwrap_or(0);
+            (&log).write_all(separator.as_bytes()).map_err(io("write job.log"))?;
+            Ok((who, log, before))
         })
         .await
         .map_err(|e| SpawnError::Io {
             what: "open job.log",
             source: std::io::Error::other(e),
-        })?
-        .map_err(io("open job.log"))?
+        })??
     };
 
     let (child, mut control) = start_worker(
         core,
-        false,
+        Mode::Train,
+        who.as_ref(),
         Stdio::from(log.try_clone().map_err(io("dup job.log"))?),
         Stdio::from(log),
     )?;
@@ -135,19 +143,28 @@ pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, S
     })
 }
 
-/// Starts `lorad worker [--export]` in its own process group with the control channel on fd 3.
+/// Starts `lorad worker [--export|--check]` in its own process group with the control channel on fd
+/// 3, as `who` (None: as the daemon) with a minimal environment.
 pub(super) fn start_worker(
     core: &Core,
-    export: bool,
+    mode: Mode,
+    who: Option<&Identity>,
     stdout: Stdio,
     stderr: Stdio,
 ) -> Result<(Child, UnixStream), SpawnError> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(io("socketpair"))?;
     let mut cmd = tokio::process::Command::new(&core.config.worker_exe);
     cmd.arg("worker");
-    if export {
-        cmd.arg("--export");
+    match mode {
+        Mode::Train => {}
+        Mode::Export => {
+            cmd.arg("--export");
+        }
+        Mode::Check => {
+            cmd.arg("--check");
+        }
     }
+    crate::identity::apply(&mut cmd, who);
     cmd.stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
@@ -446,8 +463,8 @@ async fn handle(
             *failure = Some(message);
             Ok(())
         }
-        FromWorker::Exported { .. } => {
-            tracing::warn!(job = %id, "a training worker reported an export; ignored");
+        FromWorker::Exported { .. } | FromWorker::Checked { .. } | FromWorker::Refused { .. } => {
+            tracing::warn!(job = %id, "a training worker reported another task's result; ignored");
             Ok(())
         }
     };

@@ -40,7 +40,21 @@ async fn run_worker(
     task: ExportTask,
 ) -> Result<Vec<String>, String> {
     let spawned = async {
-        let (mut child, mut control) = start_worker(core, true, Stdio::piped(), Stdio::piped())?;
+        let owner = core
+            .read(move |j| j.job(id))
+            .await
+            .map(|job| job.owner_uid)
+            .map_err(|e| io("read the job")(std::io::Error::other(e.to_string())))?;
+        let who = tokio::task::spawn_blocking(move || crate::identity::for_owner(owner))
+            .await
+            .map_err(|e| io("look up the job's owner")(std::io::Error::other(e)))??;
+        let (mut child, mut control) = start_worker(
+            core,
+            crate::worker::process::Mode::Export,
+            who.as_ref(),
+            Stdio::piped(),
+            Stdio::piped(),
+        )?;
         frame::write_msg_async(&mut control, &ToWorker::Export { task }).await?;
         let out = child
             .stdout

@@ -3,6 +3,7 @@
 //! One job runs at a time (one device). The loop sleeps until something kicks it (a submit, a worker
 //! that ended, a cancel) and never polls.
 mod attempt;
+pub mod check;
 pub mod export;
 
 use crate::core::Core;

@@ -3,7 +3,7 @@
 use super::error::EngineError;
 use super::lora::LoraConfig;
 use super::model::Llama;
-use super::weights::{save_tensors, tmp_sibling, write_text};
+use super::weights::{save_tensors, write_text};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use serde_json::json;
@@ -58,42 +58,93 @@ pub fn adapter_config_json(lora: &LoraConfig, base_model: &Path) -> serde_json::
     })
 }
 
-/// Writes the model's adapter to `dir`: into a temporary sibling directory first, renamed into place,
-/// so `dir` is never seen half-written. An existing `dir` is replaced.
+/// The file in an adapter directory that says which job wrote it: its content is the job's directory.
+/// An output directory is replaced only when it holds this file naming the same job (a restarted
+/// worker writing the final adapter again); anything else that exists is refused, never removed.
+pub const JOB_MARKER: &str = ".lorad-job";
+
+/// Writes the model's adapter to a new directory `dir` (tools and tests; refuses an existing `dir`).
 pub fn save_adapter(
     dir: &Path,
     model: &Llama,
     lora: &LoraConfig,
     base_model: &Path,
 ) -> Result<(), EngineError> {
-    if let Some(parent) = dir.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| EngineError::io(parent, e))?;
-    }
-    let tmp = tmp_sibling(dir);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
-    }
-    std::fs::create_dir(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
+    save_adapter_for(dir, None, model, lora, base_model)
+}
+
+/// Writes the model's adapter to `dir`: into a fresh, uniquely named sibling directory first, renamed
+/// into place, so `dir` is never seen half-written. With `job` (the job's directory), the adapter is
+/// marked as that job's, and an existing `dir` marked as the same job's is replaced; any other
+/// existing `dir` is refused and left as it is.
+pub fn save_adapter_for(
+    dir: &Path,
+    job: Option<&Path>,
+    model: &Llama,
+    lora: &LoraConfig,
+    base_model: &Path,
+) -> Result<(), EngineError> {
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(parent).map_err(|e| EngineError::io(parent, e))?;
+    let replace = match dir.symlink_metadata() {
+        Err(_) => false,
+        Ok(_) if job.is_some_and(|j| written_for(dir, j)) => true,
+        Ok(_) => {
+            return Err(EngineError::io(
+                dir,
+                std::io::Error::other(
+                    "already exists and is not an adapter lorad wrote for this job; lorad never replaces it (choose a new output directory)",
+                ),
+            ))
+        }
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".lorad-adapter-")
+        .tempdir_in(parent)
+        .map_err(|e| EngineError::io(parent, e))?
+        .keep();
     write_adapter_files(&tmp, model, lora, base_model)?;
+    if let Some(job) = job {
+        write_text(&tmp.join(JOB_MARKER), &format!("{}\n", job.display()))?;
+    }
     sync_dir(&tmp)?;
-    if dir.exists() {
-        let old = dir.with_file_name(format!(
-            ".{}.old-{}",
-            dir.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
-        std::fs::rename(dir, &old).map_err(|e| EngineError::io(dir, e))?;
-        std::fs::rename(&tmp, dir).map_err(|e| EngineError::io(dir, e))?;
-        std::fs::remove_dir_all(&old).map_err(|e| EngineError::io(&old, e))?;
+    let no_replace = |from: &Path, to: &Path| {
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            from,
+            nix::fcntl::AT_FDCWD,
+            to,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(|e| EngineError::io(to, e.into()))
+    };
+    if replace {
+        let old = tempfile::Builder::new()
+            .prefix(".lorad-old-")
+            .tempdir_in(parent)
+            .map_err(|e| EngineError::io(parent, e))?;
+        let old_adapter = old.path().join("adapter");
+        no_replace(dir, &old_adapter)?;
+        no_replace(&tmp, dir)?;
+        // `old` (with the previous adapter of this same job) is removed when dropped.
+        drop(old);
     } else {
-        std::fs::rename(&tmp, dir).map_err(|e| EngineError::io(dir, e))?;
+        no_replace(&tmp, dir)?;
     }
-    if let Some(parent) = dir.parent() {
-        sync_dir(parent)?;
-    }
+    sync_dir(parent)?;
     Ok(())
+}
+
+/// Whether `dir` is an adapter directory lorad wrote for the job whose directory is `job`.
+fn written_for(dir: &Path, job: &Path) -> bool {
+    let is_dir = dir.symlink_metadata().map(|m| m.is_dir()).unwrap_or(false);
+    is_dir
+        && std::fs::read_to_string(dir.join(JOB_MARKER))
+            .map(|s| s.trim_end() == job.display().to_string())
+            .unwrap_or(false)
 }
 
 /// Writes the adapter's two files into the existing directory `dir` (no fsync, no rename): the part of

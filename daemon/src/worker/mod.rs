@@ -15,6 +15,7 @@ pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod preflight;
 pub mod process;
 pub mod rope;
 pub mod source;

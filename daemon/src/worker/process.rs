@@ -26,9 +26,19 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
 }
 
-/// Runs the worker (`export`: the `--export` flag, an export task expected); returns the process exit
-/// code.
-pub fn run(export: bool) -> Result<i32, WorkerError> {
+/// What a worker process was started for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Train one job.
+    Train,
+    /// Run one export (`--export`).
+    Export,
+    /// Check a job's files at submit (`--check`).
+    Check,
+}
+
+/// Runs the worker in `mode`; returns the process exit code.
+pub fn run(mode: Mode) -> Result<i32, WorkerError> {
     tune_allocator();
     // Refuse early unless fd 3 is an open socket, instead of adopting a random descriptor.
     // SAFETY: borrow_raw only wraps the number; fstat on a closed descriptor fails cleanly.
@@ -56,15 +66,28 @@ pub fn run(export: bool) -> Result<i32, WorkerError> {
     send(&FromWorker::Ready {
         pid: std::process::id(),
     });
-    let (task, dataloader) = match (msg, export) {
-        (ToWorker::Train { task, dataloader }, false) => (task, dataloader),
-        (ToWorker::Export { task }, true) => {
+    let (task, dataloader) = match (msg, mode) {
+        (ToWorker::Train { task, dataloader }, Mode::Train) => (task, dataloader),
+        (ToWorker::Export { task }, Mode::Export) => {
             watch_channel(reader)?;
             return Ok(run_export(task, &send));
         }
+        (ToWorker::Check { task }, Mode::Check) => {
+            watch_channel(reader)?;
+            return Ok(match crate::worker::preflight::check(&task) {
+                Ok(examples) => {
+                    send(&FromWorker::Checked { examples });
+                    0
+                }
+                Err(error) => {
+                    send(&FromWorker::Refused { error });
+                    1
+                }
+            });
+        }
         (_, _) => {
             send(&FromWorker::Failed {
-                message: "the task does not match the worker's mode (--export)".into(),
+                message: format!("the task does not match the worker's mode ({mode:?})"),
             });
             return Ok(1);
         }
@@ -122,7 +145,8 @@ fn watch_channel(mut reader: UnixStream) -> std::io::Result<()> {
 
 /// Opens the exporter plugin and runs `export.run`; reports the files or the error.
 fn run_export(task: ExportTask, send: &dyn Fn(&FromWorker)) -> i32 {
-    let result = task.plugin.open().and_then(|lib| {
+    let out = std::path::Path::new(&task.request.out);
+    let result = check_export_out(out).and_then(|()| task.plugin.open()).and_then(|lib| {
         lib.call::<_, ExportResponse>(methods::EXPORT_RUN, &task.request)
             .map_err(|e| format!("exporter {} ({}): {e}", lib.name, task.plugin.format))
     });
@@ -138,6 +162,46 @@ fn run_export(task: ExportTask, send: &dyn Fn(&FromWorker)) -> i32 {
             1
         }
     }
+}
+
+/// An export target must be new, in an existing directory this user may write: exporters never replace
+/// or write into what exists. Checked here, as the job's owner, not in the daemon.
+fn check_export_out(out: &std::path::Path) -> Result<(), String> {
+    if out.symlink_metadata().is_ok() {
+        return Err(format!(
+            "out: {} already exists; choose a new path",
+            out.display()
+        ));
+    }
+    let parent = out.parent().unwrap_or(std::path::Path::new("/"));
+    match std::fs::metadata(parent) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(format!("out: {} is not a directory", parent.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(format!(
+                "permission denied reading {} as uid {}",
+                parent.display(),
+                nix::unistd::getuid()
+            ))
+        }
+        Err(_) => {
+            return Err(format!(
+                "out: directory {} does not exist",
+                parent.display()
+            ))
+        }
+    }
+    nix::unistd::access(
+        parent,
+        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+    )
+    .map_err(|_| {
+        format!(
+            "permission denied writing to {} as uid {}",
+            parent.display(),
+            nix::unistd::getuid()
+        )
+    })
 }
 
 /// Keeps the large buffers of a training step in the heap between steps. glibc's defaults hand every

@@ -1,6 +1,6 @@
 //! The training loop: load, plan, step, save. Synchronous; reports through a callback so it knows
 //! nothing about the daemon (the worker process forwards events over its control channel).
-use super::adapter::save_adapter;
+use super::adapter::save_adapter_for;
 use super::checkpoint::{self, RngState, ScheduleState, Snapshot, TrainerState, DROPOUT_RNG};
 use super::data::{DataSource, Encoder, JsonlSource, Loader, LoaderOptions, Tokenized};
 use super::error::EngineError;
@@ -350,7 +350,13 @@ pub fn train_with_source(
             phase: Phase::Saving,
         });
     }
-    save_adapter(&task.adapter_dir, &model, &lora, &task.base_model)?;
+    save_adapter_for(
+        &task.adapter_dir,
+        Some(&task.job_dir),
+        &model,
+        &lora,
+        &task.base_model,
+    )?;
     tracing::info!(adapter = %task.adapter_dir.display(), steps = total, "adapter saved");
     Ok(TrainSummary {
         steps: total,

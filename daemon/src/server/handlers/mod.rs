@@ -21,31 +21,7 @@ use crate::core::Core;
 use crate::journal::JournalError;
 use lorad_schema::{ErrorCode, JobId, JobRecord, Request, Response, WireError};
 
-/// The connected process, from SO_PEERCRED.
-#[derive(Debug, Clone, Copy)]
-pub struct Peer {
-    /// Effective uid.
-    pub uid: u32,
-    /// Pid (0 if unknown).
-    pub pid: u32,
-}
-
-impl Peer {
-    /// A peer.
-    pub fn new(uid: u32, pid: u32) -> Peer {
-        Peer { uid, pid }
-    }
-
-    /// Root and the daemon's own user may see and control every job.
-    pub fn is_admin(&self) -> bool {
-        self.uid == 0 || self.uid == nix::unistd::geteuid().as_raw()
-    }
-
-    /// Whether this peer may see and control `job`.
-    pub fn may_access(&self, job: &JobRecord) -> bool {
-        self.is_admin() || job.owner_uid == self.uid
-    }
-}
+pub use super::session::Peer;
 
 /// Answers one request.
 pub async fn dispatch(
@@ -58,7 +34,9 @@ pub async fn dispatch(
         Request::Status => status::handle(core).await,
         Request::Templates => templates::handle(core),
         Request::Submit(spec) => submit::handle(core, conn.peer, spec).await,
-        Request::List { state, all } => list::handle(core, conn.peer, state, all).await,
+        Request::List { state, all, after } => {
+            list::handle(core, conn.peer, state, all, after).await
+        }
         Request::Get { job } => get::handle(core, conn.peer, job).await,
         Request::Cancel { job } => cancel::handle(core, conn.peer, job).await,
         Request::Pause { job } => pause::handle(core, conn.peer, job).await,
@@ -101,6 +79,7 @@ pub fn journal_error(e: JournalError) -> WireError {
     match e {
         JournalError::NotFound(id) => WireError::new(ErrorCode::NotFound, format!("no job {id}")),
         JournalError::Transition(t) => WireError::new(ErrorCode::InvalidState, t.to_string()),
+        JournalError::Refused(e) => e,
         other => {
             tracing::error!(error = %other, "journal failure");
             WireError::new(ErrorCode::Internal, other.to_string())

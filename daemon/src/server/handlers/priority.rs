@@ -10,6 +10,9 @@ pub async fn handle(
     priority: i32,
 ) -> Result<Response, WireError> {
     let job = super::job_for(core, peer, id).await?;
+    if !peer.is_admin() {
+        crate::quota::may_prioritise(priority, peer.uid, &core.config.limits)?;
+    }
     if job.state.is_terminal() {
         return Err(WireError::new(
             ErrorCode::InvalidState,

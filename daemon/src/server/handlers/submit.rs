@@ -10,6 +10,7 @@ fn invalid(msg: impl Into<String>) -> WireError {
 }
 
 pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, WireError> {
+    crate::quota::check_spec(&spec)?;
     let plugins = core.plugins();
     let template = plugins.template(&spec.template).ok_or_else(|| {
         let names: Vec<String> = plugins.templates().into_iter().map(|t| t.name).collect();
@@ -40,53 +41,25 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
         )));
     }
 
-    for (field, path) in [("base_model", &spec.base_model), ("dataset", &spec.dataset)] {
-        if !Path::new(path).is_absolute() {
-            return Err(invalid(format!(
-                "{field}: '{path}' must be an absolute path"
-            )));
-        }
-    }
-    if let Some(out) = &spec.output_dir {
-        if !Path::new(out).is_absolute() {
-            return Err(invalid(format!(
-                "output_dir: '{out}' must be an absolute path"
-            )));
-        }
+    if !peer.is_admin() {
+        crate::quota::may_prioritise(spec.priority, peer.uid, &core.config.limits)?;
+        let jobs = core.read(|j| j.jobs()).await.map_err(super::journal_error)?;
+        crate::quota::may_queue(&jobs, peer.uid, &core.config.limits)?;
     }
 
-    // Reading the model's config and every dataset line is file I/O: keep it off the runtime.
-    let (model, dataset, max_seq_len) = (
-        spec.base_model.clone(),
-        spec.dataset.clone(),
-        settings.max_seq_len,
-    );
-    // A dataset whose extension a dataloader plugin claims is read by that plugin, in the worker (the
-    // daemon runs no plugin on user data); lorad checks the rest of it here.
-    let plugin_format = plugins
-        .dataloader_for(Path::new(&dataset))
-        .map(|d| d.format.name);
-    let examples = tokio::task::spawn_blocking(move || -> Result<Option<usize>, String> {
-        let config = crate::worker::source::check_model(Path::new(&model)).map_err(|e| e.to_string())?;
-        if max_seq_len as usize > config.max_position_embeddings {
-            return Err(format!(
-                "setting 'max_seq_len': {max_seq_len} is longer than the model's context ({} tokens: max_position_embeddings in config.json, <arch>.context_length in a GGUF file; {model})",
-                config.max_position_embeddings
-            ));
-        }
-        if let Some(format) = plugin_format {
-            return match std::fs::metadata(&dataset) {
-                Ok(_) => Ok(None),
-                Err(e) => Err(format!("dataset {dataset} ({format}, read by a plugin): {e}")),
-            };
-        }
-        crate::worker::data::validate_jsonl(Path::new(&dataset))
-            .map(Some)
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
-    .map_err(invalid)?;
+    // The model, the dataset and the output directory are the submitter's: a `lorad worker --check`
+    // process checks them as that user, off the daemon, under a deadline. A dataset whose extension a
+    // dataloader plugin claims is read by that plugin, in the training worker.
+    let task = crate::worker::preflight::CheckTask {
+        base_model: spec.base_model.clone().into(),
+        dataset: spec.dataset.clone().into(),
+        max_seq_len: settings.max_seq_len,
+        output_dir: spec.output_dir.clone().map(Into::into),
+        plugin_format: plugins
+            .dataloader_for(Path::new(&spec.dataset))
+            .map(|d| d.format.name),
+    };
+    let examples = crate::supervisor::check::run(core, peer.uid, task).await?;
 
     let state_dir = core.config.state_dir.clone();
     let name = spec
@@ -99,8 +72,14 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "job".into())
         });
+    let (limits, admin) = (core.config.limits.clone(), peer.is_admin());
     let job = core
         .write(move |j| {
+            // Again under the write lock: two submits racing must not both pass the quota.
+            if !admin {
+                crate::quota::may_queue(&j.jobs()?, peer.uid, &limits)
+                    .map_err(crate::journal::JournalError::Refused)?;
+            }
             let (job, event) = j.insert_job(|id| JobRecord {
                 id,
                 name,

@@ -4,10 +4,43 @@ use super::format::{Example, FileFormat};
 use super::source::{DataSource, RawExample, NO_EXAMPLES};
 use crate::worker::error::EngineError;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+/// The longest line a dataset may have (8 MiB): far above any SFT example (a 128k-token example is
+/// about 0.5 MiB of text), and small enough that reading one costs little memory.
+pub const MAX_LINE_BYTES: usize = 8 << 20;
+
+/// Opens `path` for reading only if it is a regular file: FIFOs, devices and directories are refused by
+/// what they are, without blocking on them (the file is opened non-blocking, checked, then switched
+/// back).
+pub fn open_regular(path: &Path) -> Result<File, EngineError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| EngineError::io(path, e))?;
+    let meta = file.metadata().map_err(|e| EngineError::io(path, e))?;
+    if !meta.is_file() {
+        return Err(EngineError::dataset(
+            path,
+            None,
+            format!(
+                "is {}, not a regular file",
+                crate::worker::preflight::kind_of(meta.file_type())
+            ),
+        ));
+    }
+    let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)
+        .map_err(|e| EngineError::io(path, e.into()))?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) - nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(flags))
+        .map_err(|e| EngineError::io(path, e.into()))?;
+    Ok(file)
+}
 
 /// Where one record's line is in the file (16 bytes per record).
 #[derive(Debug, Clone, Copy)]
@@ -33,20 +66,32 @@ impl JsonlSource {
     /// the first one), with its fields of the right types. Errors name the 1-based line. Needs no
     /// tokenizer, so the daemon runs it at submit.
     pub fn open(path: &Path) -> Result<Self, EngineError> {
-        let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
+        let file = open_regular(path)?;
         let mut reader = BufReader::with_capacity(1 << 16, &file);
         let mut entries = Vec::new();
         let mut format: Option<FileFormat> = None;
         let (mut buf, mut offset, mut line) = (Vec::new(), 0u64, 0usize);
         loop {
             buf.clear();
-            let n = reader
+            // One byte past the limit tells a line that is too long from one that just fits.
+            let n = (&mut reader)
+                .take(MAX_LINE_BYTES as u64 + 1)
                 .read_until(b'\n', &mut buf)
                 .map_err(|e| EngineError::io(path, e))?;
             if n == 0 {
                 break;
             }
             line += 1;
+            if n > MAX_LINE_BYTES {
+                return Err(EngineError::dataset(
+                    path,
+                    Some(line),
+                    format!(
+                        "the line is longer than {} MiB, the most lorad reads as one example",
+                        MAX_LINE_BYTES >> 20
+                    ),
+                ));
+            }
             let start = offset;
             offset += n as u64;
             let bad = |detail: String| EngineError::dataset(path, Some(line), detail);

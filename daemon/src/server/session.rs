@@ -1,0 +1,177 @@
+//! Who is connected and what they may hold: the peer's credentials and admin status, and the
+//! admission of connections against the total and per-uid caps.
+use crate::config::Config;
+use lorad_schema::JobRecord;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// The connected process, from SO_PEERCRED.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// Effective uid.
+    pub uid: u32,
+    /// Pid (0 if unknown).
+    pub pid: u32,
+    /// Root, the daemon's own user, or a member of `admin_group`: sees and controls every job and
+    /// has no quota.
+    pub admin: bool,
+}
+
+impl Peer {
+    /// A peer that is not an admin unless it is root or the daemon's own user.
+    pub fn new(uid: u32, pid: u32) -> Peer {
+        let admin = uid == 0 || uid == nix::unistd::geteuid().as_raw();
+        Peer { uid, pid, admin }
+    }
+
+    /// A peer whose admin status also counts membership in `admin_group` (blocking: user database).
+    pub fn resolve(uid: u32, pid: u32, admin_group: Option<&str>) -> Peer {
+        let mut peer = Peer::new(uid, pid);
+        if !peer.admin {
+            if let Some(group) = admin_group {
+                peer.admin = in_group(uid, group);
+            }
+        }
+        peer
+    }
+
+    /// Whether this peer is an admin.
+    pub fn is_admin(&self) -> bool {
+        self.admin
+    }
+
+    /// Whether this peer may see and control `job`.
+    pub fn may_access(&self, job: &JobRecord) -> bool {
+        self.admin || job.owner_uid == self.uid
+    }
+}
+
+/// Whether `uid` is in `group`: as its primary group or listed as a member.
+fn in_group(uid: u32, group: &str) -> bool {
+    let (Ok(Some(group)), Ok(Some(user))) = (
+        nix::unistd::Group::from_name(group),
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
+    ) else {
+        return false;
+    };
+    user.gid == group.gid || group.mem.contains(&user.name)
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The daemon holds as many connections as it allows.
+    #[error("the daemon has {0} open connections, its limit (max_connections); try again later")]
+    Total(usize),
+    /// This uid holds as many connections as it may.
+    #[error("uid {uid} has {open} open connections, the limit per user (max_connections_per_user); close some")]
+    PerUser {
+        /// The uid.
+        uid: u32,
+        /// Its open connections.
+        open: usize,
+    },
+}
+
+/// Open connections, in total and by uid. Admission is a pure decision on these counts.
+#[derive(Debug, Default)]
+pub struct Admission {
+    open: Mutex<HashMap<u32, usize>>,
+}
+
+/// A connection's place in [`Admission`]; dropping it frees the place.
+pub struct Slot {
+    admission: Arc<Admission>,
+    uid: u32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.admission.open.lock() {
+            if let Some(n) = open.get_mut(&self.uid) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&self.uid);
+                }
+            }
+        }
+    }
+}
+
+/// Whether one more connection of `uid` fits: `total` open in all, `mine` of this uid.
+pub fn admit(total: usize, mine: usize, max_total: usize, max_mine: usize) -> Result<(), Refusal> {
+    if total >= max_total {
+        return Err(Refusal::Total(total));
+    }
+    if mine >= max_mine {
+        return Err(Refusal::PerUser {
+            uid: 0,
+            open: mine,
+        });
+    }
+    Ok(())
+}
+
+impl Admission {
+    /// Takes a place for `uid` if the caps allow.
+    pub fn enter(self: &Arc<Self>, uid: u32, config: &Config) -> Result<Slot, Refusal> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = open.values().sum();
+        let mine = open.get(&uid).copied().unwrap_or(0);
+        let limits = &config.limits;
+        admit(
+            total,
+            mine,
+            limits.max_connections,
+            limits.max_connections_per_user,
+        )
+        .map_err(|r| match r {
+            Refusal::PerUser { open, .. } => Refusal::PerUser { uid, open },
+            other => other,
+        })?;
+        *open.entry(uid).or_insert(0) += 1;
+        Ok(Slot {
+            admission: self.clone(),
+            uid,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_apply_in_total_and_per_uid() {
+        assert_eq!(admit(0, 0, 10, 2), Ok(()));
+        assert_eq!(admit(9, 1, 10, 2), Ok(()));
+        assert_eq!(admit(10, 0, 10, 2), Err(Refusal::Total(10)));
+        assert_eq!(
+            admit(5, 2, 10, 2),
+            Err(Refusal::PerUser { uid: 0, open: 2 })
+        );
+    }
+
+    #[test]
+    fn slots_are_given_back_on_drop() {
+        let mut config = Config::new("/x".into(), "/y".into());
+        config.limits.max_connections_per_user = 2;
+        let a = Arc::new(Admission::default());
+        let s1 = a.enter(7, &config).unwrap();
+        let _s2 = a.enter(7, &config).unwrap();
+        assert!(matches!(
+            a.enter(7, &config),
+            Err(Refusal::PerUser { uid: 7, open: 2 })
+        ));
+        assert!(a.enter(8, &config).is_ok());
+        drop(s1);
+        assert!(a.enter(7, &config).is_ok());
+    }
+
+    #[test]
+    fn root_is_admin_and_others_are_not_by_default() {
+        assert!(Peer::new(0, 1).is_admin());
+        let other = Peer::resolve(3_999_999_000, 1, Some("root"));
+        assert!(!other.is_admin());
+    }
+}

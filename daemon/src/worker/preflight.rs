@@ -1,0 +1,205 @@
+//! The submit-time checks of a job's files, run in a `lorad worker --check` process with the job
+//! owner's identity: the model and dataset must be readable by that user, the dataset a regular file
+//! of well-formed lines, the output directory new. The daemon only sees the verdict.
+use crate::worker::error::EngineError;
+use lorad_schema::{ErrorCode, WireError};
+use serde::{Deserialize, Serialize};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+/// What a check needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckTask {
+    /// HF model directory or .gguf file.
+    pub base_model: PathBuf,
+    /// Dataset file.
+    pub dataset: PathBuf,
+    /// The job's max_seq_len, checked against the model's context.
+    pub max_seq_len: u32,
+    /// The adapter directory the user asked for, if any.
+    #[serde(default)]
+    pub output_dir: Option<PathBuf>,
+    /// The dataloader plugin format that reads the dataset (None: lorad reads it as JSONL).
+    #[serde(default)]
+    pub plugin_format: Option<String>,
+}
+
+/// The kind of a file that is not what a path must be, in words.
+pub fn kind_of(t: std::fs::FileType) -> &'static str {
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "a regular file"
+    }
+}
+
+fn refused(code: ErrorCode, msg: String) -> WireError {
+    WireError::new(code, msg)
+}
+
+/// An engine error as the client sees it: a permission problem names the path and the uid it was
+/// read as.
+pub fn wire_error(e: EngineError) -> WireError {
+    match &e {
+        EngineError::Io { path, source } if source.kind() == std::io::ErrorKind::PermissionDenied => {
+            refused(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "permission denied reading {} as uid {}",
+                    path.display(),
+                    nix::unistd::getuid()
+                ),
+            )
+        }
+        _ => refused(ErrorCode::InvalidArgument, e.to_string()),
+    }
+}
+
+/// `path`'s metadata (following links), or why it cannot be had, naming the field.
+fn stat(field: &str, path: &Path) -> Result<std::fs::Metadata, WireError> {
+    std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => refused(
+            ErrorCode::PermissionDenied,
+            format!(
+                "permission denied reading {} as uid {}",
+                path.display(),
+                nix::unistd::getuid()
+            ),
+        ),
+        _ => refused(
+            ErrorCode::InvalidArgument,
+            format!("{field}: {}: {e}", path.display()),
+        ),
+    })
+}
+
+/// Runs every check; the number of examples when lorad reads the dataset itself.
+pub fn check(task: &CheckTask) -> Result<Option<usize>, WireError> {
+    let model = stat("base_model", &task.base_model)?;
+    if !model.is_dir() && !model.is_file() {
+        return Err(refused(
+            ErrorCode::InvalidArgument,
+            format!(
+                "base_model: {} is {}, not a model directory or a .gguf file",
+                task.base_model.display(),
+                kind_of(model.file_type())
+            ),
+        ));
+    }
+    let data = stat("dataset", &task.dataset)?;
+    let regular_needed = task.plugin_format.is_none();
+    if (regular_needed && !data.is_file()) || (!data.is_file() && !data.is_dir()) {
+        return Err(refused(
+            ErrorCode::InvalidArgument,
+            format!(
+                "dataset: {} is {}, not a regular file",
+                task.dataset.display(),
+                kind_of(data.file_type())
+            ),
+        ));
+    }
+    if let Some(out) = &task.output_dir {
+        check_output_dir(out)?;
+    }
+    let config = crate::worker::source::check_model(&task.base_model).map_err(wire_error)?;
+    if task.max_seq_len as usize > config.max_position_embeddings {
+        return Err(refused(ErrorCode::InvalidArgument, format!(
+            "setting 'max_seq_len': {} is longer than the model's context ({} tokens: max_position_embeddings in config.json, <arch>.context_length in a GGUF file; {})",
+            task.max_seq_len, config.max_position_embeddings, task.base_model.display()
+        )));
+    }
+    if task.plugin_format.is_some() {
+        // A plugin's format is the plugin's to check, in the training worker.
+        return Ok(None);
+    }
+    crate::worker::data::validate_jsonl(&task.dataset)
+        .map(Some)
+        .map_err(wire_error)
+}
+
+/// An output directory must not exist (lorad never writes into or replaces what someone already
+/// has) and must be creatable by this user: its parent exists and is writable.
+pub fn check_output_dir(out: &Path) -> Result<(), WireError> {
+    if out.symlink_metadata().is_ok() {
+        return Err(refused(
+            ErrorCode::InvalidArgument,
+            format!(
+                "output_dir: {} already exists; lorad writes an adapter only to a new path (choose another, or leave it out for <state_dir>/jobs/<id>/adapter)",
+                out.display()
+            ),
+        ));
+    }
+    let parent = out.parent().unwrap_or(Path::new("/"));
+    let meta = stat("output_dir", parent)?;
+    if !meta.is_dir() {
+        return Err(refused(
+            ErrorCode::InvalidArgument,
+            format!("output_dir: {} is not a directory", parent.display()),
+        ));
+    }
+    nix::unistd::access(parent, nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK)
+        .map_err(|_| {
+            refused(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "permission denied writing to {} as uid {}",
+                    parent.display(),
+                    nix::unistd::getuid()
+                ),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(dir: &Path, data: PathBuf) -> CheckTask {
+        CheckTask {
+            base_model: dir.join("model"),
+            dataset: data,
+            max_seq_len: 32,
+            output_dir: None,
+            plugin_format: None,
+        }
+    }
+
+    #[test]
+    fn special_files_are_refused_by_kind_before_anything_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::worker::tiny::make_tiny_model(&dir.path().join("model"), 0).unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        for (path, kind) in [
+            (PathBuf::from("/dev/zero"), "character device"),
+            (fifo, "FIFO"),
+            (dir.path().to_path_buf(), "directory"),
+        ] {
+            let e = check(&task(dir.path(), path.clone())).unwrap_err();
+            assert!(
+                e.message.contains(kind) && e.message.contains(&path.display().to_string()),
+                "{e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_existing_output_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = check_output_dir(dir.path()).unwrap_err();
+        assert!(e.message.contains("already exists"), "{e:?}");
+        assert!(check_output_dir(&dir.path().join("new")).is_ok());
+        let e = check_output_dir(&dir.path().join("no/such/new")).unwrap_err();
+        assert!(e.message.contains("no/such"), "{e:?}");
+    }
+}
