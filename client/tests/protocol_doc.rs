@@ -121,6 +121,7 @@ fn error_codes() -> Vec<(ErrorCode, &'static str)> {
         ErrorCode::Busy,
         ErrorCode::Internal,
         ErrorCode::Failed,
+        ErrorCode::QuotaExceeded,
     ];
     all.into_iter()
         .map(|c| {
@@ -134,6 +135,7 @@ fn error_codes() -> Vec<(ErrorCode, &'static str)> {
                 ErrorCode::Busy => "busy",
                 ErrorCode::Internal => "internal",
                 ErrorCode::Failed => "failed",
+                ErrorCode::QuotaExceeded => "quota_exceeded",
             };
             (c, name)
         })

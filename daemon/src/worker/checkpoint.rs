@@ -174,6 +174,11 @@ pub fn list_checkpoints(job_dir: &Path) -> Vec<(u64, PathBuf)> {
             if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
                 return None;
             }
+            // A real directory, not a link: job directories belong to their users, and the root
+            // daemon lists them; a link must not make it look elsewhere.
+            if !e.file_type().ok()?.is_dir() {
+                return None;
+            }
             let path = e.path();
             path.join(STATE_FILE)
                 .is_file()
