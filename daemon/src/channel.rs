@@ -34,6 +34,11 @@ pub enum ToWorker {
         /// The task.
         task: crate::worker::preflight::CheckTask,
     },
+    /// Check an export's target before the export starts, as the job's owner (`lorad worker --check`).
+    CheckExportOut {
+        /// The path the export would write.
+        out: std::path::PathBuf,
+    },
 }
 
 /// One export: the exporter plugin to open and the request to call it with.

@@ -52,8 +52,30 @@ fn internal(what: &str, e: impl std::fmt::Display) -> WireError {
     WireError::new(ErrorCode::Internal, format!("{what}: {e}"))
 }
 
-/// Runs `task` as `owner_uid`; the number of examples, or the refusal as the client gets it.
-pub async fn run(core: &Core, owner_uid: u32, task: CheckTask) -> Result<Option<usize>, WireError> {
+/// Checks a submit's files as `owner_uid`: the number of examples, or the refusal as the client gets it.
+pub async fn submit(
+    core: &Core,
+    owner_uid: u32,
+    task: CheckTask,
+) -> Result<Option<usize>, WireError> {
+    let what = format!("dataset {}", task.dataset.display());
+    run(core, owner_uid, ToWorker::Check { task }, what).await
+}
+
+/// Checks as `owner_uid` that an export may write `out` (new, in a directory they may write).
+pub async fn export_out(core: &Core, owner_uid: u32, out: &str) -> Result<(), WireError> {
+    let what = format!("export target {out}");
+    let msg = ToWorker::CheckExportOut { out: out.into() };
+    run(core, owner_uid, msg, what).await.map(|_| ())
+}
+
+/// Runs one check (`msg`, about `what`) as `owner_uid`.
+async fn run(
+    core: &Core,
+    owner_uid: u32,
+    msg: ToWorker,
+    what: String,
+) -> Result<Option<usize>, WireError> {
     let limits = &core.config.limits;
     let _mine = {
         let mut per_user = core.checks.per_user.lock().unwrap_or_else(|p| p.into_inner());
@@ -85,9 +107,8 @@ pub async fn run(core: &Core, owner_uid: u32, task: CheckTask) -> Result<Option<
     let (mut child, mut control) =
         start_worker(core, Mode::Check, who.as_ref(), Stdio::null(), Stdio::null())
             .map_err(|e| internal("cannot start the check", e))?;
-    let dataset = task.dataset.display().to_string();
     let verdict = async {
-        frame::write_msg_async(&mut control, &ToWorker::Check { task })
+        frame::write_msg_async(&mut control, &msg)
             .await
             .map_err(|e| internal("cannot send the check", e))?;
         loop {
@@ -107,7 +128,7 @@ pub async fn run(core: &Core, owner_uid: u32, task: CheckTask) -> Result<Option<
         Err(_) => Err(WireError::new(
             ErrorCode::InvalidArgument,
             format!(
-                "the check of dataset {dataset} did not finish within {} s (check_timeout_s): is it on a slow or hung file system?",
+                "the check of {what} did not finish within {} s (check_timeout_s): is it on a slow or hung file system?",
                 deadline.as_secs()
             ),
         )),

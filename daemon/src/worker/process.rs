@@ -72,6 +72,26 @@ pub fn run(mode: Mode) -> Result<i32, WorkerError> {
             watch_channel(reader)?;
             return Ok(run_export(task, &send));
         }
+        (ToWorker::CheckExportOut { out }, Mode::Check) => {
+            watch_channel(reader)?;
+            return Ok(match check_export_out(&out) {
+                Ok(()) => {
+                    send(&FromWorker::Checked { examples: None });
+                    0
+                }
+                Err(message) => {
+                    let code = if message.starts_with("permission denied") {
+                        lorad_schema::ErrorCode::PermissionDenied
+                    } else {
+                        lorad_schema::ErrorCode::InvalidArgument
+                    };
+                    send(&FromWorker::Refused {
+                        error: lorad_schema::WireError::new(code, message),
+                    });
+                    1
+                }
+            });
+        }
         (ToWorker::Check { task }, Mode::Check) => {
             watch_channel(reader)?;
             return Ok(match crate::worker::preflight::check(&task) {
@@ -165,7 +185,8 @@ fn run_export(task: ExportTask, send: &dyn Fn(&FromWorker)) -> i32 {
 }
 
 /// An export target must be new, in an existing directory this user may write: exporters never replace
-/// or write into what exists. Checked here, as the job's owner, not in the daemon.
+/// or write into what exists. Checked as the job's owner, not in the daemon: by a check worker before
+/// the export starts, and again by the export worker before the exporter runs.
 fn check_export_out(out: &std::path::Path) -> Result<(), String> {
     if out.symlink_metadata().is_ok() {
         return Err(format!(

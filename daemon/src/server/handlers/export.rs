@@ -47,6 +47,7 @@ pub async fn handle(
         None => final_adapter(&job, &job_dir).await?,
     };
     check_out(&out).await?;
+    crate::supervisor::check::export_out(core, job.owner_uid, &out).await?;
 
     let metrics = core
         .read(move |j| j.metrics(id, None))
@@ -137,7 +138,7 @@ async fn final_adapter(
 }
 
 /// `out` must be an absolute path naming a file or directory. Whether it exists and whether its
-/// parent is writable is checked by the export worker, as the job's owner: the daemon does not look at
+/// parent is writable is checked by a check worker as the job's owner: the daemon does not look at
 /// paths a client names.
 async fn check_out(out: &str) -> Result<(), WireError> {
     crate::quota::check_path("out", out)?;

@@ -59,7 +59,7 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
             .dataloader_for(Path::new(&spec.dataset))
             .map(|d| d.format.name),
     };
-    let examples = crate::supervisor::check::run(core, peer.uid, task).await?;
+    let examples = crate::supervisor::check::submit(core, peer.uid, task).await?;
 
     let state_dir = core.config.state_dir.clone();
     let name = spec
