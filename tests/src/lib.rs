@@ -274,3 +274,5 @@ pub fn process_alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+pub mod system;

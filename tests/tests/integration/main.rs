@@ -8,6 +8,7 @@ mod jobs;
 mod plugins;
 mod protocol;
 mod recovery;
+mod security;
 mod third_party;
 
 use lorad_client::blocking::Client;
