@@ -7,8 +7,8 @@ use interprocess::local_socket::traits::tokio::Stream as _;
 use interprocess::local_socket::{GenericFilePath, ToFsName};
 use lorad_schema::frame::{self, FrameError};
 use lorad_schema::{
-    CheckpointInfo, DaemonStatus, ExportInfo, Handshake, JobId, JobRecord, JobSpec, JobState,
-    MetricPoint, Request, Response, Template, MAX_FRAME, PROTOCOL_VERSION,
+    CheckpointInfo, DaemonStatus, ErrorCode, ExportInfo, Handshake, JobId, JobRecord, JobSpec,
+    JobState, MetricPoint, Request, Response, Template, MAX_FRAME, PROTOCOL_VERSION,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -112,8 +112,13 @@ impl Client {
             client: client_name.to_string(),
         };
         let handshake = async {
-            frame::write_msg_async(&mut wr, &hello).await?;
-            frame::read_msg_async::<Handshake, _>(&mut rd, MAX_FRAME).await
+            // A daemon that turns the connection away (too many connections) answers and closes
+            // without reading hello, so the write may fail: its answer is still there to read.
+            let sent = frame::write_msg_async(&mut wr, &hello).await;
+            match frame::read_msg_async::<Handshake, _>(&mut rd, MAX_FRAME).await {
+                Err(e) => Err(sent.err().unwrap_or(e)),
+                answer => answer,
+            }
         };
         let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
             .await
@@ -135,9 +140,12 @@ impl Client {
                 features,
             },
             Ok(Handshake::Error { code, message }) => {
-                return Err(ClientError::Handshake(format!(
-                    "lorad refused this client (protocol {PROTOCOL_VERSION}): {code}: {message}"
-                )))
+                return Err(ClientError::Handshake(match code {
+                    ErrorCode::Unsupported | ErrorCode::InvalidArgument => format!(
+                        "lorad refused this client (protocol {PROTOCOL_VERSION}): {code}: {message}"
+                    ),
+                    _ => format!("lorad refused the connection: {code}: {message}"),
+                }))
             }
             Ok(Handshake::Hello { .. }) => {
                 return Err(ClientError::Handshake(

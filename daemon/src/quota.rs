@@ -185,6 +185,9 @@ mod tests {
             .unwrap_err()
             .message
             .contains("max_priority 5"));
-        assert_eq!(running(&[job(7, JobState::Running), job(7, JobState::Queued)], 7), 1);
+        assert_eq!(
+            running(&[job(7, JobState::Running), job(7, JobState::Queued)], 7),
+            1
+        );
     }
 }

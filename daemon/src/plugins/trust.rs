@@ -17,7 +17,11 @@ pub fn safe_mode(owner: u32, mode: u32, is_dir: bool, daemon_uid: u32) -> Result
     if writable && !sticky {
         return Err(format!(
             "writable by {} (mode {:04o})",
-            if mode & 0o002 != 0 { "everyone" } else { "its group" },
+            if mode & 0o002 != 0 {
+                "everyone"
+            } else {
+                "its group"
+            },
             mode & 0o7777
         ));
     }
@@ -41,14 +45,18 @@ fn check_chain(path: &Path, daemon_uid: u32) -> Result<(), String> {
 pub fn check_dir(dir: &Path) -> Result<(), String> {
     let uid = nix::unistd::geteuid().as_raw();
     check_chain(dir, uid)?;
-    let real = dir.canonicalize().map_err(|e| format!("{}: {e}", dir.display()))?;
+    let real = dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
     check_chain(&real, uid)
 }
 
 /// Whether the plugin file `file` (found in a checked directory) may be loaded in system mode.
 pub fn check_file(file: &Path) -> Result<(), String> {
     let uid = nix::unistd::geteuid().as_raw();
-    let real = file.canonicalize().map_err(|e| format!("{}: {e}", file.display()))?;
+    let real = file
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", file.display()))?;
     check_chain(&real, uid)
 }
 
@@ -64,8 +72,12 @@ mod tests {
         assert!(safe_mode(1000, 0o755, true, 0)
             .unwrap_err()
             .contains("owned by uid 1000"));
-        assert!(safe_mode(0, 0o777, true, 0).unwrap_err().contains("everyone"));
-        assert!(safe_mode(0, 0o775, true, 0).unwrap_err().contains("its group"));
+        assert!(safe_mode(0, 0o777, true, 0)
+            .unwrap_err()
+            .contains("everyone"));
+        assert!(safe_mode(0, 0o775, true, 0)
+            .unwrap_err()
+            .contains("its group"));
         assert!(safe_mode(0, 0o1777, true, 0).is_ok());
         assert!(safe_mode(0, 0o1777, false, 0).is_err());
         assert!(safe_mode(1000, 0o1777, true, 0).is_err());
@@ -79,6 +91,9 @@ mod tests {
         std::fs::create_dir(&plugins).unwrap();
         std::fs::set_permissions(&plugins, std::fs::Permissions::from_mode(0o777)).unwrap();
         let e = check_dir(&plugins).unwrap_err();
-        assert!(e.contains(&plugins.display().to_string()) && e.contains("everyone"), "{e}");
+        assert!(
+            e.contains(&plugins.display().to_string()) && e.contains("everyone"),
+            "{e}"
+        );
     }
 }

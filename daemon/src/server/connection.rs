@@ -48,7 +48,13 @@ pub async fn admit(
             return None;
         }
     };
-    let slot = match admission.enter(uid, &core.config) {
+    let peer = match core.config.admin_group.clone() {
+        Some(group) => tokio::task::spawn_blocking(move || Peer::resolve(uid, pid, Some(&group)))
+            .await
+            .unwrap_or_else(|_| Peer::new(uid, pid)),
+        None => Peer::new(uid, pid),
+    };
+    let slot = match admission.enter(&peer, &core.config) {
         Ok(slot) => slot,
         Err(refusal) => {
             tracing::debug!(uid, %refusal, "connection refused");
@@ -64,12 +70,6 @@ pub async fn admit(
             .await;
             return None;
         }
-    };
-    let peer = match core.config.admin_group.clone() {
-        Some(group) => tokio::task::spawn_blocking(move || Peer::resolve(uid, pid, Some(&group)))
-            .await
-            .unwrap_or_else(|_| Peer::new(uid, pid)),
-        None => Peer::new(uid, pid),
     };
     Some((peer, slot))
 }
@@ -143,7 +143,12 @@ pub async fn handle(core: Arc<Core>, stream: Stream, peer: Peer, budget: Arc<Sem
             Ok(read) => read,
             Err(ReadError::Frame(FrameError::Closed)) => break,
             Err(ReadError::Busy(message)) => {
-                send_reply(&conn, 0, Err(WireError::new(ErrorCode::Busy, message.clone()))).await;
+                send_reply(
+                    &conn,
+                    0,
+                    Err(WireError::new(ErrorCode::Busy, message.clone())),
+                )
+                .await;
                 tracing::debug!(uid = peer.uid, error = %message, "closing connection");
                 break;
             }

@@ -89,7 +89,8 @@ pub async fn serve(core: Arc<Core>, listener: Listener) {
             Ok(stream) => {
                 let (core, admission, budget) = (core.clone(), admission.clone(), budget.clone());
                 tracker.spawn(async move {
-                    if let Some((peer, slot)) = connection::admit(&core, &admission, &stream).await {
+                    if let Some((peer, slot)) = connection::admit(&core, &admission, &stream).await
+                    {
                         connection::handle(core, stream, peer, budget).await;
                         drop(slot);
                     }

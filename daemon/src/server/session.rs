@@ -98,23 +98,39 @@ impl Drop for Slot {
     }
 }
 
-/// Whether one more connection of `uid` fits: `total` open in all, `mine` of this uid.
-pub fn admit(total: usize, mine: usize, max_total: usize, max_mine: usize) -> Result<(), Refusal> {
+/// Connections admins may open beyond `max_connections` (taken from the descriptors kept for
+/// workers), so an admin can always get in to see and stop what floods the daemon.
+pub const ADMIN_RESERVE: usize = 16;
+
+/// Whether one more connection of `uid` fits: `total` open in all, `mine` of this uid. Admins have no
+/// per-user cap and [`ADMIN_RESERVE`] connections beyond the total.
+pub fn admit(
+    total: usize,
+    mine: usize,
+    admin: bool,
+    max_total: usize,
+    max_mine: usize,
+) -> Result<(), Refusal> {
+    if admin {
+        return if total >= max_total + ADMIN_RESERVE {
+            Err(Refusal::Total(total))
+        } else {
+            Ok(())
+        };
+    }
     if total >= max_total {
         return Err(Refusal::Total(total));
     }
     if mine >= max_mine {
-        return Err(Refusal::PerUser {
-            uid: 0,
-            open: mine,
-        });
+        return Err(Refusal::PerUser { uid: 0, open: mine });
     }
     Ok(())
 }
 
 impl Admission {
-    /// Takes a place for `uid` if the caps allow.
-    pub fn enter(self: &Arc<Self>, uid: u32, config: &Config) -> Result<Slot, Refusal> {
+    /// Takes a place for `peer` if the caps allow.
+    pub fn enter(self: &Arc<Self>, peer: &Peer, config: &Config) -> Result<Slot, Refusal> {
+        let uid = peer.uid;
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let total: usize = open.values().sum();
         let mine = open.get(&uid).copied().unwrap_or(0);
@@ -122,6 +138,7 @@ impl Admission {
         admit(
             total,
             mine,
+            peer.admin,
             limits.max_connections,
             limits.max_connections_per_user,
         )
@@ -143,13 +160,20 @@ mod tests {
 
     #[test]
     fn caps_apply_in_total_and_per_uid() {
-        assert_eq!(admit(0, 0, 10, 2), Ok(()));
-        assert_eq!(admit(9, 1, 10, 2), Ok(()));
-        assert_eq!(admit(10, 0, 10, 2), Err(Refusal::Total(10)));
+        assert_eq!(admit(0, 0, false, 10, 2), Ok(()));
+        assert_eq!(admit(9, 1, false, 10, 2), Ok(()));
+        assert_eq!(admit(10, 0, false, 10, 2), Err(Refusal::Total(10)));
         assert_eq!(
-            admit(5, 2, 10, 2),
+            admit(5, 2, false, 10, 2),
             Err(Refusal::PerUser { uid: 0, open: 2 })
         );
+    }
+
+    #[test]
+    fn admins_get_in_past_a_full_house_up_to_the_reserve() {
+        assert_eq!(admit(10, 5, true, 10, 2), Ok(()));
+        assert_eq!(admit(10 + ADMIN_RESERVE - 1, 0, true, 10, 2), Ok(()));
+        assert!(admit(10 + ADMIN_RESERVE, 0, true, 10, 2).is_err());
     }
 
     #[test]
@@ -157,15 +181,16 @@ mod tests {
         let mut config = Config::new("/x".into(), "/y".into());
         config.limits.max_connections_per_user = 2;
         let a = Arc::new(Admission::default());
-        let s1 = a.enter(7, &config).unwrap();
-        let _s2 = a.enter(7, &config).unwrap();
+        let (p7, p8) = (Peer::resolve(7, 1, None), Peer::resolve(8, 1, None));
+        let s1 = a.enter(&p7, &config).unwrap();
+        let _s2 = a.enter(&p7, &config).unwrap();
         assert!(matches!(
-            a.enter(7, &config),
+            a.enter(&p7, &config),
             Err(Refusal::PerUser { uid: 7, open: 2 })
         ));
-        assert!(a.enter(8, &config).is_ok());
+        assert!(a.enter(&p8, &config).is_ok());
         drop(s1);
-        assert!(a.enter(7, &config).is_ok());
+        assert!(a.enter(&p7, &config).is_ok());
     }
 
     #[test]

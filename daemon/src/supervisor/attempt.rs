@@ -2,9 +2,9 @@
 //! how it ended.
 use crate::channel::{FromWorker, ToWorker, CONTROL_FD};
 use crate::core::{Core, WorkerHandle};
+use crate::identity::Identity;
 use crate::logs;
 use crate::plugins::PluginRef;
-use crate::identity::Identity;
 use crate::worker::process::Mode;
 use crate::worker::{Phase, TrainEvent, TrainTask};
 use command_fds::{CommandFdExt, FdMapping};
@@ -84,7 +84,9 @@ pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, S
             logs::prepare_job_dir(&job_dir, ids).map_err(io("make the job directory"))?;
             let log = logs::open_append(&log_path, ids).map_err(io("open job.log"))?;
             let before = log.metadata().map(|m| m.len()).unwrap_or(0);
-            (&log).write_all(separator.as_bytes()).map_err(io("write job.log"))?;
+            (&log)
+                .write_all(separator.as_bytes())
+                .map_err(io("write job.log"))?;
             Ok((who, log, before))
         })
         .await

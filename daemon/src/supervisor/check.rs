@@ -2,8 +2,8 @@
 //! deadline, so that the daemon never opens a path a client named, and a FIFO, a device or a slow file
 //! system stalls only that process. Checks are limited in number, in total and per user.
 use super::attempt::start_worker;
-use crate::core::Core;
 use crate::channel::{FromWorker, ToWorker};
+use crate::core::Core;
 use crate::worker::preflight::CheckTask;
 use crate::worker::process::Mode;
 use lorad_schema::{frame, ErrorCode, WireError};
@@ -38,7 +38,11 @@ struct UserSlot<'a> {
 
 impl Drop for UserSlot<'_> {
     fn drop(&mut self) {
-        let mut per_user = self.checks.per_user.lock().unwrap_or_else(|p| p.into_inner());
+        let mut per_user = self
+            .checks
+            .per_user
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(n) = per_user.get_mut(&self.uid) {
             *n -= 1;
             if *n == 0 {
@@ -78,7 +82,11 @@ async fn run(
 ) -> Result<Option<usize>, WireError> {
     let limits = &core.config.limits;
     let _mine = {
-        let mut per_user = core.checks.per_user.lock().unwrap_or_else(|p| p.into_inner());
+        let mut per_user = core
+            .checks
+            .per_user
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let n = per_user.entry(owner_uid).or_insert(0);
         if *n >= limits.max_checks_per_user {
             return Err(WireError::new(
@@ -97,16 +105,26 @@ async fn run(
     let deadline = Duration::from_secs(limits.check_timeout_s);
     let _all = tokio::time::timeout(deadline, core.checks.all.acquire())
         .await
-        .map_err(|_| WireError::new(ErrorCode::Busy, "too many submissions are being checked; try again later"))?
+        .map_err(|_| {
+            WireError::new(
+                ErrorCode::Busy,
+                "too many submissions are being checked; try again later",
+            )
+        })?
         .map_err(|e| internal("check slots", e))?;
 
     let who = tokio::task::spawn_blocking(move || crate::identity::for_owner(owner_uid))
         .await
         .map_err(|e| internal("user lookup", e))?
         .map_err(|e| WireError::new(ErrorCode::PermissionDenied, e.to_string()))?;
-    let (mut child, mut control) =
-        start_worker(core, Mode::Check, who.as_ref(), Stdio::null(), Stdio::null())
-            .map_err(|e| internal("cannot start the check", e))?;
+    let (mut child, mut control) = start_worker(
+        core,
+        Mode::Check,
+        who.as_ref(),
+        Stdio::null(),
+        Stdio::null(),
+    )
+    .map_err(|e| internal("cannot start the check", e))?;
     let verdict = async {
         frame::write_msg_async(&mut control, &msg)
             .await

@@ -51,7 +51,9 @@ fn refused(code: ErrorCode, msg: String) -> WireError {
 /// read as.
 pub fn wire_error(e: EngineError) -> WireError {
     match &e {
-        EngineError::Io { path, source } if source.kind() == std::io::ErrorKind::PermissionDenied => {
+        EngineError::Io { path, source }
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
             refused(
                 ErrorCode::PermissionDenied,
                 format!(
@@ -147,17 +149,20 @@ pub fn check_output_dir(out: &Path) -> Result<(), WireError> {
             format!("output_dir: {} is not a directory", parent.display()),
         ));
     }
-    nix::unistd::access(parent, nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK)
-        .map_err(|_| {
-            refused(
-                ErrorCode::PermissionDenied,
-                format!(
-                    "permission denied writing to {} as uid {}",
-                    parent.display(),
-                    nix::unistd::getuid()
-                ),
-            )
-        })
+    nix::unistd::access(
+        parent,
+        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+    )
+    .map_err(|_| {
+        refused(
+            ErrorCode::PermissionDenied,
+            format!(
+                "permission denied writing to {} as uid {}",
+                parent.display(),
+                nix::unistd::getuid()
+            ),
+        )
+    })
 }
 
 #[cfg(test)]

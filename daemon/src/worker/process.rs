@@ -166,10 +166,12 @@ fn watch_channel(mut reader: UnixStream) -> std::io::Result<()> {
 /// Opens the exporter plugin and runs `export.run`; reports the files or the error.
 fn run_export(task: ExportTask, send: &dyn Fn(&FromWorker)) -> i32 {
     let out = std::path::Path::new(&task.request.out);
-    let result = check_export_out(out).and_then(|()| task.plugin.open()).and_then(|lib| {
-        lib.call::<_, ExportResponse>(methods::EXPORT_RUN, &task.request)
-            .map_err(|e| format!("exporter {} ({}): {e}", lib.name, task.plugin.format))
-    });
+    let result = check_export_out(out)
+        .and_then(|()| task.plugin.open())
+        .and_then(|lib| {
+            lib.call::<_, ExportResponse>(methods::EXPORT_RUN, &task.request)
+                .map_err(|e| format!("exporter {} ({}): {e}", lib.name, task.plugin.format))
+        });
     match result {
         Ok(reply) => {
             tracing::info!(files = reply.files.len(), out = %task.request.out, "export written");

@@ -4,6 +4,7 @@ mod chaos;
 mod cli;
 mod control;
 mod export;
+mod flood;
 mod jobs;
 mod plugins;
 mod protocol;

@@ -11,19 +11,19 @@ use lorad_tests::system::{
     set_mode, snapshot, vm_kib, SystemDaemon, SystemOptions, TestGroup, TestUser,
 };
 use lorad_tests::{bin, plugin_lib, process_alive, write_dataset};
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// `submit` arguments for `model` and `data`, then `extra`.
-fn submit_args(model: &Path, data: &Path, extra: &[&str]) -> Vec<String> {
+pub(crate) fn submit_args(model: &Path, data: &Path, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = [
         "submit",
         "--template",
@@ -40,12 +40,12 @@ fn submit_args(model: &Path, data: &Path, extra: &[&str]) -> Vec<String> {
     args
 }
 
-fn strs(args: &[String]) -> Vec<&str> {
+pub(crate) fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
 /// The job id `loractl submit` printed (it must have succeeded).
-fn submitted(out: &Output) -> u64 {
+pub(crate) fn submitted(out: &Output) -> u64 {
     assert!(out.status.success(), "submit failed: {}", text(&out.stderr));
     text(&out.stdout)
         .trim()
@@ -371,9 +371,10 @@ fn special_files_as_datasets_are_refused_quickly_while_others_are_served() {
 
     // Another client asks for status all along (from before the first attempt to after the last).
     let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (started, running) = mpsc::channel();
     let pinger = {
-        let (stop, socket) = (stop.clone(), d.socket());
+        let (stop, socket, answered) = (stop.clone(), d.socket(), answered.clone());
         std::thread::spawn(move || {
             let c = Client::connect(socket).expect("connect");
             let mut latencies = Vec::new();
@@ -381,6 +382,7 @@ fn special_files_as_datasets_are_refused_quickly_while_others_are_served() {
                 let t = Instant::now();
                 c.status().expect("status during the attempts");
                 latencies.push(t.elapsed());
+                answered.fetch_add(1, Ordering::SeqCst);
                 if latencies.len() == 1 {
                     let _ = started.send(());
                 }
@@ -403,25 +405,33 @@ fn special_files_as_datasets_are_refused_quickly_while_others_are_served() {
         (&dir, &["directory", "not a regular file"], &[]),
         (&long, &[], &["line 1", "longer than"]),
     ];
-    for (path, any, all) in cases {
-        let p = path.display().to_string();
-        let mut cmd = alice.command(bin("loractl"));
-        cmd.arg("--socket")
-            .arg(d.socket())
-            .args(submit_args(&model, path, &[]));
-        let (out, took) = output_within(cmd, Duration::from_secs(30))
-            .unwrap_or_else(|t| panic!("submit of {p} hung ({t:?})\n{}", d.daemon_log()));
-        let err = refused(&out, &[&p]);
-        assert!(
-            any.is_empty() || any.iter().any(|n| err.contains(n)),
-            "{err:?} mentions none of {any:?}"
-        );
-        for needle in all {
-            assert!(err.contains(needle), "{err:?} does not mention {needle:?}");
+    // Rounds of the four attempts until the other client has had at least 200 answers meanwhile.
+    let mut rounds = 0;
+    while rounds < 3 || (answered.load(Ordering::SeqCst) < 200 && rounds < 100) {
+        rounds += 1;
+        for (path, any, all) in cases {
+            let p = path.display().to_string();
+            let mut cmd = alice.command(bin("loractl"));
+            cmd.arg("--socket")
+                .arg(d.socket())
+                .args(submit_args(&model, path, &[]));
+            let (out, took) = output_within(cmd, Duration::from_secs(30))
+                .unwrap_or_else(|t| panic!("submit of {p} hung ({t:?})\n{}", d.daemon_log()));
+            let err = refused(&out, &[&p]);
+            assert!(
+                any.is_empty() || any.iter().any(|n| err.contains(n)),
+                "{err:?} mentions none of {any:?}"
+            );
+            for needle in all {
+                assert!(err.contains(needle), "{err:?} does not mention {needle:?}");
+            }
+            assert!(took < Duration::from_secs(5), "refusing {p} took {took:?}");
+            if rounds == 1 {
+                println!("{p}: refused in {took:?}: {}", err.trim());
+            }
         }
-        assert!(took < Duration::from_secs(5), "refusing {p} took {took:?}");
-        println!("{p}: refused in {took:?}: {}", err.trim());
     }
+    println!("{rounds} rounds of attempts");
     assert!(jobs_of_all(&c).is_empty(), "a refused submit queued a job");
 
     stop.store(true, Ordering::SeqCst);
@@ -480,124 +490,6 @@ fn the_socket_is_0660_with_its_group_under_any_umask() {
         .try_start(&opts)
         .expect_err("lorad started with a missing socket group");
     assert!(log.contains(&missing), "{log}");
-}
-
-/// A child process that is stopped on drop: its stdin closes (lorad-hog then exits by itself), then
-/// SIGKILL after 10 s.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-#[test]
-fn idle_and_slow_connections_of_one_user_do_not_starve_the_others() {
-    if !root_or_skip() {
-        return;
-    }
-    let _serial = serial();
-    let group = TestGroup::new();
-    let alice = TestUser::new(&[&group]);
-    let bob = TestUser::new(&[&group]);
-    let carol = TestUser::new(&[&group]);
-    let mut opts = SystemOptions::new(&group);
-    opts.nofile = Some(1024);
-    let d = SystemDaemon::started(&opts);
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).expect("limits");
-    let nofile: Vec<u64> = limits
-        .lines()
-        .find_map(|l| l.strip_prefix("Max open files"))
-        .map(|rest| {
-            rest.split_whitespace()
-                .filter_map(|n| n.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    assert_eq!(nofile, [1024, 1024], "{limits}");
-    let (model, data) = (d.model(), d.dataset("data.jsonl", 64));
-
-    // Bob hogs: 2,000 idle connections and 50 slow ones.
-    let mut hog = bob
-        .command(env!("CARGO_BIN_EXE_lorad-hog"))
-        .arg("--socket")
-        .arg(d.socket())
-        .args(["--idle", "2000", "--slow", "50", "--seconds", "400"])
-        .arg("--until-stdin-eof")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start lorad-hog");
-    let stdout = hog.stdout.take().expect("stdout");
-    let hog = Reaped(hog);
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let line = lines
-        .recv_timeout(Duration::from_secs(120))
-        .expect("lorad-hog did not get ready in 120 s");
-    println!("lorad-hog: {line}");
-    assert!(line.starts_with("ready"), "{line}");
-
-    // Root is served, on a new connection, quickly.
-    let c = Client::connect(d.socket()).expect("root cannot connect while bob hogs");
-    let mut latencies = Vec::new();
-    // Spread over ~5 s, so the slow connections send bytes meanwhile.
-    for _ in 0..500 {
-        let t = Instant::now();
-        c.status().expect("status while bob hogs");
-        latencies.push(t.elapsed());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let worst = p99(&latencies);
-    println!("root status p99 {worst:?} over 500 calls");
-    assert!(worst < Duration::from_millis(10), "status p99 {worst:?}");
-
-    // So are other users; and a job submitted now starts and completes.
-    let mut cmd = carol.command(bin("loractl"));
-    cmd.arg("--socket").arg(d.socket()).arg("status");
-    let (out, _) = output_within(cmd, Duration::from_secs(30)).expect("carol's status hung");
-    assert_eq!(out.status.code(), Some(0), "carol: {}", text(&out.stderr));
-    let mut cmd = alice.command(bin("loractl"));
-    cmd.arg("--socket")
-        .arg(d.socket())
-        .args(submit_args(&model, &data, &["--set", "max_steps=5"]));
-    let (out, _) = output_within(cmd, Duration::from_secs(60)).expect("alice's submit hung");
-    let id = submitted(&out).to_string();
-    let mut cmd = alice.command(bin("loractl"));
-    cmd.arg("--socket")
-        .arg(d.socket())
-        .args(["wait", &id, "--timeout", "240"]);
-    let (out, _) = output_within(cmd, Duration::from_secs(260)).expect("alice's wait hung");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "job {id}: {}\n{}",
-        text(&out.stderr),
-        d.daemon_log()
-    );
-    assert!(process_alive(d.pid()), "the daemon died");
-
-    drop(hog);
-    if let Ok(line) = lines.recv_timeout(Duration::from_secs(5)) {
-        println!("lorad-hog: {line}");
-    }
 }
 
 #[test]

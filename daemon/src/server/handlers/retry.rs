@@ -15,7 +15,10 @@ pub async fn handle(core: &Core, peer: Peer, id: JobId) -> Result<Response, Wire
         ));
     }
     if !peer.is_admin() {
-        let jobs = core.read(|j| j.jobs()).await.map_err(super::journal_error)?;
+        let jobs = core
+            .read(|j| j.jobs())
+            .await
+            .map_err(super::journal_error)?;
         crate::quota::may_queue(&jobs, peer.uid, &core.config.limits)?;
     }
     let who = format!("retried by uid {}", peer.uid);

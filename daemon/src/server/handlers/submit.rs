@@ -43,7 +43,10 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
 
     if !peer.is_admin() {
         crate::quota::may_prioritise(spec.priority, peer.uid, &core.config.limits)?;
-        let jobs = core.read(|j| j.jobs()).await.map_err(super::journal_error)?;
+        let jobs = core
+            .read(|j| j.jobs())
+            .await
+            .map_err(super::journal_error)?;
         crate::quota::may_queue(&jobs, peer.uid, &core.config.limits)?;
     }
 
