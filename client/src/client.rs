@@ -251,9 +251,20 @@ impl Client {
         job: JobId,
         since_step: Option<u64>,
     ) -> Result<Vec<MetricPoint>, ClientError> {
-        match self.call(Request::Metrics { job, since_step }).await? {
-            Response::Metrics { points } => Ok(points),
-            other => Err(unexpected("metrics", &other)),
+        let mut out = Vec::new();
+        let mut since_step = since_step;
+        loop {
+            match self.call(Request::Metrics { job, since_step }).await? {
+                Response::Metrics { points, next } => {
+                    out.extend(points);
+                    match next {
+                        // A daemon must move forward; stop rather than loop if it does not.
+                        Some(n) if since_step.is_none_or(|s| n > s) => since_step = Some(n),
+                        _ => return Ok(out),
+                    }
+                }
+                other => return Err(unexpected("metrics", &other)),
+            }
         }
     }
 

@@ -344,6 +344,10 @@ pub enum Response {
     Metrics {
         /// Points in step order.
         points: Vec<MetricPoint>,
+        /// More points follow: ask again with `since_step` set to this step. Pages hold at most
+        /// 10,000 points, so a long job's reply stays well under the frame limit.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<u64>,
     },
     /// To `logs`.
     Logs {
