@@ -2,10 +2,22 @@
 use lorad_schema::{JobId, JobRecord, JobState};
 
 /// The queued job to start next: highest priority first, then jobs put back by recovery (they were
-/// already running), then the oldest (lowest id).
-pub fn next_job<'a>(jobs: impl IntoIterator<Item = &'a JobRecord>) -> Option<JobId> {
+/// already running), then the oldest (lowest id). A job whose owner already has
+/// `max_running_per_user` jobs initializing or running waits.
+pub fn next_job<'a>(
+    jobs: impl IntoIterator<Item = &'a JobRecord>,
+    max_running_per_user: usize,
+) -> Option<JobId> {
+    let jobs: Vec<&JobRecord> = jobs.into_iter().collect();
+    let mut running: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    for j in &jobs {
+        if matches!(j.state, JobState::Initializing | JobState::Running) {
+            *running.entry(j.owner_uid).or_insert(0) += 1;
+        }
+    }
     jobs.into_iter()
         .filter(|j| j.state == JobState::Queued)
+        .filter(|j| running.get(&j.owner_uid).copied().unwrap_or(0) < max_running_per_user)
         .min_by_key(|j| (std::cmp::Reverse(j.priority), !j.requeued, j.id))
         .map(|j| j.id)
 }
@@ -47,7 +59,7 @@ mod tests {
             job(2, JobState::Queued, 5),
             job(3, JobState::Queued, 5),
         ];
-        assert_eq!(next_job(&jobs), Some(JobId(2)));
+        assert_eq!(next_job(&jobs, 4), Some(JobId(2)));
     }
 
     #[test]
@@ -59,8 +71,22 @@ mod tests {
             back,
             job(3, JobState::Queued, 1),
         ];
-        assert_eq!(next_job(&jobs), Some(JobId(3)));
-        assert_eq!(next_job(&jobs[..2]), Some(JobId(9)));
+        assert_eq!(next_job(&jobs, 4), Some(JobId(3)));
+        assert_eq!(next_job(&jobs[..2], 4), Some(JobId(9)));
+    }
+
+    #[test]
+    fn an_owner_at_the_running_limit_waits_and_others_go_first() {
+        let mut mine = job(1, JobState::Running, 0);
+        mine.owner_uid = 7;
+        let mut next = job(2, JobState::Queued, 9);
+        next.owner_uid = 7;
+        let mut other = job(3, JobState::Queued, 0);
+        other.owner_uid = 8;
+        let jobs = [mine, next, other];
+        assert_eq!(next_job(&jobs, 1), Some(JobId(3)));
+        assert_eq!(next_job(&jobs, 2), Some(JobId(2)));
+        assert_eq!(next_job(&jobs[..2], 1), None);
     }
 
     #[test]
@@ -70,6 +96,6 @@ mod tests {
             job(2, JobState::Paused, 9),
             job(3, JobState::Running, 0),
         ];
-        assert_eq!(next_job(&jobs), None);
+        assert_eq!(next_job(&jobs, 4), None);
     }
 }

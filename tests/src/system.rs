@@ -8,7 +8,7 @@
 //!
 //! Declare the group first, the users next and the daemon last: locals drop in reverse order, so the
 //! daemon (and its workers, which run as the users) is gone before `userdel` runs.
-use crate::{bin, plugin_lib, tiny_model, write_dataset, BUNDLED_PLUGINS};
+use crate::{bin, plugin_lib, stop_child, tiny_model, write_dataset, BUNDLED_PLUGINS};
 use lorad_client::blocking::Client;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -483,22 +483,6 @@ impl Drop for SystemDaemon {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn stop_child(mut child: Child) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// chmod.

@@ -23,7 +23,9 @@ pub async fn run(core: Arc<Core>) {
         if idle {
             match core.read(|j| j.jobs()).await {
                 Ok(jobs) => {
-                    if let Some(id) = scheduler::next_job(&jobs) {
+                    if let Some(id) =
+                        scheduler::next_job(&jobs, core.config.limits.max_running_per_user)
+                    {
                         start(&core, &tracker, id).await;
                         continue;
                     }

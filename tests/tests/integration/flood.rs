@@ -15,6 +15,56 @@ use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// `calls` status requests on `c`, `pause` apart; their p99 latency must be under `bound`.
+fn status_p99_under(c: &Client, calls: usize, pause: Duration, bound: Duration) {
+    let mut latencies = Vec::new();
+    for _ in 0..calls {
+        let t = Instant::now();
+        c.status().expect("status during the flood");
+        latencies.push(t.elapsed());
+        std::thread::sleep(pause);
+    }
+    let worst = p99(&latencies);
+    println!("status p99 {worst:?} over {calls} calls");
+    assert!(worst < bound, "status p99 {worst:?}");
+}
+
+/// `lorad-hog` as `user`, attempting 2,000 idle and 50 slow connections, once it says it is ready;
+/// and the receiver of its further lines.
+struct Hog;
+
+impl Hog {
+    fn start(user: &TestUser, socket: &std::path::Path) -> (Reaped, mpsc::Receiver<String>) {
+        let mut hog = user
+            .command(env!("CARGO_BIN_EXE_lorad-hog"))
+            .arg("--socket")
+            .arg(socket)
+            .args(["--idle", "2000", "--slow", "50", "--seconds", "400"])
+            .arg("--until-stdin-eof")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start lorad-hog");
+        let stdout = hog.stdout.take().expect("stdout");
+        let hog = Reaped(hog);
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let line = lines
+            .recv_timeout(Duration::from_secs(120))
+            .expect("lorad-hog did not get ready in 120 s");
+        println!("lorad-hog: {line}");
+        assert!(line.starts_with("ready"), "{line}");
+        (hog, lines)
+    }
+}
+
 /// A child process that is stopped on drop: its stdin closes (lorad-hog then exits by itself), then
 /// SIGKILL after 10 s.
 struct Reaped(std::process::Child);
@@ -61,46 +111,17 @@ fn idle_and_slow_connections_of_one_user_do_not_starve_the_others() {
     let (model, data) = (d.model(), d.dataset("data.jsonl", 64));
 
     // Bob hogs: 2,000 idle connections and 50 slow ones.
-    let mut hog = bob
-        .command(env!("CARGO_BIN_EXE_lorad-hog"))
-        .arg("--socket")
-        .arg(d.socket())
-        .args(["--idle", "2000", "--slow", "50", "--seconds", "400"])
-        .arg("--until-stdin-eof")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start lorad-hog");
-    let stdout = hog.stdout.take().expect("stdout");
-    let hog = Reaped(hog);
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let line = lines
-        .recv_timeout(Duration::from_secs(120))
-        .expect("lorad-hog did not get ready in 120 s");
-    println!("lorad-hog: {line}");
-    assert!(line.starts_with("ready"), "{line}");
+    let (hog, lines) = Hog::start(&bob, &d.socket());
 
     // Root is served, on a new connection, quickly.
     let c = Client::connect(d.socket()).expect("root cannot connect while bob hogs");
-    let mut latencies = Vec::new();
     // Spread over ~5 s, so the slow connections send bytes meanwhile.
-    for _ in 0..500 {
-        let t = Instant::now();
-        c.status().expect("status while bob hogs");
-        latencies.push(t.elapsed());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let worst = p99(&latencies);
-    println!("root status p99 {worst:?} over 500 calls");
-    assert!(worst < Duration::from_millis(10), "status p99 {worst:?}");
+    status_p99_under(
+        &c,
+        500,
+        Duration::from_millis(10),
+        Duration::from_millis(10),
+    );
 
     // So are other users; and a job submitted now starts and completes.
     let mut cmd = carol.command(bin("loractl"));
@@ -163,32 +184,7 @@ fn a_flood_that_fills_every_slot_leaves_an_admin_a_way_in_and_a_job_its_descript
         });
     }
 
-    let mut hog = bob
-        .command(env!("CARGO_BIN_EXE_lorad-hog"))
-        .arg("--socket")
-        .arg(d.socket())
-        .args(["--idle", "2000", "--slow", "50", "--seconds", "400"])
-        .arg("--until-stdin-eof")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start lorad-hog");
-    let stdout = hog.stdout.take().expect("stdout");
-    let hog = Reaped(hog);
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let line = lines
-        .recv_timeout(Duration::from_secs(120))
-        .expect("lorad-hog did not get ready in 120 s");
-    println!("lorad-hog: {line}");
-    assert!(line.starts_with("ready"), "{line}");
+    let (hog, _lines) = Hog::start(&bob, &d.socket());
 
     // The house is full: another user is turned away, with the reason.
     let out = carol.loractl(&d.socket(), &["status"]);
@@ -206,16 +202,12 @@ fn a_flood_that_fills_every_slot_leaves_an_admin_a_way_in_and_a_job_its_descript
 
     // An admin still gets in, and is served quickly.
     let admin = Client::connect(d.socket()).expect("root cannot connect to a full daemon");
-    let mut latencies = Vec::new();
-    for _ in 0..200 {
-        let t = Instant::now();
-        admin.status().expect("status in a full house");
-        latencies.push(t.elapsed());
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let worst = p99(&latencies);
-    println!("admin status p99 {worst:?} over 200 calls");
-    assert!(worst < Duration::from_millis(10), "status p99 {worst:?}");
+    status_p99_under(
+        &admin,
+        200,
+        Duration::from_millis(5),
+        Duration::from_millis(10),
+    );
 
     // The job starts now, with every client slot taken, and completes: its worker's channel, log and
     // pipes come from the descriptors the daemon keeps for them.
