@@ -122,9 +122,10 @@ pub fn apply(cmd: &mut tokio::process::Command, who: Option<&Identity>) {
                 {
                     return Err(std::io::Error::last_os_error());
                 }
-                // setuid from root drops every privilege; make sure it did.
+                // setuid from root drops every privilege; make sure it did. (No allocation here:
+                // a raw OS error.)
                 if libc::setuid(0) == 0 {
-                    return Err(std::io::Error::other("could not drop root privileges"));
+                    return Err(std::io::Error::from_raw_os_error(libc::EPERM));
                 }
             }
             Ok(())

@@ -65,6 +65,9 @@ pub async fn run(
         .await
         .map_err(|e| JournalError::Task(e.to_string()))??;
     let core = Core::new(config, journal, shutdown);
+    if nix::unistd::geteuid().is_root() {
+        secure_job_dirs(&core).await;
+    }
     core.rescan_plugins().await;
     tokio::spawn(rescan_on_sighup(core.clone()));
     recover(&core).await?;
@@ -86,6 +89,45 @@ fn open_state_dir(state_dir: &std::path::Path) -> std::io::Result<()> {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
     }
     Ok(())
+}
+
+/// A state dir written by an older lorad (no umask, no owners): the journal becomes 0600 and every
+/// existing job directory its owner's, 0700. Blocking work on the blocking pool; failures are logged,
+/// never fatal.
+async fn secure_job_dirs(core: &Core) {
+    use std::os::unix::fs::PermissionsExt;
+    let journal = core.config.journal_path();
+    let Ok(jobs) = core.read(|j| j.jobs()).await else {
+        return;
+    };
+    let dirs: Vec<(u32, std::path::PathBuf)> = jobs
+        .iter()
+        .map(|j| (j.owner_uid, core.config.job_dir(j.id)))
+        .collect();
+    let done = tokio::task::spawn_blocking(move || {
+        if let Err(e) = std::fs::set_permissions(&journal, std::fs::Permissions::from_mode(0o600)) {
+            tracing::warn!(path = %journal.display(), error = %e, "cannot make the journal private");
+        }
+        for (owner, dir) in dirs {
+            if !dir.exists() {
+                continue;
+            }
+            let ids = match identity::for_owner(owner) {
+                Ok(who) => who.map(|w| (w.uid, w.gid)),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "job directory left as it is");
+                    continue;
+                }
+            };
+            if let Err(e) = logs::prepare_job_dir(&dir, ids) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot give the job directory to its owner");
+            }
+        }
+    })
+    .await;
+    if done.is_err() {
+        tracing::warn!("securing the job directories did not finish");
+    }
 }
 
 /// SIGHUP: scan the plugin directories again.
@@ -112,7 +154,7 @@ async fn recover(core: &Core) -> Result<(), JournalError> {
     let jobs = core.read(|j| j.jobs()).await?;
     for job in jobs.into_iter().filter(|j| j.state.is_active()) {
         if let Some(pid) = job.worker_pid {
-            reap_orphan(pid).await;
+            reap_orphan(pid, &core.config.worker_exe).await;
         }
         let reason = Some("daemon restarted".to_string());
         core.transition(job.id, JobState::Queued, reason, |job| job.requeued = true)
@@ -123,11 +165,17 @@ async fn recover(core: &Core) -> Result<(), JournalError> {
 
 /// A worker of a dead daemon exits by itself when its channel closes, but it may still be finishing a
 /// step or a checkpoint: make sure it is gone before a new attempt writes to the same job directory.
-async fn reap_orphan(pid: u32) {
+async fn reap_orphan(pid: u32, worker_exe: &std::path::Path) {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    // Only a `lorad worker` process: the pid may have been reused by something else.
-    if args.get(1) != Some(&&b"worker"[..]) {
+    // Only a `lorad worker` process of this lorad: the pid may have been reused by something else.
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let ours = exe.is_some_and(|e| {
+        worker_exe.canonicalize().is_ok_and(|w| {
+            e == w || e.to_string_lossy().trim_end_matches(" (deleted)") == w.to_string_lossy()
+        })
+    });
+    if args.get(1) != Some(&&b"worker"[..]) || !ours {
         return;
     }
     tracing::warn!(pid, "killing the worker of the previous daemon");

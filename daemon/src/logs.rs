@@ -69,34 +69,68 @@ fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     own(dir)
 }
 
-/// Opens `path` without following a link and only if it is a regular file: job directories belong
-/// to their users, who must not be able to point the daemon's reads or writes elsewhere.
-fn open_checked(path: &Path, options: &mut std::fs::OpenOptions) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
+/// Opens `path` without following a link and only if it is a regular file with one name: job
+/// directories belong to their users, who must not be able to point the daemon's reads or writes
+/// elsewhere, by a symbolic link, a FIFO or a hard link to someone else's file. With `owner`, the
+/// file must also belong to that uid.
+fn open_checked(
+    path: &Path,
+    options: &mut std::fs::OpenOptions,
+    owner: Option<u32>,
+) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let f = options
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .mode(0o600)
         .open(path)?;
-    if !f.metadata()?.is_file() {
-        return Err(std::io::Error::other(format!(
-            "{} is not a regular file",
-            path.display()
-        )));
+    let meta = f.metadata()?;
+    let refuse = |why: String| Err(std::io::Error::other(format!("{}: {why}", path.display())));
+    if !meta.is_file() {
+        return refuse("not a regular file".into());
+    }
+    if meta.nlink() != 1 {
+        return refuse(format!(
+            "has {} hard links; a job log has one",
+            meta.nlink()
+        ));
+    }
+    if let Some(uid) = owner {
+        if meta.uid() != uid {
+            return refuse(format!(
+                "belongs to uid {}, not to the job's owner {uid}",
+                meta.uid()
+            ));
+        }
     }
     Ok(f)
 }
 
-/// Opens (creating, 0600) the log for appending, owned by `ids` (uid, gid) when given. Blocking.
+/// Opens the log for appending, owned by `ids` (uid, gid) when given. A new log is created (0600)
+/// and given to its owner; an existing one must already be theirs, and is never chowned (it could be
+/// a file the owner planted there). Blocking.
 pub fn open_append(path: &Path, ids: Option<(u32, u32)>) -> std::io::Result<std::fs::File> {
-    let f = open_checked(path, std::fs::OpenOptions::new().create(true).append(true))?;
-    if let Some((uid, gid)) = ids {
-        nix::unistd::fchown(
-            &f,
-            Some(nix::unistd::Uid::from_raw(uid)),
-            Some(nix::unistd::Gid::from_raw(gid)),
-        )?;
+    let created = open_checked(
+        path,
+        std::fs::OpenOptions::new().create_new(true).append(true),
+        None,
+    );
+    match created {
+        Ok(f) => {
+            if let Some((uid, gid)) = ids {
+                nix::unistd::fchown(
+                    &f,
+                    Some(nix::unistd::Uid::from_raw(uid)),
+                    Some(nix::unistd::Gid::from_raw(gid)),
+                )?;
+            }
+            Ok(f)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let owner = ids.map(|(uid, _)| uid);
+            open_checked(path, std::fs::OpenOptions::new().append(true), owner)
+        }
+        Err(e) => Err(e),
     }
-    Ok(f)
 }
 
 /// Appends `text` to the log, creating it (and its directory) if needed. Blocking: call it from a
@@ -105,7 +139,11 @@ pub fn append(path: &Path, text: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut f = open_checked(path, std::fs::OpenOptions::new().create(true).append(true))?;
+    let mut f = open_checked(
+        path,
+        std::fs::OpenOptions::new().create(true).append(true),
+        None,
+    )?;
     f.write_all(text)
 }
 
@@ -124,7 +162,7 @@ pub fn export_separator(format: &str, what: &str) -> String {
 
 /// Reads up to `max` bytes at `offset`: (text, next_offset, size). A missing log reads as empty.
 pub fn read_chunk(path: &Path, offset: u64, max: u64) -> std::io::Result<(String, u64, u64)> {
-    let mut f = match open_checked(path, std::fs::OpenOptions::new().read(true)) {
+    let mut f = match open_checked(path, std::fs::OpenOptions::new().read(true), None) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((String::new(), 0, 0)),
         Err(e) => return Err(e),
@@ -169,5 +207,27 @@ mod tests {
         std::fs::remove_file(&p).unwrap();
         nix::unistd::mkfifo(&p, nix::sys::stat::Mode::S_IRWXU).unwrap();
         assert!(read_chunk(&p, 0, 100).is_err());
+        std::fs::remove_file(&p).unwrap();
+        std::fs::hard_link(&secret, &p).unwrap();
+        assert!(read_chunk(&p, 0, 100).is_err());
+        assert!(append(&p, b"x").is_err());
+        assert!(open_append(&p, None).is_err());
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), "root only");
+    }
+
+    #[test]
+    fn an_existing_log_of_someone_else_is_neither_opened_nor_given_away() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("job.log");
+        let me = nix::unistd::geteuid().as_raw();
+        // New: created and (here, to ourselves) given to the owner.
+        open_append(&p, Some((me, nix::unistd::getegid().as_raw()))).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        // Existing and ours: opened. Claimed for another uid: refused, and not chowned.
+        open_append(&p, Some((me, 0))).unwrap();
+        let e = open_append(&p, Some((me + 1, 0))).unwrap_err();
+        assert!(e.to_string().contains("not to the job's owner"), "{e}");
+        assert_eq!(std::fs::metadata(&p).unwrap().uid(), me);
     }
 }

@@ -28,14 +28,22 @@ pub fn safe_mode(owner: u32, mode: u32, is_dir: bool, daemon_uid: u32) -> Result
     Ok(())
 }
 
-/// Checks `path` and every directory above it.
-fn check_chain(path: &Path, daemon_uid: u32) -> Result<(), String> {
+/// Checks `path` and every directory above it. The sticky exception holds only above the plugin's
+/// own directory: in a sticky world-writable directory anyone may add a link or a file, so it cannot
+/// hold plugins itself.
+fn check_chain(path: &Path, daemon_uid: u32, own_dir: &Path) -> Result<(), String> {
     for p in path.ancestors() {
         if p.as_os_str().is_empty() {
             continue;
         }
         let meta = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
-        safe_mode(meta.uid(), meta.mode(), meta.is_dir(), daemon_uid)
+        let sticky_ok = meta.is_dir() && p != own_dir;
+        let mode = if sticky_ok {
+            meta.mode()
+        } else {
+            meta.mode() & !0o1000
+        };
+        safe_mode(meta.uid(), mode, meta.is_dir(), daemon_uid)
             .map_err(|why| format!("{} is {why}", p.display()))?;
     }
     Ok(())
@@ -44,11 +52,11 @@ fn check_chain(path: &Path, daemon_uid: u32) -> Result<(), String> {
 /// Whether the plugin directory `dir` may be searched in system mode.
 pub fn check_dir(dir: &Path) -> Result<(), String> {
     let uid = nix::unistd::geteuid().as_raw();
-    check_chain(dir, uid)?;
+    check_chain(dir, uid, dir)?;
     let real = dir
         .canonicalize()
         .map_err(|e| format!("{}: {e}", dir.display()))?;
-    check_chain(&real, uid)
+    check_chain(&real, uid, &real)
 }
 
 /// Whether the plugin file `file` (found in a checked directory) may be loaded in system mode.
@@ -57,7 +65,8 @@ pub fn check_file(file: &Path) -> Result<(), String> {
     let real = file
         .canonicalize()
         .map_err(|e| format!("{}: {e}", file.display()))?;
-    check_chain(&real, uid)
+    let own_dir = real.parent().unwrap_or(Path::new("/"));
+    check_chain(&real, uid, own_dir)
 }
 
 #[cfg(test)]

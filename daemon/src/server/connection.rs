@@ -1,7 +1,7 @@
 //! One client connection: handshake, then requests answered in order, with subscription pushes
 //! interleaved by a single writer task.
 use super::handlers;
-use super::session::{Admission, Peer, Slot};
+use super::session::{Admission, FrameBudget, Grant, Peer, Slot};
 use crate::core::Core;
 use interprocess::local_socket::tokio::Stream;
 use interprocess::local_socket::traits::StreamCommon as _;
@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 /// Largest handshake frame.
@@ -54,13 +54,21 @@ pub async fn admit(
             .unwrap_or_else(|_| Peer::new(uid, pid)),
         None => Peer::new(uid, pid),
     };
-    let slot = match admission.enter(&peer, &core.config) {
+    let daemon_uid = nix::unistd::geteuid().as_raw();
+    let served = super::session::may_serve(core.config.system, daemon_uid, uid)
+        .map_err(|why| (ErrorCode::PermissionDenied, why));
+    let slot = served.and_then(|()| {
+        admission
+            .enter(&peer, &core.config)
+            .map_err(|r| (ErrorCode::Busy, r.to_string()))
+    });
+    let slot = match slot {
         Ok(slot) => slot,
-        Err(refusal) => {
+        Err((code, refusal)) => {
             tracing::debug!(uid, %refusal, "connection refused");
             let msg = Handshake::Error {
-                code: ErrorCode::Busy,
-                message: refusal.to_string(),
+                code,
+                message: refusal,
             };
             let mut wr = stream;
             let _ = tokio::time::timeout(
@@ -75,8 +83,8 @@ pub async fn admit(
 }
 
 /// Serves one connection until the client leaves, breaks the protocol, or the daemon shuts down.
-/// `budget` holds one permit per byte of frames being received, shared by every connection.
-pub async fn handle(core: Arc<Core>, stream: Stream, peer: Peer, budget: Arc<Semaphore>) {
+/// `budget` holds the bytes of large frames being received, shared by every connection.
+pub async fn handle(core: Arc<Core>, stream: Stream, peer: Peer, budget: Arc<FrameBudget>) {
     // `&Stream` reads and writes: the connection task reads, the writer task writes.
     let stream = Arc::new(stream);
     let mut rd = &*stream;
@@ -136,7 +144,7 @@ pub async fn handle(core: Arc<Core>, stream: Stream, peer: Peer, budget: Arc<Sem
     };
     loop {
         let read = tokio::select! {
-            r = read_frame(&mut rd, &core, &budget) => r,
+            r = read_frame(&mut rd, &core, &budget, &peer) => r,
             _ = core.shutdown.cancelled() => break,
         };
         let (bytes, permit) = match read {
@@ -248,24 +256,26 @@ enum ReadError {
 async fn read_frame(
     rd: &mut &Stream,
     core: &Core,
-    budget: &Arc<Semaphore>,
-) -> Result<(Vec<u8>, OwnedSemaphorePermit), ReadError> {
+    budget: &Arc<FrameBudget>,
+    peer: &Peer,
+) -> Result<(Vec<u8>, Grant), ReadError> {
     let len = frame::read_len_async(rd, core.config.max_frame).await?;
     let limits = &core.config.limits;
-    let deadline = Duration::from_secs(limits.frame_timeout_s);
-    let want = len.clamp(1, limits.max_pending_frame_bytes.max(1)) as u32;
-    let permit = match tokio::time::timeout(deadline, budget.clone().acquire_many_owned(want)).await
-    {
-        Ok(Ok(permit)) => permit,
-        _ => {
-            return Err(ReadError::Busy(format!(
-                "the daemon is receiving too many large frames (max_pending_frame_bytes); a frame of {len} bytes waited {} s",
-                limits.frame_timeout_s
-            )))
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(limits.frame_timeout_s);
+    let grant = loop {
+        if let Some(grant) = budget.try_take(peer, len) {
+            break grant;
         }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ReadError::Busy(format!(
+                "the daemon is receiving too many large frames (max_pending_frame_bytes, a quarter of it per user); a frame of {len} bytes waited {} s",
+                limits.frame_timeout_s
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    match tokio::time::timeout(deadline, frame::read_body_async(rd, len)).await {
-        Ok(body) => Ok((body?, permit)),
+    match tokio::time::timeout_at(deadline, frame::read_body_async(rd, len)).await {
+        Ok(body) => Ok((body?, grant)),
         Err(_) => Err(ReadError::TimedOut(len)),
     }
 }

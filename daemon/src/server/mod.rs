@@ -47,7 +47,16 @@ pub fn raise_fd_limit(limits: &mut crate::config::Limits) {
 /// given its group, then its mode, so it is never more open than asked.
 pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> std::io::Result<Listener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        // Clients must reach the socket: its directory is made traversable whatever the umask (the
+        // socket's own mode and group decide who may connect).
+        if !dir.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        }
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -77,7 +86,7 @@ pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> std::io::Result<Listene
 pub async fn serve(core: Arc<Core>, listener: Listener) {
     let tracker = TaskTracker::new();
     let admission = Arc::new(session::Admission::default());
-    let budget = Arc::new(tokio::sync::Semaphore::new(
+    let budget = Arc::new(session::FrameBudget::new(
         core.config.limits.max_pending_frame_bytes,
     ));
     loop {

@@ -46,6 +46,19 @@ impl Peer {
     }
 }
 
+/// Whether a daemon running as `daemon_uid` may serve `peer_uid` at all. A system daemon does each
+/// user's work as that user, which takes root: one that is not root would run everyone's work as
+/// itself (so one user could read another's job files through it), so it serves only its own user
+/// and root.
+pub fn may_serve(system: bool, daemon_uid: u32, peer_uid: u32) -> Result<(), String> {
+    if !system || daemon_uid == 0 || peer_uid == daemon_uid || peer_uid == 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "this lorad runs as uid {daemon_uid}, not as root, so it cannot do uid {peer_uid}'s work as uid {peer_uid}; it serves only its own user. Ask the admin to run the system service as root, or start your own daemon with `lorad --user`"
+    ))
+}
+
 /// Whether `uid` is in `group`: as its primary group or listed as a member.
 fn in_group(uid: u32, group: &str) -> bool {
     let (Ok(Some(group)), Ok(Some(user))) = (
@@ -154,6 +167,76 @@ impl Admission {
     }
 }
 
+/// Frames up to this size need no budget: every connection may always send one (connections are
+/// capped, so these are bounded too).
+pub const SMALL_FRAME: usize = 64 * 1024;
+
+/// The bytes of large frames being received, in total and per uid. A uid may hold at most a quarter
+/// of the total (admins: all of it), so one user's half-sent frames cannot starve everyone else's.
+/// Taking is all-or-nothing and never queues: a frame that does not fit now retries until its
+/// deadline, so no frame waits behind another user's.
+#[derive(Debug)]
+pub struct FrameBudget {
+    total: usize,
+    used: Mutex<(usize, HashMap<u32, usize>)>,
+}
+
+/// Bytes held for one frame; given back on drop.
+#[derive(Debug)]
+pub struct Grant {
+    budget: Arc<FrameBudget>,
+    uid: u32,
+    bytes: usize,
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        let mut used = self.budget.used.lock().unwrap_or_else(|p| p.into_inner());
+        used.0 -= self.bytes;
+        if let Some(n) = used.1.get_mut(&self.uid) {
+            *n -= self.bytes;
+            if *n == 0 {
+                used.1.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Whether `len` more bytes fit: `total_used` of `total` in use, `mine` of them this uid's.
+pub fn fits(len: usize, total_used: usize, mine: usize, total: usize, admin: bool) -> bool {
+    let share = if admin { total } else { total / 4 };
+    total_used + len <= total && mine + len <= share
+}
+
+impl FrameBudget {
+    /// A budget of `total` bytes.
+    pub fn new(total: usize) -> FrameBudget {
+        FrameBudget {
+            total,
+            used: Mutex::new((0, HashMap::new())),
+        }
+    }
+
+    /// Holds `len` bytes for `peer`'s frame if they fit now. Small frames always fit and hold nothing.
+    pub fn try_take(self: &Arc<Self>, peer: &Peer, len: usize) -> Option<Grant> {
+        let bytes = if len <= SMALL_FRAME { 0 } else { len };
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = used.1.get(&peer.uid).copied().unwrap_or(0);
+        if bytes > 0 && !fits(bytes, used.0, mine, self.total, peer.admin) {
+            return None;
+        }
+        used.0 += bytes;
+        if bytes > 0 {
+            *used.1.entry(peer.uid).or_insert(0) += bytes;
+        }
+        Some(Grant {
+            budget: self.clone(),
+            uid: peer.uid,
+            bytes,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,6 +274,43 @@ mod tests {
         assert!(a.enter(&p8, &config).is_ok());
         drop(s1);
         assert!(a.enter(&p7, &config).is_ok());
+    }
+
+    #[test]
+    fn one_user_holds_at_most_a_quarter_of_the_frame_budget() {
+        assert!(fits(10, 0, 0, 100, false));
+        assert!(fits(25, 0, 0, 100, false));
+        assert!(!fits(26, 0, 0, 100, false));
+        assert!(!fits(10, 20, 20, 100, false));
+        assert!(!fits(10, 95, 0, 100, false));
+        assert!(fits(90, 0, 0, 100, true));
+        let budget = Arc::new(FrameBudget::new(4 << 20));
+        let (a, b) = (Peer::resolve(7, 1, None), Peer::resolve(8, 1, None));
+        let held = budget.try_take(&a, 1 << 20).unwrap();
+        assert!(budget.try_take(&a, 100 << 10).is_none(), "over a's share");
+        assert!(
+            budget.try_take(&a, 1000).is_some(),
+            "small frames always fit"
+        );
+        assert!(
+            budget.try_take(&b, 1 << 20).is_some(),
+            "b is not starved by a"
+        );
+        drop(held);
+        assert!(budget.try_take(&a, 1 << 20).is_some());
+    }
+
+    #[test]
+    fn a_system_daemon_that_is_not_root_serves_only_its_own_user() {
+        assert!(may_serve(true, 0, 1000).is_ok());
+        assert!(may_serve(false, 990, 1000).is_ok());
+        assert!(may_serve(true, 990, 990).is_ok());
+        assert!(may_serve(true, 990, 0).is_ok());
+        let e = may_serve(true, 990, 1000).unwrap_err();
+        assert!(
+            e.contains("runs as uid 990") && e.contains("lorad --user"),
+            "{e}"
+        );
     }
 
     #[test]

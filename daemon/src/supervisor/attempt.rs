@@ -303,7 +303,10 @@ async fn watch_worker(core: &Arc<Core>, id: JobId, running: &mut Running) {
             }
         }
         match msg {
-            Ok(msg) => handle(core, id, msg, &mut failure, &mut finished).await,
+            Ok(msg) => {
+                let pid = running.child.id().unwrap_or(0);
+                handle(core, id, pid, msg, &mut failure, &mut finished).await
+            }
             Err(frame::FrameError::Closed) => break,
             Err(e) => {
                 tracing::warn!(job = %id, error = %e, "worker channel broke");
@@ -373,16 +376,19 @@ async fn watch_worker(core: &Arc<Core>, id: JobId, running: &mut Running) {
     }
 }
 
+/// Records one report of the worker `pid` (the process the supervisor started: what a worker says
+/// about itself, it runs as the job's owner, is not trusted for anything the daemon acts on as root).
 async fn handle(
     core: &Core,
     id: JobId,
+    pid: u32,
     msg: FromWorker,
     failure: &mut Option<String>,
     finished: &mut bool,
 ) {
     let result = match msg {
-        FromWorker::Ready { pid } => {
-            tracing::debug!(job = %id, pid, "worker ready");
+        FromWorker::Ready { pid: said } => {
+            tracing::debug!(job = %id, pid, said, "worker ready");
             core.write(move |j| Ok((j.update_job(id, |job| job.worker_pid = Some(pid))?, vec![])))
                 .await
                 .map(|_| ())

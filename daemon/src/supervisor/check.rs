@@ -102,8 +102,10 @@ async fn run(
             uid: owner_uid,
         }
     };
+    // One deadline for waiting for a slot and for the check itself.
     let deadline = Duration::from_secs(limits.check_timeout_s);
-    let _all = tokio::time::timeout(deadline, core.checks.all.acquire())
+    let until = tokio::time::Instant::now() + deadline;
+    let _all = tokio::time::timeout_at(until, core.checks.all.acquire())
         .await
         .map_err(|_| {
             WireError::new(
@@ -141,7 +143,7 @@ async fn run(
             }
         }
     };
-    let result = match tokio::time::timeout(deadline, verdict).await {
+    let result = match tokio::time::timeout_at(until, verdict).await {
         Ok(result) => result,
         Err(_) => Err(WireError::new(
             ErrorCode::InvalidArgument,

@@ -10,7 +10,7 @@ use lorad_schema::{frame, EventBody, JobId};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Stdio;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 
 /// Runs `task` for job `id` and returns the files written, or why the export failed.
 pub async fn run(core: &Core, id: JobId, task: ExportTask) -> Result<Vec<String>, String> {
@@ -119,8 +119,23 @@ async fn forward(
     log_path: &std::path::Path,
     stream: impl AsyncRead + Unpin,
 ) {
-    let mut lines = BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    // Lines are cut at MAX_LINE: the worker runs as the job's owner, and its output must not grow
+    // the daemon's memory.
+    const MAX_LINE: u64 = 16 * 1024;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut buf = Vec::new();
+        match (&mut reader)
+            .take(MAX_LINE)
+            .read_until(b'\n', &mut buf)
+            .await
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let line = String::from_utf8_lossy(&buf)
+            .trim_end_matches('\n')
+            .to_string();
         append_log(log_path, format!("{line}\n")).await;
         publish(core, id, format, line).await;
     }

@@ -101,16 +101,17 @@ pub fn save_adapter_for(
             ))
         }
     };
-    let tmp = tempfile::Builder::new()
+    // Removed on drop if anything below fails; after the rename it names nothing any more.
+    let staging = tempfile::Builder::new()
         .prefix(".lorad-adapter-")
         .tempdir_in(parent)
-        .map_err(|e| EngineError::io(parent, e))?
-        .keep();
-    write_adapter_files(&tmp, model, lora, base_model)?;
+        .map_err(|e| EngineError::io(parent, e))?;
+    let tmp = staging.path();
+    write_adapter_files(tmp, model, lora, base_model)?;
     if let Some(job) = job {
         write_text(&tmp.join(JOB_MARKER), &format!("{}\n", job.display()))?;
     }
-    sync_dir(&tmp)?;
+    sync_dir(tmp)?;
     let no_replace = |from: &Path, to: &Path| {
         nix::fcntl::renameat2(
             nix::fcntl::AT_FDCWD,
@@ -128,12 +129,17 @@ pub fn save_adapter_for(
             .map_err(|e| EngineError::io(parent, e))?;
         let old_adapter = old.path().join("adapter");
         no_replace(dir, &old_adapter)?;
-        no_replace(&tmp, dir)?;
-        // `old` (with the previous adapter of this same job) is removed when dropped.
+        if let Err(e) = no_replace(tmp, dir) {
+            // Put the previous adapter back rather than lose both.
+            let _ = no_replace(&old_adapter, dir);
+            return Err(e);
+        }
+        // `old` (the previous adapter of this same job) is removed when dropped.
         drop(old);
     } else {
-        no_replace(&tmp, dir)?;
+        no_replace(tmp, dir)?;
     }
+    drop(staging);
     sync_dir(parent)?;
     Ok(())
 }

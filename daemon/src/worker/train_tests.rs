@@ -542,3 +542,55 @@ fn losses_match_the_engine_before_speed_work() {
         );
     }
 }
+
+#[test]
+fn an_existing_output_dir_is_never_replaced_unless_it_is_this_jobs_adapter() {
+    use crate::worker::adapter::{save_adapter_for, JOB_MARKER};
+    let f = Fixture::new();
+    let s = fast_settings();
+    let task = f.task(s.clone(), "out");
+    let lora = LoraConfig::from_settings(&s);
+    let model = Llama::load(
+        &task.base_model,
+        &lora,
+        &mut rng_for(1, INIT_STREAM),
+        64,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let parent = f.dir.path();
+    let save =
+        |dir: &Path, job: &Path| save_adapter_for(dir, Some(job), &model, &lora, &task.base_model);
+
+    // Someone's directory: refused, contents untouched, no staging left behind.
+    let keep = parent.join("keep");
+    std::fs::create_dir(&keep).unwrap();
+    std::fs::write(keep.join("notes.txt"), "precious").unwrap();
+    let e = save(&keep, Path::new("/state/jobs/1")).unwrap_err();
+    assert!(e.to_string().contains("already exists"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(keep.join("notes.txt")).unwrap(),
+        "precious"
+    );
+    let leftovers = |p: &Path| {
+        std::fs::read_dir(p)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".lorad-"))
+            .count()
+    };
+    assert_eq!(leftovers(parent), 0);
+
+    // A new directory: written and marked as the job's; the same job may write it again; another
+    // job may not.
+    let out = parent.join("adapter");
+    save(&out, Path::new("/state/jobs/1")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(out.join(JOB_MARKER)).unwrap(),
+        "/state/jobs/1\n"
+    );
+    save(&out, Path::new("/state/jobs/1")).unwrap();
+    assert!(save(&out, Path::new("/state/jobs/2")).is_err());
+    assert!(out.join("adapter_model.safetensors").is_file());
+    assert_eq!(leftovers(parent), 0);
+}

@@ -73,7 +73,8 @@ impl JsonlSource {
         let (mut buf, mut offset, mut line) = (Vec::new(), 0u64, 0usize);
         loop {
             buf.clear();
-            // One byte past the limit tells a line that is too long from one that just fits.
+            // One byte past the limit (its newline, or one too many) tells a line that is too long
+            // from one that just fits.
             let n = (&mut reader)
                 .take(MAX_LINE_BYTES as u64 + 1)
                 .read_until(b'\n', &mut buf)
@@ -82,7 +83,7 @@ impl JsonlSource {
                 break;
             }
             line += 1;
-            if n > MAX_LINE_BYTES {
+            if n > MAX_LINE_BYTES && buf.last() != Some(&b'\n') {
                 return Err(EngineError::dataset(
                     path,
                     Some(line),

@@ -36,7 +36,7 @@ mod chat;
 mod collate;
 mod encode;
 mod format;
-mod jsonl;
+pub mod jsonl;
 mod loader;
 mod pack;
 mod pipeline;

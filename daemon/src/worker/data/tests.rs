@@ -188,3 +188,23 @@ fn jsonl_source_reads_ranges_by_offset() {
     let msg = src.read(3..4).unwrap_err().to_string();
     assert!(msg.contains("line 7: no longer what it was"), "{msg}");
 }
+
+#[test]
+fn lines_are_bounded_and_a_line_that_just_fits_is_read() {
+    use crate::worker::data::jsonl::MAX_LINE_BYTES;
+    // `{"text": "aaa...a"}` of exactly MAX_LINE_BYTES, then its newline.
+    let fits = |extra: usize| {
+        let body = MAX_LINE_BYTES - "{\"text\": \"\"}".len() + extra;
+        format!(
+            "{{\"text\": \"b\"}}\n{{\"text\": \"{}\"}}\n",
+            "a".repeat(body)
+        )
+    };
+    let f = file(&fits(0));
+    assert_eq!(validate_jsonl(f.path()).unwrap(), 2);
+    let (_, msg) = err(&fits(1));
+    assert!(
+        msg.starts_with(" line 2: the line is longer than 8 MiB"),
+        "{msg}"
+    );
+}
