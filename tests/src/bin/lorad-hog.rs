@@ -2,7 +2,7 @@
 //! lorad socket to see whether other clients are still served (tests/integration/security.rs).
 //!
 //! - N idle connections: each sends `hello`, gets `welcome`, then stays silent.
-//! - M slow connections, each announcing a 1 KiB frame and then sending 1 byte of it per second: the
+//! - M slow connections, each announcing a 1 KiB frame (`--announce BYTES` for another size) and then sending 1 byte of it per second: the
 //!   even ones before the handshake (the hello frame itself is slow), the odd ones after it (a slow
 //!   request).
 //!
@@ -24,6 +24,7 @@ struct Args {
     socket: PathBuf,
     idle: usize,
     slow: usize,
+    announce: u32,
     seconds: u64,
     until_stdin_eof: bool,
 }
@@ -33,6 +34,7 @@ fn parse_args() -> Result<Args, String> {
         socket: PathBuf::new(),
         idle: 0,
         slow: 0,
+        announce: 1024,
         seconds: 60,
         until_stdin_eof: false,
     };
@@ -45,6 +47,9 @@ fn parse_args() -> Result<Args, String> {
             "--idle" => args.idle = number(value()?)? as usize,
             "--slow" => args.slow = number(value()?)? as usize,
             "--seconds" => args.seconds = number(value()?)?,
+            "--announce" => {
+                args.announce = u32::try_from(number(value()?)?).map_err(|e| e.to_string())?
+            }
             "--until-stdin-eof" => args.until_stdin_eof = true,
             other => return Err(format!("unknown argument {other}")),
         }
@@ -157,7 +162,7 @@ fn main() {
 
     // Slow first (a per-user cap on connections would otherwise leave none for them): a 1 KiB frame
     // announced, its bytes to follow one per second.
-    let header = 1024u32.to_be_bytes();
+    let header = args.announce.to_be_bytes();
     let (mut slow, mut slow_refused, mut local_errors) = (Vec::new(), 0usize, 0usize);
     for i in 0..args.slow {
         let mut s = match connect(&args.socket) {

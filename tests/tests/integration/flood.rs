@@ -35,11 +35,20 @@ struct Hog;
 
 impl Hog {
     fn start(user: &TestUser, socket: &std::path::Path) -> (Reaped, mpsc::Receiver<String>) {
+        Self::start_with(user, socket, &["--idle", "2000", "--slow", "50"])
+    }
+
+    fn start_with(
+        user: &TestUser,
+        socket: &std::path::Path,
+        args: &[&str],
+    ) -> (Reaped, mpsc::Receiver<String>) {
         let mut hog = user
             .command(env!("CARGO_BIN_EXE_lorad-hog"))
             .arg("--socket")
             .arg(socket)
-            .args(["--idle", "2000", "--slow", "50", "--seconds", "400"])
+            .args(args)
+            .args(["--seconds", "400"])
             .arg("--until-stdin-eof")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -229,5 +238,45 @@ fn a_flood_that_fills_every_slot_leaves_an_admin_a_way_in_and_a_job_its_descript
         "{after_resume}"
     );
     assert!(process_alive(d.pid()), "the daemon died");
+    drop(hog);
+}
+
+#[test]
+fn half_sent_large_frames_of_one_user_do_not_hold_up_anyone_elses_requests() {
+    if !root_or_skip() {
+        return;
+    }
+    let _serial = serial();
+    let group = TestGroup::new();
+    let alice = TestUser::new(&[&group]);
+    let bob = TestUser::new(&[&group]);
+    let d = SystemDaemon::started(&SystemOptions::new(&group));
+    let (model, data) = (d.model(), d.dataset("data.jsonl", 64));
+    // Bob announces 16 MiB frames on six connections (after their handshakes) and sends them a byte
+    // a second: more than the whole 64 MiB budget, and four times his share of it.
+    let (hog, _lines) = Hog::start_with(
+        &bob,
+        &d.socket(),
+        &["--slow", "12", "--announce", "16777216"],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Alice is served as if bob were not there.
+    let t = Instant::now();
+    let out = alice.loractl(&d.socket(), &["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let args = submit_args(&model, &data, &["--set", "max_steps=2"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    submitted(&alice.loractl(&d.socket(), &args));
+    let took = t.elapsed();
+    println!("alice's status and submit took {took:?}");
+    assert!(took < Duration::from_secs(5), "alice waited {took:?}");
+    let root = d.client();
+    status_p99_under(
+        &root,
+        100,
+        Duration::from_millis(5),
+        Duration::from_millis(10),
+    );
     drop(hog);
 }
