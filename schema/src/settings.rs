@@ -94,7 +94,9 @@ pub struct TrainSettings {
     pub dtype: DType,
     /// `auto`, `cpu` or `cuda:N`.
     pub device: String,
-    /// Seconds without progress before a worker counts as stalled.
+    /// Seconds without progress while training before a worker counts as stalled and is restarted
+    /// (3x that while loading or saving). Default 180: a hung worker is found in minutes; a model whose
+    /// step takes longer (a large model on CPU) needs a larger value.
     pub stall_timeout: u64,
     /// Worker restarts before the job fails.
     pub max_restarts: u32,
@@ -130,7 +132,7 @@ impl Default for TrainSettings {
             keep_checkpoints: 3,
             dtype: DType::F32,
             device: "auto".into(),
-            stall_timeout: 600,
+            stall_timeout: 180,
             max_restarts: 3,
         }
     }
