@@ -3,6 +3,8 @@
 //! Every state change is one write transaction that reads the job, checks the transition, writes the
 //! job and appends its event; it is committed (fsynced) before the caller acknowledges anything. The
 //! methods are synchronous: async code calls them through `Core::journal` (spawn_blocking).
+#[cfg(test)]
+mod crash_tests;
 mod tables;
 
 use crate::state::{self, InvalidTransition};
@@ -124,7 +126,12 @@ fn write_job(txn: &WriteTransaction, job: &JobRecord) -> Result<(), JournalError
 impl Journal {
     /// Opens (or creates) the journal at `path`.
     pub fn open(path: &Path) -> Result<Journal, JournalError> {
-        let db = Database::create(path)?;
+        Self::init(Database::create(path)?)
+    }
+
+    /// Checks the schema version of an opened database (creating the tables of a new one) and wraps
+    /// it. Tests open databases on their own storage backends through this.
+    pub(crate) fn init(db: Database) -> Result<Journal, JournalError> {
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;

@@ -267,10 +267,13 @@ pub fn check_model_dir(dir: &Path) -> Result<ModelConfig, EngineError> {
         ));
     }
     let cfg = ModelConfig::load(dir)?;
-    weights::weight_files(dir)?;
+    let files = weights::weight_files(dir)?;
     let tok = dir.join("tokenizer.json");
     if !tok.is_file() {
         return Err(EngineError::model(dir, "tokenizer.json does not exist"));
+    }
+    for file in &files {
+        weights::check_complete(file)?;
     }
     Ok(cfg)
 }

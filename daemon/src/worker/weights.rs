@@ -141,6 +141,64 @@ pub fn save_tensors_with_metadata(
     std::fs::rename(&tmp, path).map_err(|e| EngineError::io(path, e))
 }
 
+/// The largest safetensors header lorad reads (the format's own limit is 100 MB).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Checks that a safetensors file is complete without reading its tensors: the header parses, and
+/// the file is exactly as long as the header and the tensors it declares (so a truncated download or
+/// copy is refused at submit, naming the file and the sizes).
+pub fn check_complete(path: &Path) -> Result<(), EngineError> {
+    use std::io::Read;
+    let bad = |detail: String| EngineError::model(path, detail);
+    let mut file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+    let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n).map_err(|_| {
+        bad(format!(
+            "truncated: {len} bytes, too short for a safetensors header"
+        ))
+    })?;
+    let header_len = u64::from_le_bytes(n);
+    if header_len > MAX_HEADER || 8 + header_len > len {
+        return Err(bad(format!(
+            "truncated or not safetensors: the header declares {header_len} bytes, the file has {len}"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| EngineError::io(path, e))?;
+    let value: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("the safetensors header is not valid JSON: {e}")))?;
+    let Some(map) = value.as_object() else {
+        return Err(bad("the safetensors header is not a JSON object".into()));
+    };
+    let mut end = 0u64;
+    for (name, info) in map.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
+        let offsets = info
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)));
+        let Some((_, to)) = offsets.filter(|(a, b)| a <= b) else {
+            return Err(bad(format!(
+                "tensor {name}: bad data_offsets in the header"
+            )));
+        };
+        end = end.max(to);
+    }
+    let expected = 8 + header_len + end;
+    if expected != len {
+        return Err(bad(format!(
+            "{}: the header declares {expected} bytes of header and tensors, the file has {len}",
+            if len < expected {
+                "truncated"
+            } else {
+                "longer than its header says"
+            }
+        )));
+    }
+    Ok(())
+}
+
 /// Writes `text` to `path` through a temporary file renamed into place.
 pub fn write_text(path: &Path, text: &str) -> Result<(), EngineError> {
     let tmp = tmp_sibling(path);
@@ -161,6 +219,33 @@ pub fn tmp_sibling(path: &Path) -> PathBuf {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_truncated_safetensors_file_is_refused_with_its_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let t =
+            candle_core::Tensor::ones((4, 4), candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap();
+        save_tensors(
+            &path,
+            &std::collections::BTreeMap::from([("w".to_string(), t)]),
+        )
+        .unwrap();
+        check_complete(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
+        let e = check_complete(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("truncated") && e.contains(&format!("the file has {}", bytes.len() - 5)),
+            "{e}"
+        );
+        std::fs::write(&path, &bytes[..6]).unwrap();
+        assert!(check_complete(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("too short"));
+    }
 
     #[test]
     fn save_then_load_round_trips() {

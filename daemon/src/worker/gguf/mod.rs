@@ -120,7 +120,29 @@ impl GgufModel {
         };
         model.plan()?;
         tokenizer::check(&model.meta(), model.config.vocab_size)?;
+        model.check_complete()?;
         Ok(model)
+    }
+
+    /// The file holds every byte its tensors are declared to occupy (a truncated download or copy is
+    /// refused here, at submit, not when the worker reaches the missing tensor).
+    fn check_complete(&self) -> Result<(), EngineError> {
+        let len = std::fs::metadata(&self.path)
+            .map_err(|e| EngineError::io(&self.path, e))?
+            .len();
+        for (name, info) in &self.content.tensor_infos {
+            let block = info.ggml_dtype.block_size() as u64;
+            let bytes = (info.shape.elem_count() as u64).div_ceil(block.max(1))
+                * info.ggml_dtype.type_size() as u64;
+            let to = self.content.tensor_data_offset + info.offset + bytes;
+            if to > len {
+                return Err(EngineError::model(
+                    &self.path,
+                    format!("truncated: tensor {name} ends at byte {to}, the file has {len}"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The configuration derived from the metadata.

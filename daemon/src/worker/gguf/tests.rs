@@ -170,3 +170,20 @@ fn qwen2_gguf_keeps_hf_row_order() {
     let got = load(&gguf).logits(&ids).unwrap();
     assert!(max_abs_diff(&want, &got) < 1e-6);
 }
+
+#[test]
+fn a_truncated_gguf_file_is_refused_at_check_naming_the_tensor() {
+    let root = tiny_dir();
+    let hf = root.path().join("hf");
+    let gguf = root.path().join("tiny.gguf");
+    write_gguf(&hf, &gguf, &Fixture::default());
+    check_model(&gguf).unwrap();
+    let bytes = std::fs::read(&gguf).unwrap();
+    std::fs::write(&gguf, &bytes[..bytes.len() - 100]).unwrap();
+    let e = check_model(&gguf).unwrap_err().to_string();
+    assert!(
+        e.contains("truncated: tensor")
+            && e.contains(&format!("the file has {}", bytes.len() - 100)),
+        "{e}"
+    );
+}

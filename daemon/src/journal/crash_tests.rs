@@ -1,0 +1,1 @@
+//! Storage-level crash tests of the journal (being written).
