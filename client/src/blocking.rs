@@ -185,6 +185,12 @@ impl Client {
     pub fn shutdown(&self) -> Result<(), ClientError> {
         self.rt.block_on(self.inner.shutdown())
     }
+
+    /// Asks the daemon for a consistent copy of its journal (admin only); see
+    /// [`crate::Client::backup`].
+    pub fn backup(&self) -> Result<(String, std::collections::BTreeMap<String, u64>), ClientError> {
+        self.rt.block_on(self.inner.backup())
+    }
 }
 
 /// The time given to [`Subscription::next_timeout`] passed without an event.

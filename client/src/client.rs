@@ -10,6 +10,7 @@ use lorad_schema::{
     CheckpointInfo, DaemonStatus, ErrorCode, ExportInfo, Handshake, JobId, JobRecord, JobSpec,
     JobState, MetricPoint, Request, Response, Template, MAX_FRAME, PROTOCOL_VERSION,
 };
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -388,6 +389,15 @@ impl Client {
         self.done_call(Request::Shutdown).await
     }
 
+    /// Asks the daemon for a consistent copy of its journal (admin only): the copy's path in the
+    /// daemon's state directory, and the records copied per table.
+    pub async fn backup(&self) -> Result<(String, BTreeMap<String, u64>), ClientError> {
+        match self.call(Request::Backup).await? {
+            Response::Backup { path, records } => Ok((path, records)),
+            other => Err(unexpected("backup", &other)),
+        }
+    }
+
     pub(crate) fn shared(&self) -> &Shared {
         &self.conn.shared
     }
@@ -427,5 +437,6 @@ pub(crate) fn response_kind(r: &Response) -> &'static str {
         Response::Logs { .. } => "logs",
         Response::Subscribed { .. } => "subscribed",
         Response::Done => "done",
+        Response::Backup { .. } => "backup",
     }
 }

@@ -18,7 +18,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 use std::collections::BTreeSet;
 
-const REQUESTS: [&str; 17] = [
+const REQUESTS: [&str; 18] = [
     "status",
     "templates",
     "submit",
@@ -36,8 +36,9 @@ const REQUESTS: [&str; 17] = [
     "subscribe",
     "unsubscribe",
     "shutdown",
+    "backup",
 ];
-const RESPONSES: [&str; 10] = [
+const RESPONSES: [&str; 11] = [
     "status",
     "templates",
     "job",
@@ -48,6 +49,7 @@ const RESPONSES: [&str; 10] = [
     "logs",
     "subscribed",
     "done",
+    "backup",
 ];
 const EVENTS: [&str; 5] = ["state_changed", "metrics", "log", "export", "notice"];
 const HANDSHAKES: [&str; 3] = ["hello", "welcome", "error"];
@@ -73,6 +75,7 @@ fn request_kind(r: &Request) -> &'static str {
         Request::Subscribe { .. } => "subscribe",
         Request::Unsubscribe { .. } => "unsubscribe",
         Request::Shutdown => "shutdown",
+        Request::Backup => "backup",
     }
 }
 
@@ -88,6 +91,7 @@ fn response_kind(r: &Response) -> &'static str {
         Response::Logs { .. } => "logs",
         Response::Subscribed { .. } => "subscribed",
         Response::Done => "done",
+        Response::Backup { .. } => "backup",
     }
 }
 

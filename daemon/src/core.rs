@@ -139,7 +139,26 @@ impl Core {
             })
             .await?;
         tracing::info!(job = %id, state = %job.state, reason = job.reason.as_deref().unwrap_or(""), "job state");
+        self.keep_record(&job).await;
         Ok(job)
+    }
+
+    /// Keeps a copy of `job` in its directory (if it has one yet), from which `lorad recover-journal`
+    /// can rebuild a lost journal. A failure is logged: the journal is the record; this is its spare.
+    pub async fn keep_record(&self, job: &JobRecord) {
+        let (id, dir) = (job.id, self.config.job_dir(job.id));
+        let job = job.clone();
+        let saved = tokio::task::spawn_blocking(move || {
+            if dir.is_dir() {
+                crate::journal::recover::save_record(&dir, &job)
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+        if !matches!(saved, Ok(Ok(()))) {
+            tracing::warn!(job = %id, "cannot keep a copy of the job's record in its directory");
+        }
     }
 
     /// A receiver of live events (subscribe before replaying the journal, so nothing falls between).

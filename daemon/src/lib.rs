@@ -61,9 +61,13 @@ pub async fn run(
         })?;
     }
     let journal_path = config.journal_path();
-    let journal = tokio::task::spawn_blocking(move || Journal::open(&journal_path))
-        .await
-        .map_err(|e| JournalError::Task(e.to_string()))??;
+    let jobs_dir = state_dir.join("jobs");
+    let journal = tokio::task::spawn_blocking(move || {
+        journal::recover::guard(&journal_path, &jobs_dir)?;
+        Journal::open(&journal_path)
+    })
+    .await
+    .map_err(|e| JournalError::Task(e.to_string()))??;
     let core = Core::new(config, journal, shutdown);
     if nix::unistd::geteuid().is_root() {
         secure_job_dirs(&core).await;

@@ -1,4 +1,6 @@
 //! `lorad`: the daemon, and its internal `worker`, `demo` and `make-tiny-model` commands.
+mod admin;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use lorad::config::{default_paths, Config, FileConfig};
@@ -12,10 +14,10 @@ struct Cli {
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Socket to listen on.
-    #[arg(long, env = "LORAD_SOCKET")]
+    #[arg(long, env = "LORAD_SOCKET", global = true)]
     socket: Option<PathBuf>,
     /// State directory (journal, job logs, adapters).
-    #[arg(long)]
+    #[arg(long, global = true)]
     state_dir: Option<PathBuf>,
     /// Directory to load plugins from, after the default ones (repeatable).
     #[arg(long)]
@@ -28,7 +30,7 @@ struct Cli {
     #[arg(long)]
     daemonize: bool,
     /// Run as a per-user daemon ($XDG_RUNTIME_DIR/lorad.sock, $XDG_STATE_HOME/lorad).
-    #[arg(long)]
+    #[arg(long, global = true)]
     user: bool,
     /// The socket's group in system mode (default: lorad); its members may connect.
     #[arg(long)]
@@ -80,6 +82,15 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Check the journal: redb's integrity check and every record decoded (the daemon must be stopped).
+    Check,
+    /// Rebuild a missing, empty or damaged journal from the job directories (the daemon must be stopped).
+    RecoverJournal,
+    /// Write a consistent copy of the journal into DIR (through the running daemon, or directly).
+    Backup {
+        /// Directory for the copy (made if missing).
+        dir: PathBuf,
+    },
     /// Write a random-initialised tiny Llama in HF layout (for tests and the demo).
     MakeTinyModel {
         /// Output directory.
@@ -121,6 +132,18 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Demo { dir }) => lorad::demo::run(dir),
+        Some(Command::Check) => {
+            let (_, state) = paths(&cli)?;
+            std::process::exit(admin::check(&state)?)
+        }
+        Some(Command::RecoverJournal) => {
+            let (_, state) = paths(&cli)?;
+            std::process::exit(admin::recover_journal(&state)?)
+        }
+        Some(Command::Backup { ref dir }) => {
+            let (socket, state) = paths(&cli)?;
+            std::process::exit(admin::backup(&socket, &state, dir)?)
+        }
         Some(Command::Generate {
             model,
             prompt,
@@ -161,8 +184,8 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn serve(cli: Cli) -> anyhow::Result<()> {
-    let (default_socket, default_state) = default_paths(cli.user)?;
+/// The config file: `--config`, else the default one for the mode if it exists, else empty.
+fn file_config(cli: &Cli) -> anyhow::Result<FileConfig> {
     let config_path = cli.config.clone().or_else(|| {
         let p = if cli.user {
             std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/lorad/lorad.toml"))
@@ -171,10 +194,28 @@ fn serve(cli: Cli) -> anyhow::Result<()> {
         };
         p.filter(|p| p.exists())
     });
-    let file = match &config_path {
+    Ok(match &config_path {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
-    };
+    })
+}
+
+/// The socket and state dir the flags (or the config file, or the defaults) name.
+fn paths(cli: &Cli) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (default_socket, default_state) = default_paths(cli.user)?;
+    let file = file_config(cli)?;
+    Ok((
+        cli.socket.clone().or(file.socket).unwrap_or(default_socket),
+        cli.state_dir
+            .clone()
+            .or(file.state_dir)
+            .unwrap_or(default_state),
+    ))
+}
+
+fn serve(cli: Cli) -> anyhow::Result<()> {
+    let (default_socket, default_state) = default_paths(cli.user)?;
+    let file = file_config(&cli)?;
     let socket = cli.socket.or(file.socket).unwrap_or(default_socket);
     let state_dir = cli.state_dir.or(file.state_dir).unwrap_or(default_state);
     let mut config = Config::new(socket, state_dir);

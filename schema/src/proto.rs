@@ -155,6 +155,9 @@ pub enum Request {
     },
     /// Admin only: stop the daemon.
     Shutdown,
+    /// Admin only: write a consistent copy of the journal into `<state_dir>/backups/` (taken from one
+    /// read transaction while the daemon goes on writing).
+    Backup,
 }
 
 impl Request {
@@ -178,6 +181,7 @@ impl Request {
             Request::Subscribe { .. } => "subscribe",
             Request::Unsubscribe { .. } => "unsubscribe",
             Request::Shutdown => "shutdown",
+            Request::Backup => "backup",
         }
     }
 }
@@ -369,6 +373,13 @@ pub enum Response {
     },
     /// To requests with nothing to return.
     Done,
+    /// To `backup`.
+    Backup {
+        /// The copy, in the daemon's state directory.
+        path: String,
+        /// Records copied, by table (`meta`, `jobs`, `events`, `metrics`).
+        records: std::collections::BTreeMap<String, u64>,
+    },
 }
 
 /// The answer to one request.

@@ -5,6 +5,8 @@
 //! methods are synchronous: async code calls them through `Core::journal` (spawn_blocking).
 #[cfg(test)]
 mod crash_tests;
+pub mod maintenance;
+pub mod recover;
 mod tables;
 
 use crate::state::{self, InvalidTransition};
@@ -46,6 +48,32 @@ pub enum JournalError {
     /// The state machine refused.
     #[error(transparent)]
     Transition(#[from] InvalidTransition),
+    /// The journal is missing or empty, but job directories exist.
+    #[error("journal {} is missing or empty, but {count} job directories exist in {}: starting a new journal would hand their ids out again. Rebuild it from them with `lorad recover-journal` (docs/OPERATIONS.md), restore a backup, or move {} aside", journal.display(), jobs_dir.display(), jobs_dir.display())]
+    Orphaned {
+        /// The journal file.
+        journal: std::path::PathBuf,
+        /// The job directories' parent.
+        jobs_dir: std::path::PathBuf,
+        /// How many job directories.
+        count: usize,
+    },
+    /// The journal file cannot be opened as a database.
+    #[error("journal {} is damaged: {detail}. Run `lorad check` to see what can still be read; restore a backup (`lorad backup`) or rebuild it with `lorad recover-journal` (docs/OPERATIONS.md)", path.display())]
+    Damaged {
+        /// The journal file.
+        path: std::path::PathBuf,
+        /// What redb said.
+        detail: String,
+    },
+    /// A file operation around the journal failed.
+    #[error("{}: {detail}", path.display())]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        detail: String,
+    },
     /// A request's own check, made under the write lock (a quota), refused; nothing was written.
     #[error(transparent)]
     Refused(lorad_schema::WireError),
@@ -87,6 +115,48 @@ fn decode<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// Runs `f`, turning a panic into `Err(its message and place)` without the panic hook printing it:
+/// redb panics on some kinds of damage, and a damaged journal is an error to report, not a crash.
+/// The hook is replaced while `f` runs (opening the journal happens before anything else runs).
+pub(crate) fn without_panicking<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    use std::sync::Mutex;
+    static MESSAGE: Mutex<Option<String>> = Mutex::new(None);
+    let previous = std::panic::take_hook();
+    // Where, not what: redb's own messages for damage ("entered unreachable code") say nothing a
+    // reader can act on.
+    std::panic::set_hook(Box::new(|info| {
+        if let Ok(mut m) = MESSAGE.lock() {
+            *m = info.location().map(|l| {
+                let file = l.file();
+                let short = file.find("redb-").map(|i| &file[i..]).unwrap_or(file);
+                format!("{short}:{}", l.line())
+            });
+        }
+    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(previous);
+    result.map_err(|_| {
+        MESSAGE
+            .lock()
+            .ok()
+            .and_then(|mut m| m.take())
+            .unwrap_or_else(|| "unknown place".into())
+    })
+}
+
+/// In a listing, a record that does not decode is left out (and logged) rather than failing the whole
+/// listing: one damaged metric point must not hide a job's curve. Asked for by itself (`job`), it is
+/// an error.
+fn skip_damaged<T>(decoded: Result<T, JournalError>) -> Option<T> {
+    match decoded {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(error = %e, "journal record left out of a listing: run `lorad check`");
+            None
+        }
+    }
+}
+
 fn next_counter(txn: &WriteTransaction, key: &str, first: u64) -> Result<u64, JournalError> {
     let mut meta = txn.open_table(META)?;
     let value = meta.get(key)?.map(|v| v.value()).unwrap_or(first);
@@ -124,9 +194,28 @@ fn write_job(txn: &WriteTransaction, job: &JobRecord) -> Result<(), JournalError
 }
 
 impl Journal {
-    /// Opens (or creates) the journal at `path`.
+    /// Opens (or creates) the journal at `path`. A file redb cannot open, or that makes it panic (it
+    /// does on some damage), is `Damaged`, naming the file.
     pub fn open(path: &Path) -> Result<Journal, JournalError> {
-        Self::init(Database::create(path)?)
+        let damaged = |detail: String| JournalError::Damaged {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let opened = without_panicking(|| Database::create(path).map(Self::init));
+        match opened {
+            Ok(Ok(journal)) => journal.map_err(|e| match e {
+                JournalError::Db(e) => damaged(e.to_string()),
+                other => other,
+            }),
+            Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(JournalError::Io {
+                path: path.to_path_buf(),
+                detail: "is open in another process (is a lorad already running on this state directory?)".into(),
+            }),
+            Ok(Err(e)) => Err(damaged(e.to_string())),
+            Err(at) => Err(damaged(format!(
+                "redb found an inconsistent page while opening it (its check at {at})"
+            ))),
+        }
     }
 
     /// Checks the schema version of an opened database (creating the tables of a new one) and wraps
@@ -281,7 +370,9 @@ impl Journal {
         let mut out = Vec::new();
         for row in jobs.iter()? {
             let (k, v) = row?;
-            out.push(decode(|| format!("job {}", k.value()), v.value())?);
+            if let Some(job) = skip_damaged(decode(|| format!("job {}", k.value()), v.value())) {
+                out.push(job);
+            }
         }
         Ok(out)
     }
@@ -294,7 +385,11 @@ impl Journal {
         let mut out = Vec::new();
         for row in table.range((id.0, start)..=(id.0, u64::MAX))? {
             let (k, v) = row?;
-            out.push(decode(|| format!("metric {:?}", k.value()), v.value())?);
+            if let Some(point) =
+                skip_damaged(decode(|| format!("metric {:?}", k.value()), v.value()))
+            {
+                out.push(point);
+            }
         }
         Ok(out)
     }
@@ -311,7 +406,11 @@ impl Journal {
         let mut out = Vec::new();
         for row in table.range(since.saturating_add(1)..)? {
             let (k, v) = row?;
-            let event: Event = decode(|| format!("event {}", k.value()), v.value())?;
+            let Some(event) =
+                skip_damaged::<Event>(decode(|| format!("event {}", k.value()), v.value()))
+            else {
+                continue;
+            };
             if job.is_none() || event.job == job {
                 out.push(event);
                 if out.len() >= limit {

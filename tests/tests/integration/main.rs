@@ -6,6 +6,7 @@ mod control;
 mod export;
 mod flood;
 mod jobs;
+mod journal;
 mod plugins;
 mod protocol;
 mod recovery;

@@ -1,4 +1,5 @@
 //! Request handlers, one file per request, dispatched from one exhaustive match.
+mod backup;
 mod cancel;
 mod checkpoints;
 pub mod export;
@@ -67,6 +68,7 @@ pub async fn dispatch(
         }
         Request::Unsubscribe { sub } => subscribe::unsubscribe(conn, sub),
         Request::Shutdown => shutdown::handle(core, conn.peer),
+        Request::Backup => backup::handle(core, conn.peer).await,
     };
     if let Err(e) = &result {
         tracing::debug!(request = kind, uid = conn.peer.uid, code = %e.code, message = %e.message, "request refused");
