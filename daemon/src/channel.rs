@@ -91,6 +91,14 @@ pub enum FromWorker {
         /// The error as the client gets it.
         error: lorad_schema::WireError,
     },
+    /// A write failed for lack of space in `dir`; nothing incomplete is left to be used (checkpoints
+    /// are renamed into place only when whole). The job pauses until space returns.
+    NoSpace {
+        /// The directory that is full.
+        dir: String,
+        /// The error as it happened.
+        message: String,
+    },
     /// Training or the export failed; the worker exits non-zero after this.
     Failed {
         /// The error, naming the file, line, field or tensor at fault.

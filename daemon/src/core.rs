@@ -39,6 +39,8 @@ pub struct Core {
     plugins: RwLock<Arc<Registry>>,
     /// Submit-time checks in flight.
     pub checks: crate::supervisor::check::Checks,
+    /// Space held back so the journal can still record a full disk.
+    pub reserve: crate::reserve::Reserve,
 }
 
 impl Core {
@@ -56,6 +58,7 @@ impl Core {
             next_sub: AtomicU64::new(1),
             plugins: RwLock::new(Arc::new(Registry::default())),
             checks: crate::supervisor::check::Checks::new(config.limits.max_checks),
+            reserve: crate::reserve::Reserve::new(&config.state_dir),
             config,
         })
     }
@@ -111,7 +114,7 @@ impl Core {
         let journal = self.journal.clone();
         let lock = self.write_lock.clone();
         let events = self.events.clone();
-        tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
             let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let (out, published) = f(&journal)?;
             for e in published {
@@ -121,7 +124,33 @@ impl Core {
             Ok(out)
         })
         .await
-        .map_err(join_error)?
+        .map_err(join_error)?;
+        if let Err(e) = &result {
+            if crate::journal::is_storage_error(e) {
+                self.storage_failed(e).await;
+            }
+        }
+        result
+    }
+
+    /// A journal write failed in the storage (a full disk): give back the reserved space, so that
+    /// what happened can be recorded, and reopen the database (redb refuses every write after an
+    /// I/O error until then). The write that failed is not retried here; its caller decides.
+    pub async fn storage_failed(&self, e: &JournalError) {
+        tracing::error!(error = %e, state_dir = %self.config.state_dir.display(), "the journal cannot write; releasing the reserve and reopening it");
+        let journal = self.journal.clone();
+        let lock = self.write_lock.clone();
+        let released = self.reserve.release();
+        let reopened = tokio::task::spawn_blocking(move || {
+            let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            journal.reopen()
+        })
+        .await;
+        match reopened {
+            Ok(Ok(())) => tracing::warn!(released, "journal reopened"),
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot reopen the journal"),
+            Err(e) => tracing::error!(error = %e, "cannot reopen the journal"),
+        }
     }
 
     /// Moves a job to `to` (checked and committed) and publishes the event.

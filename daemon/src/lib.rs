@@ -14,6 +14,7 @@ pub mod journal;
 pub mod logs;
 pub mod plugins;
 pub mod quota;
+pub mod reserve;
 pub mod scheduler;
 pub mod server;
 pub mod state;
@@ -74,6 +75,7 @@ pub async fn run(
     }
     core.rescan_plugins().await;
     tokio::spawn(rescan_on_sighup(core.clone()));
+    tokio::spawn(keep_reserve(core.clone()));
     recover(&core).await?;
     tracing::info!(socket = %core.config.socket.display(), state_dir = %state_dir.display(), "lorad ready");
 
@@ -131,6 +133,26 @@ async fn secure_job_dirs(core: &Core) {
     .await;
     if done.is_err() {
         tracing::warn!("securing the job directories did not finish");
+    }
+}
+
+/// Holds the journal's reserved space, and takes it again once a full disk has room (checked every
+/// 5 s while it is not held).
+async fn keep_reserve(core: std::sync::Arc<Core>) {
+    loop {
+        if !core.reserve.held() {
+            let c = core.clone();
+            let filled = tokio::task::spawn_blocking(move || c.reserve.fill())
+                .await
+                .unwrap_or(false);
+            if filled {
+                tracing::info!("space for the journal is held in reserve");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+            _ = core.shutdown.cancelled() => return,
+        }
     }
 }
 

@@ -108,6 +108,9 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        // A log line that cannot be written (a full disk under job.log) is dropped, never reported
+        // on stderr: that would panic, and a worker must survive its log's disk filling up.
+        .log_internal_errors(false)
         .init();
 }
 

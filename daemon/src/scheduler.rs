@@ -22,6 +22,61 @@ pub fn next_job<'a>(
         .map(|j| j.id)
 }
 
+/// How a worker ended, as the supervisor saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ending {
+    /// The engine refused the job (bad data, bad model): the message.
+    Refused(String),
+    /// A disk was full.
+    NoSpace {
+        /// The full directory.
+        dir: String,
+        /// The write error.
+        message: String,
+    },
+    /// The watchdog killed it: why.
+    Stalled(String),
+    /// It died on its own: how ("exited with code 101", "was killed by signal 9 (SIGKILL)").
+    Crashed(String),
+}
+
+/// What becomes of a job whose worker ended without finishing, with the reason to record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AfterExit {
+    /// Paused: it resumes from its newest checkpoint when asked.
+    Pause(String),
+    /// Failed for good.
+    Fail(String),
+    /// Queued again at the front, one restart more.
+    Restart(String),
+}
+
+/// The decision after a worker of `job` ended: a full disk pauses (not the job's fault, nothing
+/// incomplete kept); a refusal fails (a restart would fail the same way); a stall or a crash restarts
+/// until `max_restarts`, then fails.
+pub fn after_exit(job: &JobRecord, ending: Ending) -> AfterExit {
+    let id = job.id;
+    let max = job.settings.max_restarts;
+    match ending {
+        Ending::NoSpace { dir, message } => AfterExit::Pause(format!(
+            "no space left on device in {dir}: free some space, then `loractl resume {id}` ({message})"
+        )),
+        Ending::Refused(message) => AfterExit::Fail(message),
+        Ending::Stalled(cause) if job.progress.restarts < max => AfterExit::Restart(format!(
+            "{cause}; restart {} of {max}",
+            job.progress.restarts + 1
+        )),
+        Ending::Crashed(how) if job.progress.restarts < max => AfterExit::Restart(format!(
+            "crashed: worker {how}; restart {} of {max}",
+            job.progress.restarts + 1
+        )),
+        Ending::Stalled(cause) => AfterExit::Fail(format!("{cause}; gave up after {max} restarts")),
+        Ending::Crashed(how) => {
+            AfterExit::Fail(format!("worker {how}; gave up after {max} restarts"))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +142,49 @@ mod tests {
         assert_eq!(next_job(&jobs, 1), Some(JobId(3)));
         assert_eq!(next_job(&jobs, 2), Some(JobId(2)));
         assert_eq!(next_job(&jobs[..2], 1), None);
+    }
+
+    #[test]
+    fn after_exit_pauses_on_a_full_disk_fails_on_refusal_and_restarts_crashes_until_the_limit() {
+        let mut j = job(3, JobState::Running, 0);
+        j.settings.max_restarts = 2;
+        let full = Ending::NoSpace {
+            dir: "/var/lib/lorad/jobs/3".into(),
+            message: "No space left on device (os error 28)".into(),
+        };
+        assert!(matches!(after_exit(&j, full),
+            AfterExit::Pause(r) if r.starts_with("no space left on device in /var/lib/lorad/jobs/3") && r.contains("loractl resume 3")));
+        assert_eq!(
+            after_exit(&j, Ending::Refused("dataset line 4: not JSON".into())),
+            AfterExit::Fail("dataset line 4: not JSON".into())
+        );
+        assert_eq!(
+            after_exit(
+                &j,
+                Ending::Crashed("was killed by signal 9 (SIGKILL)".into())
+            ),
+            AfterExit::Restart(
+                "crashed: worker was killed by signal 9 (SIGKILL); restart 1 of 2".into()
+            )
+        );
+        assert_eq!(
+            after_exit(
+                &j,
+                Ending::Stalled("stalled: no progress for 180 s while training".into())
+            ),
+            AfterExit::Restart(
+                "stalled: no progress for 180 s while training; restart 1 of 2".into()
+            )
+        );
+        j.progress.restarts = 2;
+        assert_eq!(
+            after_exit(&j, Ending::Crashed("exited with code 101".into())),
+            AfterExit::Fail("worker exited with code 101; gave up after 2 restarts".into())
+        );
+        assert_eq!(
+            after_exit(&j, Ending::Stalled("stalled: x".into())),
+            AfterExit::Fail("stalled: x; gave up after 2 restarts".into())
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use super::tables::{EVENTS, JOBS, META, METRICS};
 use super::{Journal, JournalError};
 use lorad_schema::{frame, Event, JobRecord, MetricPoint};
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::{Database, ReadableTable};
 use std::path::Path;
 
 /// Records of one table: how many decode, and the keys of those that do not.
@@ -66,7 +66,7 @@ pub fn check(path: &Path) -> Result<CheckReport, JournalError> {
         .map_err(|at| format!("redb found an inconsistent page (its check at {at})"))
         .and_then(|r| r.map_err(|e| e.to_string()));
     let journal = Journal {
-        db: std::sync::Arc::new(db),
+        db: std::sync::Arc::new(super::Db::new(db, None)),
     };
     let tables = journal.decode_all()?;
     Ok(CheckReport { integrity, tables })

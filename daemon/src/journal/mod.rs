@@ -95,7 +95,54 @@ db_err!(
 /// A handle to the journal; cheap to clone.
 #[derive(Clone)]
 pub struct Journal {
-    db: Arc<Database>,
+    db: Arc<Db>,
+}
+
+/// The database behind a journal, which can be closed and opened again after an I/O error (redb
+/// refuses every write after one until then: "Previous I/O error occurred").
+pub(crate) struct Db {
+    /// Where it lives (None: a test's own storage backend, which cannot be reopened).
+    path: Option<std::path::PathBuf>,
+    current: std::sync::RwLock<Arc<Database>>,
+}
+
+impl Db {
+    fn new(db: Database, path: Option<&Path>) -> Db {
+        Db {
+            path: path.map(Path::to_path_buf),
+            current: std::sync::RwLock::new(Arc::new(db)),
+        }
+    }
+
+    fn get(&self) -> Arc<Database> {
+        self.current
+            .read()
+            .map(|d| d.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+        self.get().begin_read()
+    }
+
+    pub(crate) fn begin_write(&self) -> Result<WriteTransaction, redb::TransactionError> {
+        self.get().begin_write()
+    }
+}
+
+/// Whether `e` came from the storage (a full disk, a failed write or sync), as opposed to a refused
+/// request or a record that does not decode.
+pub fn is_storage_error(e: &JournalError) -> bool {
+    match e {
+        JournalError::Db(redb::Error::Io(_))
+        | JournalError::Db(redb::Error::PreviousIo)
+        | JournalError::Db(redb::Error::DatabaseAlreadyOpen) => true,
+        JournalError::Db(other) => {
+            let text = other.to_string();
+            text.contains("I/O") || text.contains("Previous I/O")
+        }
+        _ => false,
+    }
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, JournalError> {
@@ -201,7 +248,8 @@ impl Journal {
             path: path.to_path_buf(),
             detail,
         };
-        let opened = without_panicking(|| Database::create(path).map(Self::init));
+        let opened =
+            without_panicking(|| Database::create(path).map(|db| Self::init_at(db, Some(path))));
         match opened {
             Ok(Ok(journal)) => journal.map_err(|e| match e {
                 JournalError::Db(e) => damaged(e.to_string()),
@@ -220,7 +268,13 @@ impl Journal {
 
     /// Checks the schema version of an opened database (creating the tables of a new one) and wraps
     /// it. Tests open databases on their own storage backends through this.
+    #[cfg(test)]
     pub(crate) fn init(db: Database) -> Result<Journal, JournalError> {
+        Self::init_at(db, None)
+    }
+
+    /// [`Journal::init`] for the file at `path` (which [`Journal::reopen`] opens again).
+    fn init_at(db: Database, path: Option<&Path>) -> Result<Journal, JournalError> {
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -242,7 +296,51 @@ impl Journal {
             txn.open_table(METRICS)?;
         }
         txn.commit()?;
-        Ok(Journal { db: Arc::new(db) })
+        Ok(Journal {
+            db: Arc::new(Db::new(db, path)),
+        })
+    }
+
+    /// Closes the database and opens it again: after an I/O error (a full disk) redb refuses every
+    /// write until then. redb checks and repairs the file on open; what was committed stays. Waits
+    /// (up to 5 s) for transactions still using the old handle. Blocking.
+    pub fn reopen(&self) -> Result<(), JournalError> {
+        let Some(path) = self.db.path.clone() else {
+            return Ok(());
+        };
+        let mut current = self.db.current.write().unwrap_or_else(|p| p.into_inner());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while Arc::strong_count(&current) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // Close the old handle (its file lock with it) by swapping in a fresh in-memory database,
+        // then open the file again.
+        let placeholder =
+            Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        drop(std::mem::replace(&mut *current, Arc::new(placeholder)));
+        let mut last = None;
+        for _ in 0..100 {
+            match without_panicking(|| Database::create(&path)) {
+                Ok(Ok(db)) => {
+                    *current = Arc::new(db);
+                    return Ok(());
+                }
+                Ok(Err(e)) => last = Some(e.to_string()),
+                Err(at) => {
+                    last = Some(format!(
+                        "redb found an inconsistent page (its check at {at})"
+                    ))
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Err(JournalError::Damaged {
+            path,
+            detail: format!(
+                "cannot be opened again after an I/O error: {}",
+                last.unwrap_or_default()
+            ),
+        })
     }
 
     /// Allocates the next id, stores the job `make(id)` returns, and logs a notice event.

@@ -28,16 +28,35 @@ pub fn job_dirs(jobs_dir: &Path) -> Vec<(JobId, PathBuf)> {
     dirs
 }
 
-/// Refuses a missing or empty journal beside existing job directories.
+/// redb's file magic: a journal file that does not start with it was never completely created.
+const MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+
+/// Whether `journal` holds no journal: missing, empty, or cut short while redb first created it (a
+/// crash between writing the header and the magic number leaves a file redb refuses for good).
+fn holds_nothing(journal: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(journal) else {
+        return !journal.exists();
+    };
+    let mut head = [0u8; MAGIC.len()];
+    match f.read_exact(&mut head) {
+        Ok(()) => head != MAGIC,
+        Err(_) => true,
+    }
+}
+
+/// Refuses a journal that holds nothing beside existing job directories. Without job directories,
+/// a half-created journal file is moved aside (`journal.redb.broken-<time>`) so a new one can be made.
 pub fn guard(journal: &Path, jobs_dir: &Path) -> Result<(), JournalError> {
-    let empty = std::fs::metadata(journal)
-        .map(|m| m.len() == 0)
-        .unwrap_or(true);
-    if !empty {
+    if !holds_nothing(journal) {
         return Ok(());
     }
     let dirs = job_dirs(jobs_dir);
     if dirs.is_empty() {
+        if std::fs::metadata(journal).is_ok_and(|m| m.len() > 0) {
+            let aside = move_aside(journal)?;
+            tracing::warn!(journal = %journal.display(), aside = %aside.display(), "a journal file without redb's header (its creation was cut short) was moved aside");
+        }
         return Ok(());
     }
     Err(JournalError::Orphaned {
@@ -66,13 +85,7 @@ pub struct Rebuilt {
 pub fn rebuild(journal: &Path, jobs_dir: &Path) -> Result<Rebuilt, JournalError> {
     let mut report = Rebuilt::default();
     if journal.exists() {
-        let when = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
-        let aside = journal.with_extension(format!("redb.broken-{when}"));
-        std::fs::rename(journal, &aside).map_err(|e| JournalError::Io {
-            path: journal.to_path_buf(),
-            detail: e.to_string(),
-        })?;
-        report.old_journal = Some(aside);
+        report.old_journal = Some(move_aside(journal)?);
     }
     let j = Journal::open(journal)?;
     let dirs = job_dirs(jobs_dir);
@@ -88,6 +101,17 @@ pub fn rebuild(journal: &Path, jobs_dir: &Path) -> Result<Rebuilt, JournalError>
     }
     j.reserve_ids(next)?;
     Ok(report)
+}
+
+/// Renames `journal` to `journal.redb.broken-<time>` (never deleted: it may still hold something).
+fn move_aside(journal: &Path) -> Result<PathBuf, JournalError> {
+    let when = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    let aside = journal.with_extension(format!("redb.broken-{when}"));
+    std::fs::rename(journal, &aside).map_err(|e| JournalError::Io {
+        path: journal.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    Ok(aside)
 }
 
 /// The record in `dir/job.json`, with the id of the directory and the owner of the directory.
@@ -196,6 +220,12 @@ mod tests {
         guard(&journal, &jobs).unwrap();
         let j = Journal::open(&journal).unwrap();
         let me = nix::unistd::geteuid().as_raw();
+        // A journal cut short while being created holds nothing either.
+        let half = dir.path().join("half.redb");
+        std::fs::write(&half, [0u8; 4096]).unwrap();
+        assert!(guard(&half, &jobs).is_err());
+        guard(&half, &dir.path().join("no-jobs")).unwrap();
+        assert!(!half.exists(), "moved aside");
         let five = j.job(JobId(5)).unwrap();
         assert_eq!(
             (five.state, five.owner_uid, five.worker_pid),

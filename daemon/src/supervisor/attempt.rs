@@ -5,6 +5,7 @@ use crate::core::{Core, WorkerHandle};
 use crate::identity::Identity;
 use crate::logs;
 use crate::plugins::PluginRef;
+use crate::scheduler::{self, AfterExit, Ending};
 use crate::worker::process::Mode;
 use crate::worker::{Phase, TrainEvent, TrainTask};
 use command_fds::{CommandFdExt, FdMapping};
@@ -193,6 +194,19 @@ pub(super) fn start_worker(
     Ok((child, control))
 }
 
+/// Why a worker gave up, as it reported.
+enum Failure {
+    /// The engine refused the job: failed, no restart.
+    Failed(String),
+    /// A disk is full: paused.
+    NoSpace {
+        /// The full directory.
+        dir: String,
+        /// The write error.
+        message: String,
+    },
+}
+
 /// Follows the worker until it exits, recording its reports; stops it when asked.
 pub async fn watch(core: Arc<Core>, id: JobId, mut running: Running) {
     let log_done = CancellationToken::new();
@@ -268,7 +282,7 @@ async fn tail_log(
 }
 
 async fn watch_worker(core: &Arc<Core>, id: JobId, running: &mut Running) {
-    let mut failure: Option<String> = None;
+    let mut failure: Option<Failure> = None;
     let mut finished = false;
     let mut stopped = false;
     // The stall watchdog: every report from the engine (phase, plan, step, checkpoint) is progress.
@@ -345,37 +359,96 @@ async fn watch_worker(core: &Arc<Core>, id: JobId, running: &mut Running) {
     if !job.state.is_active() {
         return;
     }
-    let outcome = match failure {
-        // The engine refused (bad data, bad model, ...): a restart would fail the same way.
-        Some(msg) => {
-            core.transition(id, JobState::Failed, Some(msg), |_| {})
-                .await
-        }
-        None if job.progress.restarts < job.settings.max_restarts => {
-            let n = job.progress.restarts + 1;
-            let cause = stalled
-                .clone()
-                .unwrap_or_else(|| format!("crashed: worker {how}"));
-            let reason = format!("{cause}; restart {n} of {}", job.settings.max_restarts);
-            tracing::warn!(job = %id, %reason);
-            core.transition(id, JobState::Queued, Some(reason), |job| {
-                job.progress.restarts += 1;
-                job.requeued = true;
-            })
-            .await
-        }
-        None => {
-            let cause = stalled.unwrap_or_else(|| format!("worker {how}"));
-            let reason = format!(
-                "{cause}; gave up after {} restarts",
-                job.settings.max_restarts
-            );
-            core.transition(id, JobState::Failed, Some(reason), |_| {})
-                .await
-        }
+    let ending = match failure {
+        Some(Failure::NoSpace { dir, message }) => Ending::NoSpace { dir, message },
+        Some(Failure::Failed(msg)) => Ending::Refused(msg),
+        None => match stalled {
+            Some(why) => Ending::Stalled(why),
+            None => Ending::Crashed(how),
+        },
     };
+    let (to, reason, restart) = match scheduler::after_exit(&job, ending) {
+        AfterExit::Pause(reason) => (JobState::Paused, reason, false),
+        AfterExit::Fail(reason) => (JobState::Failed, reason, false),
+        AfterExit::Restart(reason) => (JobState::Queued, reason, true),
+    };
+    tracing::warn!(job = %id, state = %to, %reason, "worker ended");
+    let outcome = record_until_written(core, id, to, Some(reason), move |job| {
+        if restart {
+            job.progress.restarts += 1;
+            job.requeued = true;
+        }
+    })
+    .await;
     if let Err(e) = outcome {
         tracing::error!(job = %id, error = %e, "cannot record how the worker ended");
+    }
+}
+
+/// A transition that must not be lost: one that fails in the storage (a full disk) is tried again
+/// every 2 s until it is written or the daemon shuts down, so a job is never left running without a
+/// worker. Other refusals (the state machine's) return at once.
+pub(super) async fn record_until_written(
+    core: &Core,
+    id: JobId,
+    to: JobState,
+    reason: Option<String>,
+    edit: impl Fn(&mut JobRecord) + Clone + Send + 'static,
+) -> Result<JobRecord, crate::journal::JournalError> {
+    loop {
+        let edit = edit.clone();
+        match core
+            .transition(id, to, reason.clone(), move |j| edit(j))
+            .await
+        {
+            Err(e) if crate::journal::is_storage_error(&e) && !core.shutdown.is_cancelled() => {
+                tracing::warn!(job = %id, error = %e, "cannot record the job's state yet; trying again");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The journal could not record a step of job `id` for lack of space: pause the job (its reason says
+/// where space ran out) and stop its worker, which checkpoints if it can. If the step was lost, the
+/// job resumes from a checkpoint no later than its last recorded step, so every step's point is
+/// recorded exactly once in the end.
+async fn pause_for_space(core: &Core, id: JobId, step_lost: bool) {
+    let dir = core.config.state_dir.display().to_string();
+    let reason = format!(
+        "no space left on device in {dir}: the journal cannot record progress; free some space, then `loractl resume {id}`"
+    );
+    let resume_from = if step_lost {
+        let recorded = core
+            .read(move |j| j.job(id))
+            .await
+            .map(|j| j.progress.step)
+            .unwrap_or(0);
+        let job_dir = core.config.job_dir(id);
+        tokio::task::spawn_blocking(move || {
+            crate::worker::checkpoint::list_checkpoints(&job_dir)
+                .into_iter()
+                .filter(|(step, _)| *step <= recorded)
+                .next_back()
+                .map(|(step, _)| format!("step-{step}"))
+        })
+        .await
+        .ok()
+        .flatten()
+    } else {
+        None
+    };
+    let paused = record_until_written(core, id, JobState::Paused, Some(reason), move |job| {
+        if resume_from.is_some() {
+            job.resume_checkpoint = resume_from.clone();
+        }
+    })
+    .await;
+    if paused.is_ok() {
+        if let Some(worker) = core.worker(id) {
+            worker.stop.cancel();
+        }
     }
 }
 
@@ -386,7 +459,7 @@ async fn handle(
     id: JobId,
     pid: u32,
     msg: FromWorker,
-    failure: &mut Option<String>,
+    failure: &mut Option<Failure>,
     finished: &mut bool,
 ) {
     let result = match msg {
@@ -444,22 +517,33 @@ async fn handle(
         FromWorker::Train {
             event: TrainEvent::Step { point },
         } => {
-            core.write(move |j| {
-                Ok(match j.record_metric(id, point)? {
-                    Some((_, event)) => ((), vec![event]),
-                    None => ((), vec![]),
+            let record = |point: lorad_schema::MetricPoint| {
+                core.write(move |j| {
+                    Ok(match j.record_metric(id, point)? {
+                        Some((_, event)) => ((), vec![event]),
+                        None => ((), vec![]),
+                    })
                 })
-            })
-            .await
+            };
+            match record(point.clone()).await {
+                Err(e) if crate::journal::is_storage_error(&e) => {
+                    // The write reopened the journal and freed the reserve: once more, then stop.
+                    let again = record(point).await;
+                    pause_for_space(core, id, again.is_err()).await;
+                    again
+                }
+                other => other,
+            }
         }
         FromWorker::Finished { adapter_dir, steps } => {
             *finished = true;
-            core.transition(
+            record_until_written(
+                core,
                 id,
                 JobState::Completed,
                 Some(format!("trained {steps} steps")),
                 move |job| {
-                    job.adapter_dir = Some(adapter_dir);
+                    job.adapter_dir = Some(adapter_dir.clone());
                     job.progress.eta_s = Some(0.0);
                 },
             )
@@ -471,7 +555,11 @@ async fn handle(
             Ok(())
         }
         FromWorker::Failed { message } => {
-            *failure = Some(message);
+            *failure = Some(Failure::Failed(message));
+            Ok(())
+        }
+        FromWorker::NoSpace { dir, message } => {
+            *failure = Some(Failure::NoSpace { dir, message });
             Ok(())
         }
         FromWorker::Exported { .. } | FromWorker::Checked { .. } | FromWorker::Refused { .. } => {

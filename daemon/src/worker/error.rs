@@ -107,6 +107,22 @@ impl EngineError {
         }
     }
 
+    /// The directory a write failed in for lack of space (ENOSPC or a quota), if that is what
+    /// this error is: a condition to pause on, not a reason to fail the job.
+    pub fn no_space(&self) -> Option<&std::path::Path> {
+        match self {
+            EngineError::Io { path, source }
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT)
+                ) =>
+            {
+                Some(path.parent().unwrap_or(path))
+            }
+            _ => None,
+        }
+    }
+
     /// A `Model` error for `path`.
     pub fn model(path: impl Into<PathBuf>, detail: impl Into<String>) -> Self {
         EngineError::Model {

@@ -141,6 +141,14 @@ pub fn run(mode: Mode) -> Result<i32, WorkerError> {
             Ok(0)
         }
         Err(e) => {
+            if let Some(dir) = e.no_space() {
+                tracing::error!(error = %e, "no space left; stopping");
+                send(&FromWorker::NoSpace {
+                    dir: dir.display().to_string(),
+                    message: e.to_string(),
+                });
+                return Ok(NO_SPACE_EXIT);
+            }
             tracing::error!(error = %e, "training failed");
             send(&FromWorker::Failed {
                 message: e.to_string(),
@@ -149,6 +157,9 @@ pub fn run(mode: Mode) -> Result<i32, WorkerError> {
         }
     }
 }
+
+/// The exit status of a worker that stopped because a disk is full (EX_TEMPFAIL: try again later).
+pub const NO_SPACE_EXIT: i32 = 75;
 
 /// Watches the control channel: EOF means the daemon is gone, and a worker without a daemon must not
 /// go on.

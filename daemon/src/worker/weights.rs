@@ -137,7 +137,14 @@ pub fn save_tensors_with_metadata(
         Some(metadata),
         &tmp,
     )
-    .map_err(|e| EngineError::io(&tmp, std::io::Error::other(e.to_string())))?;
+    .map_err(|e| {
+        let io = match e {
+            // Keep the OS error (a full disk must stay recognisable as one).
+            safetensors::SafeTensorError::IoError(io) => io,
+            other => std::io::Error::other(other.to_string()),
+        };
+        EngineError::io(&tmp, io)
+    })?;
     std::fs::rename(&tmp, path).map_err(|e| EngineError::io(path, e))
 }
 

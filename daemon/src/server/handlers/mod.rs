@@ -82,6 +82,10 @@ pub fn journal_error(e: JournalError) -> WireError {
         JournalError::NotFound(id) => WireError::new(ErrorCode::NotFound, format!("no job {id}")),
         JournalError::Transition(t) => WireError::new(ErrorCode::InvalidState, t.to_string()),
         JournalError::Refused(e) => e,
+        ref storage if crate::journal::is_storage_error(storage) => WireError::new(
+            ErrorCode::Busy,
+            format!("the journal cannot be written now (is the disk full?): {storage}; nothing was changed, try again once there is space"),
+        ),
         other => {
             tracing::error!(error = %other, "journal failure");
             WireError::new(ErrorCode::Internal, other.to_string())
