@@ -117,7 +117,11 @@ impl EngineError {
                     Some(libc::ENOSPC) | Some(libc::EDQUOT)
                 ) =>
             {
-                Some(path.parent().unwrap_or(path))
+                // The first ancestor that is not one of lorad's hidden temporary files or dirs.
+                path.ancestors().skip(1).find(|p| {
+                    p.file_name()
+                        .is_none_or(|n| !n.to_string_lossy().starts_with('.'))
+                })
             }
             _ => None,
         }

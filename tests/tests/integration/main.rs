@@ -3,6 +3,7 @@ mod bad_input;
 mod chaos;
 mod cli;
 mod control;
+mod disk_full;
 mod export;
 mod flood;
 mod jobs;
