@@ -100,6 +100,10 @@ pub struct TrainSettings {
     pub stall_timeout: u64,
     /// Worker restarts before the job fails.
     pub max_restarts: u32,
+    /// The longest dataset line (one example) read, in bytes; a longer line is refused with its
+    /// number, at submit and in the worker. Default 8 MiB: far above any SFT example (a 128k-token
+    /// example is ~0.5 MiB), small enough that a runaway line costs little memory.
+    pub max_line_bytes: u64,
 }
 
 impl Default for TrainSettings {
@@ -134,6 +138,7 @@ impl Default for TrainSettings {
             device: "auto".into(),
             stall_timeout: 180,
             max_restarts: 3,
+            max_line_bytes: 8 << 20,
         }
     }
 }
@@ -277,6 +282,9 @@ impl TrainSettings {
             "prefetch" if self.prefetch == 0 => bad("must be at least 1".into()),
             "keep_checkpoints" if self.keep_checkpoints == 0 => bad("must be at least 1".into()),
             "stall_timeout" if self.stall_timeout == 0 => bad("must be at least 1 second".into()),
+            "max_line_bytes" if !(1024..=1 << 30).contains(&self.max_line_bytes) => {
+                bad("must be between 1024 and 1073741824 (1 GiB)".into())
+            }
             "device" => {
                 let d = self.device.as_str();
                 let cuda_ok = d

@@ -376,6 +376,7 @@ fn requests() -> Vec<Request> {
         },
         Request::Unsubscribe { sub: 4 },
         Request::Shutdown,
+        Request::Backup,
     ]
 }
 
@@ -399,7 +400,8 @@ fn kind_is_covered(r: &Request) {
         | Request::Logs { .. }
         | Request::Subscribe { .. }
         | Request::Unsubscribe { .. }
-        | Request::Shutdown => {}
+        | Request::Shutdown
+        | Request::Backup => {}
     }
 }
 

@@ -165,13 +165,21 @@ impl Journal {
 }
 
 /// Writes `job` as `dir/job.json` through a new temporary file renamed into place: the directory
-/// belongs to the job's owner, so nothing in it is opened for writing by name.
+/// belongs to the job's owner, so nothing in it is opened for writing by name. The file is given to
+/// the directory's owner.
 pub fn save_record(dir: &Path, job: &JobRecord) -> std::io::Result<()> {
     use std::io::Write;
     let text = serde_json::to_vec_pretty(job).map_err(std::io::Error::other)?;
     let mut tmp = tempfile::Builder::new()
         .prefix(".job.json-")
         .tempfile_in(dir)?;
+    // The job's owner's, like everything in the job directory (their worker lists and syncs it).
+    let owner = std::fs::symlink_metadata(dir)?;
+    nix::unistd::fchown(
+        tmp.as_file(),
+        Some(nix::unistd::Uid::from_raw(owner.uid())),
+        Some(nix::unistd::Gid::from_raw(owner.gid())),
+    )?;
     tmp.write_all(&text)?;
     tmp.as_file().sync_all()?;
     tmp.persist(dir.join(JOB_FILE)).map_err(|e| e.error)?;

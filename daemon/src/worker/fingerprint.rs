@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 /// and prefetch (the order is deterministic), checkpoint cadence and retention, supervision limits, and
 /// the device (a job may be resumed on another GPU; results then agree to float tolerance, not bits).
 /// Every other field, including ones added later, counts as math: the safe default.
-pub const NON_MATH_SETTINGS: [&str; 7] = [
+pub const NON_MATH_SETTINGS: [&str; 8] = [
     "workers",
     "prefetch",
     "checkpoint_every",
@@ -26,6 +26,7 @@ pub const NON_MATH_SETTINGS: [&str; 7] = [
     "stall_timeout",
     "max_restarts",
     "device",
+    "max_line_bytes",
 ];
 
 /// What a run's numbers depend on.

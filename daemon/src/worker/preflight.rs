@@ -16,12 +16,19 @@ pub struct CheckTask {
     pub dataset: PathBuf,
     /// The job's max_seq_len, checked against the model's context.
     pub max_seq_len: u32,
+    /// The job's max_line_bytes.
+    #[serde(default = "default_max_line")]
+    pub max_line_bytes: u64,
     /// The adapter directory the user asked for, if any.
     #[serde(default)]
     pub output_dir: Option<PathBuf>,
     /// The dataloader plugin format that reads the dataset (None: lorad reads it as JSONL).
     #[serde(default)]
     pub plugin_format: Option<String>,
+}
+
+fn default_max_line() -> u64 {
+    crate::worker::data::jsonl::MAX_LINE_BYTES as u64
 }
 
 /// The kind of a file that is not what a path must be, in words.
@@ -124,7 +131,7 @@ pub fn check(task: &CheckTask) -> Result<Option<usize>, WireError> {
         // A plugin's format is the plugin's to check, in the training worker.
         return Ok(None);
     }
-    crate::worker::data::validate_jsonl(&task.dataset)
+    crate::worker::data::validate_jsonl_limited(&task.dataset, task.max_line_bytes as usize)
         .map(Some)
         .map_err(wire_error)
 }
@@ -174,6 +181,7 @@ mod tests {
             base_model: dir.join("model"),
             dataset: data,
             max_seq_len: 32,
+            max_line_bytes: 1 << 20,
             output_dir: None,
             plugin_format: None,
         }

@@ -95,8 +95,8 @@ pub const DTYPE_UNSUPPORTED: &str =
 pub type OpenSource<'a> = dyn Fn(&Path) -> Result<Arc<dyn DataSource>, EngineError> + 'a;
 
 /// The dataset as lorad reads it itself: JSONL.
-pub fn open_jsonl(path: &Path) -> Result<Arc<dyn DataSource>, EngineError> {
-    Ok(Arc::new(JsonlSource::open(path)?))
+pub fn open_jsonl(path: &Path, max_line: usize) -> Result<Arc<dyn DataSource>, EngineError> {
+    Ok(Arc::new(JsonlSource::open_limited(path, max_line)?))
 }
 
 /// Trains one job on a JSONL dataset and writes its adapter to `task.adapter_dir`.
@@ -104,7 +104,8 @@ pub fn train(
     task: &TrainTask,
     on_event: &mut dyn FnMut(TrainEvent),
 ) -> Result<TrainSummary, EngineError> {
-    train_with_source(task, &open_jsonl, on_event)
+    let max_line = task.settings.max_line_bytes as usize;
+    train_with_source(task, &|path| open_jsonl(path, max_line), on_event)
 }
 
 /// Trains one job, its dataset opened by `open_source`, and writes its adapter to `task.adapter_dir`.

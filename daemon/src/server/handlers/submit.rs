@@ -57,6 +57,7 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
         base_model: spec.base_model.clone().into(),
         dataset: spec.dataset.clone().into(),
         max_seq_len: settings.max_seq_len,
+        max_line_bytes: settings.max_line_bytes,
         output_dir: spec.output_dir.clone().map(Into::into),
         plugin_format: plugins
             .dataloader_for(Path::new(&spec.dataset))

@@ -9,8 +9,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-/// The longest line a dataset may have (8 MiB): far above any SFT example (a 128k-token example is
-/// about 0.5 MiB of text), and small enough that reading one costs little memory.
+/// The default longest line (the `max_line_bytes` setting's default, 8 MiB).
 pub const MAX_LINE_BYTES: usize = 8 << 20;
 
 /// Opens `path` for reading only if it is a regular file: FIFOs, devices and directories are refused by
@@ -66,6 +65,11 @@ impl JsonlSource {
     /// the first one), with its fields of the right types. Errors name the 1-based line. Needs no
     /// tokenizer, so the daemon runs it at submit.
     pub fn open(path: &Path) -> Result<Self, EngineError> {
+        Self::open_limited(path, MAX_LINE_BYTES)
+    }
+
+    /// [`JsonlSource::open`] with lines of at most `max_line` bytes (the `max_line_bytes` setting).
+    pub fn open_limited(path: &Path, max_line: usize) -> Result<Self, EngineError> {
         let file = open_regular(path)?;
         let mut reader = BufReader::with_capacity(1 << 16, &file);
         let mut entries = Vec::new();
@@ -76,20 +80,20 @@ impl JsonlSource {
             // One byte past the limit (its newline, or one too many) tells a line that is too long
             // from one that just fits.
             let n = (&mut reader)
-                .take(MAX_LINE_BYTES as u64 + 1)
+                .take(max_line as u64 + 1)
                 .read_until(b'\n', &mut buf)
                 .map_err(|e| EngineError::io(path, e))?;
             if n == 0 {
                 break;
             }
             line += 1;
-            if n > MAX_LINE_BYTES && buf.last() != Some(&b'\n') {
+            if n > max_line && buf.last() != Some(&b'\n') {
                 return Err(EngineError::dataset(
                     path,
                     Some(line),
                     format!(
-                        "the line is longer than {} MiB, the most lorad reads as one example",
-                        MAX_LINE_BYTES >> 20
+                        "the line is longer than {}, the most lorad reads as one example (setting max_line_bytes)",
+                        human_bytes(max_line)
                     ),
                 ));
             }
@@ -132,6 +136,17 @@ impl JsonlSource {
     /// The file's format and the line it was detected from.
     pub fn format(&self) -> FileFormat {
         self.format
+    }
+}
+
+/// `8 MiB`, `1536 KiB`, `100 bytes`.
+fn human_bytes(n: usize) -> String {
+    if n >= 1 << 20 && n % (1 << 20) == 0 {
+        format!("{} MiB", n >> 20)
+    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+        format!("{} KiB", n >> 10)
+    } else {
+        format!("{n} bytes")
     }
 }
 

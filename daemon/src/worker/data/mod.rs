@@ -70,6 +70,11 @@ pub fn validate_jsonl(path: &Path) -> Result<usize, EngineError> {
     JsonlSource::open(path).map(|s| s.len())
 }
 
+/// [`validate_jsonl`] with lines of at most `max_line` bytes.
+pub fn validate_jsonl_limited(path: &Path, max_line: usize) -> Result<usize, EngineError> {
+    JsonlSource::open_limited(path, max_line).map(|s| s.len())
+}
+
 /// Reads every example of a JSONL dataset into memory (tests and tools; training streams them).
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>, EngineError> {
     let source = JsonlSource::open(path)?;
