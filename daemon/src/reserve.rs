@@ -36,7 +36,7 @@ impl Reserve {
         }
         let dir = self.path.parent().unwrap_or(Path::new("/"));
         let free = nix::sys::statvfs::statvfs(dir)
-            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+            .map(|s| s.blocks_available() * s.fragment_size())
             .unwrap_or(0);
         if free < 2 * RESERVE_BYTES {
             return false;

@@ -28,7 +28,7 @@ use super::tables::{meta, EVENTS, JOBS, META, METRICS};
 use super::{decode, Journal, JournalError};
 use crate::state;
 use lorad_schema::{Event, EventBody, JobId, JobRecord, JobState, MetricPoint, Progress};
-use redb::{Builder, ReadableDatabase, ReadableTable, StorageBackend};
+use redb::{Builder, ReadableTable, StorageBackend};
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;

@@ -429,8 +429,7 @@ async fn pause_for_space(core: &Core, id: JobId, step_lost: bool) {
         tokio::task::spawn_blocking(move || {
             crate::worker::checkpoint::list_checkpoints(&job_dir)
                 .into_iter()
-                .filter(|(step, _)| *step <= recorded)
-                .next_back()
+                .rfind(|(step, _)| *step <= recorded)
                 .map(|(step, _)| format!("step-{step}"))
         })
         .await
