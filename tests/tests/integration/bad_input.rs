@@ -87,3 +87,77 @@ fn bad_submits_are_refused_with_a_reason() {
     std::fs::write(gpt2.join("config.json"), config.to_string()).expect("write");
     refused(&c, spec(&gpt2, &good, &[]), "gpt2");
 }
+
+/// `dest` gets a copy of every file of the model directory `src`.
+fn copy_model(src: &Path, dest: &Path) {
+    std::fs::create_dir_all(dest).expect("mkdir");
+    for entry in std::fs::read_dir(src).expect("model dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dest.join(entry.file_name())).expect("copy");
+    }
+}
+
+#[test]
+fn runaway_lines_and_truncated_weights_are_refused_at_submit_and_in_the_worker() {
+    let d = TestDaemon::start();
+    let c = d.client();
+    let good = d.dir.path().join("good.jsonl");
+    write_dataset(&good, 16);
+
+    // A 50 MB line: refused at submit, reading no more than the limit.
+    let long = d.dir.path().join("long.jsonl");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&long).expect("create"));
+        f.write_all(std::fs::read(&good).expect("read").as_slice())
+            .expect("write");
+        f.write_all(b"{\"text\": \"").expect("write");
+        f.write_all(&vec![b'a'; 50 << 20]).expect("write");
+        f.write_all(b"\"}\n").expect("write");
+        f.flush().expect("flush");
+    }
+    let t = Instant::now();
+    refused(
+        &c,
+        spec(tiny_model(), &long, &[]),
+        "line 17: the line is longer than 8 MiB",
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    // A lower limit is a setting.
+    refused(
+        &c,
+        spec(tiny_model(), &long, &[("max_line_bytes", "1024")]),
+        "line 17: the line is longer than 1 KiB",
+    );
+
+    // A truncated safetensors file: refused at submit, naming the file and both sizes.
+    let model = d.dir.path().join("truncated-model");
+    copy_model(tiny_model(), &model);
+    let weights = model.join("model.safetensors");
+    let bytes = std::fs::read(&weights).expect("read");
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).expect("truncate");
+    refused(&c, spec(&model, &good, &[]), "truncated");
+
+    // A dataset that grows a runaway line after submit: the worker refuses it too, by line.
+    let later = d.dir.path().join("later.jsonl");
+    std::fs::copy(&good, &later).expect("copy");
+    let job = c
+        .submit(spec(tiny_model(), &later, &[("max_steps", "2")]))
+        .expect("submit");
+    let held = c.pause(job.id).expect("hold");
+    std::fs::copy(&long, &later).expect("grow");
+    if held.state == JobState::Paused {
+        c.resume(job.id, None).expect("resume");
+    }
+    let (done, _) = wait_for(&c, job.id, Duration::from_secs(120), |s| s.is_terminal());
+    assert_eq!(done.state, JobState::Failed, "{:?}", done.reason);
+    let reason = done.reason.unwrap_or_default();
+    assert!(
+        reason.contains("line 17: the line is longer than 8 MiB"),
+        "{reason}"
+    );
+}
