@@ -77,6 +77,9 @@ pub fn recover_journal(state_dir: &Path) -> anyhow::Result<i32> {
 /// `lorad backup DIR`: from the running daemon (a `backup` request) when one answers on `socket`,
 /// else straight from the journal. The copy lands in `DIR` under a new name.
 pub fn backup(socket: &Path, state_dir: &Path, dir: &Path) -> anyhow::Result<i32> {
+    // A copy of the journal is as private as the journal.
+    // SAFETY: umask only sets this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot make {}", dir.display()))?;
     let when = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
     let dest = dir.join(format!("journal-{when}.redb"));
@@ -86,12 +89,30 @@ pub fn backup(socket: &Path, state_dir: &Path, dir: &Path) -> anyhow::Result<i32
     let records = match from_daemon {
         Some(reply) => {
             let (path, records) = reply.context("the daemon refused the backup")?;
-            copy_new(Path::new(&path), &dest)?;
-            let _ = std::fs::remove_file(&path);
+            let path = PathBuf::from(path);
+            copy_new(&path, &dest)?;
+            // Remove the daemon's copy only if it is one: a file named journal-*.redb in its
+            // backups directory.
+            let ours = path.parent() == Some(state_dir.join("backups").as_path())
+                && path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("journal-") && n.ends_with(".redb"))
+                && std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
+            if ours {
+                let _ = std::fs::remove_file(&path);
+            }
             records.into_iter().collect::<Vec<_>>()
         }
         None => {
-            let j = Journal::open(&state_dir.join("journal.redb"))?;
+            let journal = state_dir.join("journal.redb");
+            if !std::fs::metadata(&journal).is_ok_and(|m| m.len() > 0) {
+                bail!(
+                    "{} does not exist or is empty: nothing to back up",
+                    journal.display()
+                );
+            }
+            let j = Journal::open(&journal)?;
             j.copy_to(&dest)?
                 .into_iter()
                 .map(|(t, n)| (t.to_string(), n))

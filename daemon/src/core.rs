@@ -41,6 +41,8 @@ pub struct Core {
     pub checks: crate::supervisor::check::Checks,
     /// Space held back so the journal can still record a full disk.
     pub reserve: crate::reserve::Reserve,
+    /// When the journal was last reopened: failures in a burst reopen it once.
+    last_reopen: Mutex<Option<Instant>>,
 }
 
 impl Core {
@@ -59,6 +61,7 @@ impl Core {
             plugins: RwLock::new(Arc::new(Registry::default())),
             checks: crate::supervisor::check::Checks::new(config.limits.max_checks),
             reserve: crate::reserve::Reserve::new(&config.state_dir),
+            last_reopen: Mutex::new(None),
             config,
         })
     }
@@ -138,9 +141,26 @@ impl Core {
     /// I/O error until then). The write that failed is not retried here; its caller decides.
     pub async fn storage_failed(&self, e: &JournalError) {
         tracing::error!(error = %e, state_dir = %self.config.state_dir.display(), "the journal cannot write; releasing the reserve and reopening it");
+        let released = self.reserve.release();
+        self.reopen_journal(released).await;
+    }
+
+    /// Whether the journal is open (false while a reopen after an I/O error has not succeeded).
+    pub fn journal_open(&self) -> bool {
+        self.journal.is_open()
+    }
+
+    /// Reopens the journal, at most once a second (a burst of failed writes reopens it once).
+    pub async fn reopen_journal(&self, released: bool) {
+        {
+            let mut last = self.last_reopen.lock().unwrap_or_else(|p| p.into_inner());
+            if self.journal.is_open() && last.is_some_and(|t| t.elapsed().as_secs_f64() < 1.0) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
         let journal = self.journal.clone();
         let lock = self.write_lock.clone();
-        let released = self.reserve.release();
         let reopened = tokio::task::spawn_blocking(move || {
             let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             journal.reopen()

@@ -136,10 +136,13 @@ async fn secure_job_dirs(core: &Core) {
     }
 }
 
-/// Holds the journal's reserved space, and takes it again once a full disk has room (checked every
-/// 5 s while it is not held).
+/// Holds the journal's reserved space, and takes it again once a full disk has room; opens the journal
+/// again if a reopen after an I/O error failed (checked every 5 s).
 async fn keep_reserve(core: std::sync::Arc<Core>) {
     loop {
+        if !core.journal_open() {
+            core.reopen_journal(false).await;
+        }
         if !core.reserve.held() {
             let c = core.clone();
             let filled = tokio::task::spawn_blocking(move || c.reserve.fill())

@@ -47,19 +47,37 @@ pub fn check(path: &Path) -> Result<CheckReport, JournalError> {
         path: path.to_path_buf(),
         detail,
     };
-    let opened = super::without_panicking(|| Database::open(path)).map_err(|at| {
+    // redb repairs a file when it opens it: check a copy, never the journal itself. A daemon that has
+    // it open holds its lock.
+    let original = std::fs::File::open(path).map_err(|e| JournalError::Io {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    if original.try_lock().is_err() {
+        return Err(JournalError::Io {
+            path: path.to_path_buf(),
+            detail: "is open in another process: stop the daemon, or take a copy with `lorad backup` and check that".into(),
+        });
+    }
+    let copy = tempfile::Builder::new()
+        .prefix("lorad-check-")
+        .tempfile()
+        .map_err(|e| JournalError::Io {
+            path: path.to_path_buf(),
+            detail: format!("cannot make a copy to check: {e}"),
+        })?;
+    std::fs::copy(path, copy.path()).map_err(|e| JournalError::Io {
+        path: path.to_path_buf(),
+        detail: format!("cannot copy it to check: {e}"),
+    })?;
+    drop(original);
+    let opened = super::without_panicking(|| Database::open(copy.path())).map_err(|at| {
         damaged(format!(
             "redb found an inconsistent page while opening it (its check at {at})"
         ))
     })?;
     let mut db = match opened {
         Ok(db) => db,
-        Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-            return Err(JournalError::Io {
-                path: path.to_path_buf(),
-                detail: "is open in another process: stop the daemon, or take a copy with `lorad backup` and check that".into(),
-            })
-        }
         Err(e) => return Err(damaged(e.to_string())),
     };
     let integrity = super::without_panicking(|| db.check_integrity())
@@ -131,6 +149,14 @@ impl Journal {
                 detail: "already exists; a backup never replaces a file".into(),
             });
         }
+        let copied = self.copy_into(dest);
+        if copied.is_err() {
+            let _ = std::fs::remove_file(dest);
+        }
+        copied
+    }
+
+    fn copy_into(&self, dest: &Path) -> Result<Vec<(&'static str, u64)>, JournalError> {
         let src = self.db.begin_read()?;
         let out = Database::create(dest)?;
         let txn = out.begin_write()?;

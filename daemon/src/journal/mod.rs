@@ -103,30 +103,32 @@ pub struct Journal {
 pub(crate) struct Db {
     /// Where it lives (None: a test's own storage backend, which cannot be reopened).
     path: Option<std::path::PathBuf>,
-    current: std::sync::RwLock<Arc<Database>>,
+    /// None while closed: after a reopen failed. Every transaction then fails as a storage error
+    /// (never silently on something else), until a reopen succeeds.
+    current: std::sync::RwLock<Option<Arc<Database>>>,
 }
 
 impl Db {
     fn new(db: Database, path: Option<&Path>) -> Db {
         Db {
             path: path.map(Path::to_path_buf),
-            current: std::sync::RwLock::new(Arc::new(db)),
+            current: std::sync::RwLock::new(Some(Arc::new(db))),
         }
     }
 
-    fn get(&self) -> Arc<Database> {
-        self.current
-            .read()
-            .map(|d| d.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+    fn get(&self) -> Result<Arc<Database>, JournalError> {
+        let current = self.current.read().unwrap_or_else(|p| p.into_inner());
+        current
+            .clone()
+            .ok_or(JournalError::Db(redb::Error::PreviousIo))
     }
 
-    pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
-        self.get().begin_read()
+    pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction, JournalError> {
+        Ok(self.get()?.begin_read()?)
     }
 
-    pub(crate) fn begin_write(&self) -> Result<WriteTransaction, redb::TransactionError> {
-        self.get().begin_write()
+    pub(crate) fn begin_write(&self) -> Result<WriteTransaction, JournalError> {
+        Ok(self.get()?.begin_write()?)
     }
 }
 
@@ -252,6 +254,10 @@ impl Journal {
             without_panicking(|| Database::create(path).map(|db| Self::init_at(db, Some(path))));
         match opened {
             Ok(Ok(journal)) => journal.map_err(|e| match e {
+                ref io if is_storage_error(io) => JournalError::Io {
+                    path: path.to_path_buf(),
+                    detail: io.to_string(),
+                },
                 JournalError::Db(e) => damaged(e.to_string()),
                 other => other,
             }),
@@ -259,6 +265,12 @@ impl Journal {
                 path: path.to_path_buf(),
                 detail: "is open in another process (is a lorad already running on this state directory?)".into(),
             }),
+            Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))) => {
+                Err(JournalError::Io {
+                    path: path.to_path_buf(),
+                    detail: e.to_string(),
+                })
+            }
             Ok(Err(e)) => Err(damaged(e.to_string())),
             Err(at) => Err(damaged(format!(
                 "redb found an inconsistent page while opening it (its check at {at})"
@@ -309,20 +321,14 @@ impl Journal {
             return Ok(());
         };
         let mut current = self.db.current.write().unwrap_or_else(|p| p.into_inner());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while Arc::strong_count(&current) > 1 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        // Close the old handle (its file lock with it) by swapping in a fresh in-memory database,
-        // then open the file again.
-        let placeholder =
-            Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
-        drop(std::mem::replace(&mut *current, Arc::new(placeholder)));
+        // Close the old handle. A transaction still open holds the file (and its lock): opening it
+        // again then fails as already open, and the journal stays closed until a later reopen.
+        drop(current.take());
         let mut last = None;
-        for _ in 0..100 {
-            match without_panicking(|| Database::create(&path)) {
+        for _ in 0..50 {
+            match without_panicking(|| Database::open(&path)) {
                 Ok(Ok(db)) => {
-                    *current = Arc::new(db);
+                    *current = Some(Arc::new(db));
                     return Ok(());
                 }
                 Ok(Err(e)) => last = Some(e.to_string()),
@@ -341,6 +347,11 @@ impl Journal {
                 last.unwrap_or_default()
             ),
         })
+    }
+
+    /// Whether the database is open (false after a reopen failed; the next reopen may succeed).
+    pub fn is_open(&self) -> bool {
+        self.db.current.read().map(|c| c.is_some()).unwrap_or(false)
     }
 
     /// Allocates the next id, stores the job `make(id)` returns, and logs a notice event.

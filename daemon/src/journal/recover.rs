@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 /// The copy of a job's record kept in its directory, written before each attempt.
 pub const JOB_FILE: &str = "job.json";
 
+/// The largest job.json read back.
+const MAX_RECORD: u64 = 1 << 20;
+
 /// The job directories under `jobs_dir` (names that are job ids), in id order.
 pub fn job_dirs(jobs_dir: &Path) -> Vec<(JobId, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(jobs_dir) else {
@@ -116,16 +119,37 @@ fn move_aside(journal: &Path) -> Result<PathBuf, JournalError> {
 
 /// The record in `dir/job.json`, with the id of the directory and the owner of the directory.
 fn read_record(id: JobId, dir: &Path) -> Result<JobRecord, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(JOB_FILE);
     let owner = std::fs::symlink_metadata(dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?
         .uid();
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // The directory is its owner's: open no link and no FIFO, only a small regular file of theirs.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() || meta.uid() != owner || meta.len() > MAX_RECORD {
+        return Err(format!(
+            "{}: not a regular file of the directory's owner under {MAX_RECORD} bytes",
+            path.display()
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_RECORD)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let mut job: JobRecord =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     job.id = id;
     job.owner_uid = owner;
     job.worker_pid = None;
+    job.resume_checkpoint = None;
     if job.state.is_active() {
         job.state = JobState::Queued;
         job.requeued = true;

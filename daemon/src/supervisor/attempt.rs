@@ -41,6 +41,14 @@ pub enum SpawnError {
     Identity(#[from] crate::identity::IdentityError),
 }
 
+impl SpawnError {
+    /// Whether the disk was full (ENOSPC, or the owner's quota).
+    pub fn no_space(&self) -> bool {
+        matches!(self, SpawnError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    }
+}
+
 pub(super) fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> SpawnError {
     move |source| SpawnError::Io { what, source }
 }
@@ -64,7 +72,9 @@ pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, S
     // Resume from the checkpoint the user named, else from the newest one (none: a fresh start).
     let resume_from = match &job.resume_checkpoint {
         Some(name) => Some(job_dir.join("checkpoints").join(name)),
-        None => crate::worker::checkpoint::latest_checkpoint(&job_dir),
+        // The newest checkpoint whose steps are all in the journal: one written after a step the
+        // journal could not record (a full disk, a killed daemon) would skip that step's point.
+        None => crate::worker::checkpoint::latest_checkpoint_at_most(&job_dir, job.progress.step),
     };
     let from = match &resume_from {
         Some(dir) => format!(
@@ -84,8 +94,10 @@ pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, S
             let who = crate::identity::for_owner(owner)?;
             let ids = who.as_ref().map(|w| (w.uid, w.gid));
             logs::prepare_job_dir(&job_dir, ids).map_err(io("make the job directory"))?;
-            crate::journal::recover::save_record(&job_dir, &record)
-                .map_err(io("keep the job's record"))?;
+            // The journal is the record; job.json is its spare: a failure here is not worth a job.
+            if let Err(e) = crate::journal::recover::save_record(&job_dir, &record) {
+                tracing::warn!(job = %record.id, error = %e, "cannot keep a copy of the job's record");
+            }
             let log = logs::open_append(&log_path, ids).map_err(io("open job.log"))?;
             let before = log.metadata().map(|m| m.len()).unwrap_or(0);
             (&log)
@@ -411,43 +423,22 @@ pub(super) async fn record_until_written(
 }
 
 /// The journal could not record a step of job `id` for lack of space: pause the job (its reason says
-/// where space ran out) and stop its worker, which checkpoints if it can. If the step was lost, the
-/// job resumes from a checkpoint no later than its last recorded step, so every step's point is
-/// recorded exactly once in the end.
-async fn pause_for_space(core: &Core, id: JobId, step_lost: bool) {
+/// where space ran out) and stop its worker, which checkpoints if it can. A job resumes from its
+/// newest checkpoint no later than its last recorded step, so a step whose point was lost is done
+/// again, and every step's point is recorded exactly once in the end.
+async fn pause_for_space(core: &Core, id: JobId) {
     let dir = core.config.state_dir.display().to_string();
     let reason = format!(
         "no space left on device in {dir}: the journal cannot record progress; free some space, then `loractl resume {id}`"
     );
-    let resume_from = if step_lost {
-        let recorded = core
-            .read(move |j| j.job(id))
-            .await
-            .map(|j| j.progress.step)
-            .unwrap_or(0);
-        let job_dir = core.config.job_dir(id);
-        tokio::task::spawn_blocking(move || {
-            crate::worker::checkpoint::list_checkpoints(&job_dir)
-                .into_iter()
-                .rfind(|(step, _)| *step <= recorded)
-                .map(|(step, _)| format!("step-{step}"))
-        })
-        .await
-        .ok()
-        .flatten()
-    } else {
-        None
-    };
-    let paused = record_until_written(core, id, JobState::Paused, Some(reason), move |job| {
-        if resume_from.is_some() {
-            job.resume_checkpoint = resume_from.clone();
-        }
-    })
-    .await;
-    if paused.is_ok() {
-        if let Some(worker) = core.worker(id) {
-            worker.stop.cancel();
-        }
+    // Stop first: the worker must not go on filling the space just freed for this record. (The
+    // watch loop acts on the stop only after this returns, when the job is already paused.)
+    if let Some(worker) = core.worker(id) {
+        worker.stop.cancel();
+    }
+    let paused = record_until_written(core, id, JobState::Paused, Some(reason), |_| {}).await;
+    if let Err(e) = paused {
+        tracing::warn!(job = %id, error = %e, "cannot pause the job");
     }
 }
 
@@ -475,10 +466,11 @@ async fn handle(
         } => {
             let job = core.read(move |j| j.job(id)).await;
             match job {
-                Ok(job) if job.state == JobState::Initializing => core
-                    .transition(id, JobState::Running, None, |_| {})
-                    .await
-                    .map(|_| ()),
+                Ok(job) if job.state == JobState::Initializing => {
+                    record_until_written(core, id, JobState::Running, None, |_| {})
+                        .await
+                        .map(|_| ())
+                }
                 Ok(_) => Ok(()),
                 Err(e) => Err(e),
             }
@@ -528,7 +520,7 @@ async fn handle(
                 Err(e) if crate::journal::is_storage_error(&e) => {
                     // The write reopened the journal and freed the reserve: once more, then stop.
                     let again = record(point).await;
-                    pause_for_space(core, id, again.is_err()).await;
+                    pause_for_space(core, id).await;
                     again
                 }
                 other => other,

@@ -63,8 +63,12 @@ async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId) {
     {
         Ok(job) => job,
         Err(e) => {
-            // Cancelled between the read and now: nothing to start.
+            // Cancelled between the read and now: nothing to start. Or the journal cannot write (a
+            // full disk): wait before the loop tries again, instead of spinning.
             tracing::warn!(job = %id, error = %e, "cannot start job");
+            if crate::journal::is_storage_error(&e) {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
             return;
         }
     };
@@ -86,11 +90,22 @@ async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId) {
             });
         }
         Err(e) => {
-            let reason = format!("cannot start worker: {e}");
+            // A full disk (the job's log cannot be written) pauses the job like a worker's full
+            // disk does; anything else fails it.
+            let (to, reason) = if e.no_space() {
+                let dir = core.config.job_dir(id).display().to_string();
+                (
+                    JobState::Paused,
+                    format!("no space left on device in {dir}: free some space, then `loractl resume {id}` (cannot start worker: {e})"),
+                )
+            } else {
+                (JobState::Failed, format!("cannot start worker: {e}"))
+            };
             tracing::error!(job = %id, %reason);
-            let _ = core
-                .transition(id, JobState::Failed, Some(reason), |_| {})
-                .await;
+            if let Err(e) = attempt::record_until_written(core, id, to, Some(reason), |_| {}).await
+            {
+                tracing::error!(job = %id, error = %e, "cannot record why the job did not start");
+            }
             core.kick.notify_one();
         }
     }

@@ -194,6 +194,14 @@ pub fn latest_checkpoint(job_dir: &Path) -> Option<PathBuf> {
     list_checkpoints(job_dir).pop().map(|(_, p)| p)
 }
 
+/// The newest complete checkpoint of a job at or before `step` (the last step the journal recorded).
+pub fn latest_checkpoint_at_most(job_dir: &Path, step: u64) -> Option<PathBuf> {
+    list_checkpoints(job_dir)
+        .into_iter()
+        .rfind(|(s, _)| *s <= step)
+        .map(|(_, p)| p)
+}
+
 /// The AdamW parameter names, in `Llama::trainable_vars` order (A then B of each adapted module).
 fn param_names(model: &Llama) -> Vec<String> {
     model
