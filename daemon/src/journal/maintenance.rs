@@ -94,50 +94,13 @@ impl Journal {
     /// Decodes every job, event and metric point; counts what decodes and lists what does not.
     fn decode_all(&self) -> Result<Vec<TableCount>, JournalError> {
         let txn = self.db.begin_read()?;
-        let mut tables = Vec::new();
-        let jobs = txn.open_table(JOBS)?;
-        let mut t = TableCount {
-            table: "jobs",
-            ..TableCount::default()
-        };
-        for row in jobs.iter()? {
-            let (k, v) = row?;
-            match frame::decode::<JobRecord>(v.value()) {
-                Ok(_) => t.readable += 1,
-                Err(_) => t.damaged.push(format!("job {}", k.value())),
-            }
-        }
-        tables.push(t);
-        let events = txn.open_table(EVENTS)?;
-        let mut t = TableCount {
-            table: "events",
-            ..TableCount::default()
-        };
-        for row in events.iter()? {
-            let (k, v) = row?;
-            match frame::decode::<Event>(v.value()) {
-                Ok(_) => t.readable += 1,
-                Err(_) => t.damaged.push(format!("event {}", k.value())),
-            }
-        }
-        tables.push(t);
-        let metrics = txn.open_table(METRICS)?;
-        let mut t = TableCount {
-            table: "metrics",
-            ..TableCount::default()
-        };
-        for row in metrics.iter()? {
-            let (k, v) = row?;
-            match frame::decode::<MetricPoint>(v.value()) {
-                Ok(_) => t.readable += 1,
-                Err(_) => {
-                    let (job, step) = k.value();
-                    t.damaged.push(format!("job {job} step {step}"))
-                }
-            }
-        }
-        tables.push(t);
-        Ok(tables)
+        Ok(vec![
+            count::<u64, JobRecord>(&txn, "jobs", JOBS, |id| format!("job {id}"))?,
+            count::<u64, Event>(&txn, "events", EVENTS, |seq| format!("event {seq}"))?,
+            count::<(u64, u64), MetricPoint>(&txn, "metrics", METRICS, |(job, step)| {
+                format!("job {job} step {step}")
+            })?,
+        ])
     }
 
     /// Writes a consistent copy of the journal to the new file `dest` (one read transaction: what was
@@ -160,41 +123,60 @@ impl Journal {
         let src = self.db.begin_read()?;
         let out = Database::create(dest)?;
         let txn = out.begin_write()?;
-        let mut copied = Vec::new();
-        {
-            let from = src.open_table(META)?;
-            let mut to = txn.open_table(META)?;
-            let mut n = 0;
-            for row in from.iter()? {
-                let (k, v) = row?;
-                to.insert(k.value(), v.value())?;
-                n += 1;
-            }
-            copied.push(("meta", n));
-        }
-        for (name, def) in [("jobs", JOBS), ("events", EVENTS)] {
-            let from = src.open_table(def)?;
-            let mut to = txn.open_table(def)?;
-            let mut n = 0;
-            for row in from.iter()? {
-                let (k, v) = row?;
-                to.insert(k.value(), v.value())?;
-                n += 1;
-            }
-            copied.push((name, n));
-        }
-        {
-            let from = src.open_table(METRICS)?;
-            let mut to = txn.open_table(METRICS)?;
-            let mut n = 0;
-            for row in from.iter()? {
-                let (k, v) = row?;
-                to.insert(k.value(), v.value())?;
-                n += 1;
-            }
-            copied.push(("metrics", n));
-        }
+        let copied = vec![
+            ("meta", copy(&src, &txn, META)?),
+            ("jobs", copy(&src, &txn, JOBS)?),
+            ("events", copy(&src, &txn, EVENTS)?),
+            ("metrics", copy(&src, &txn, METRICS)?),
+        ];
         txn.commit()?;
         Ok(copied)
     }
+}
+
+/// Decodes every value of `def` as `T`: how many do, and the keys (named by `name`) of those that do
+/// not.
+fn count<K, T>(
+    txn: &redb::ReadTransaction,
+    table: &'static str,
+    def: redb::TableDefinition<K, &'static [u8]>,
+    name: impl Fn(K::SelfType<'_>) -> String,
+) -> Result<TableCount, JournalError>
+where
+    K: redb::Key + 'static,
+    T: serde::de::DeserializeOwned,
+{
+    let mut out = TableCount {
+        table,
+        ..TableCount::default()
+    };
+    for row in txn.open_table(def)?.iter()? {
+        let (k, v) = row?;
+        match frame::decode::<T>(v.value()) {
+            Ok(_) => out.readable += 1,
+            Err(_) => out.damaged.push(name(k.value())),
+        }
+    }
+    Ok(out)
+}
+
+/// Copies every row of `def` from `src` into `dst`; the number copied.
+fn copy<K, V>(
+    src: &redb::ReadTransaction,
+    dst: &redb::WriteTransaction,
+    def: redb::TableDefinition<K, V>,
+) -> Result<u64, JournalError>
+where
+    K: redb::Key + 'static,
+    V: redb::Value + 'static,
+{
+    let from = src.open_table(def)?;
+    let mut to = dst.open_table(def)?;
+    let mut n = 0;
+    for row in from.iter()? {
+        let (k, v) = row?;
+        to.insert(k.value(), v.value())?;
+        n += 1;
+    }
+    Ok(n)
 }
