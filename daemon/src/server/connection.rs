@@ -1,35 +1,17 @@
-//! One client connection: handshake, then requests answered in order, with subscription pushes
-//! interleaved by a single writer task.
-use super::handlers;
-use super::session::{Admission, FrameBudget, Grant, Peer, Slot};
+//! One client connection: admission, then the read-and-dispatch loop. The handshake and the writer
+//! task are in their own modules; the connection's state is `session::Conn`.
+use super::handlers::{self, Dispatched};
+use super::handshake::handshake;
+use super::session::{Admission, Conn, FrameBudget, Grant, Peer, Slot};
+use super::writer;
 use crate::core::Core;
 use interprocess::local_socket::tokio::Stream;
 use interprocess::local_socket::traits::StreamCommon as _;
 use lorad_schema::frame::{self, FrameError};
-use lorad_schema::{
-    ClientFrame, ErrorCode, Handshake, Reply, Request, ServerFrame, WireError, PROTOCOL_VERSION,
-};
+use lorad_schema::{ClientFrame, ErrorCode, Handshake, Request, WireError};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
-
-/// Largest handshake frame.
-const MAX_HELLO: usize = 64 * 1024;
-/// A client that says nothing for this long after connecting is dropped.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Per-connection state the handlers may change.
-pub struct Conn {
-    /// Who is on the other end.
-    pub peer: Peer,
-    /// Frames to send; the writer task drains it.
-    pub out: mpsc::Sender<Vec<u8>>,
-    /// Live subscriptions by id.
-    pub subs: HashMap<u64, AbortHandle>,
-}
 
 /// Who is on the other end of `stream`, and its place among the open connections; `None` (after telling
 /// the client why) when the caps are reached or the peer has no credentials.
@@ -82,158 +64,98 @@ pub async fn admit(
     Some((peer, slot))
 }
 
-/// Serves one connection until the client leaves, breaks the protocol, or the daemon shuts down.
+/// Serves one connection until the client leaves, breaks the protocol, or the daemon shuts down:
+/// the handshake, then requests answered in order (a long-running one, such as export, on its own
+/// task), with subscription pushes interleaved by the writer task.
 /// `budget` holds the bytes of large frames being received, shared by every connection.
 pub async fn handle(core: Arc<Core>, stream: Stream, peer: Peer, budget: Arc<FrameBudget>) {
-    // `&Stream` reads and writes: the connection task reads, the writer task writes.
-    let stream = Arc::new(stream);
-    let mut rd = &*stream;
-    let mut wr = &*stream;
-
-    // Handshake.
-    let hello = tokio::time::timeout(
-        HELLO_TIMEOUT,
-        frame::read_msg_async::<Handshake, _>(&mut rd, MAX_HELLO),
-    )
-    .await;
-    let client = match hello {
-        Ok(Ok(Handshake::Hello { protocol, client })) if protocol == PROTOCOL_VERSION => client,
-        Ok(Ok(Handshake::Hello { protocol, .. })) => {
-            let msg = Handshake::Error {
-                code: ErrorCode::Unsupported,
-                message: format!("client speaks protocol {protocol}; this daemon speaks protocol {PROTOCOL_VERSION}"),
-            };
-            let _ = frame::write_msg_async(&mut wr, &msg).await;
-            return;
-        }
-        Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
-            let msg = Handshake::Error {
-                code: ErrorCode::InvalidArgument,
-                message: "expected a hello frame: {\"type\": \"hello\", \"protocol\": 1, \"client\": \"...\"}".into(),
-            };
-            let _ = frame::write_msg_async(&mut wr, &msg).await;
-            return;
-        }
-    };
-    let welcome = Handshake::Welcome {
-        protocol: PROTOCOL_VERSION,
-        daemon_version: env!("CARGO_PKG_VERSION").into(),
-        features: vec!["subscribe".into(), "metrics".into(), "logs".into()],
-    };
-    if frame::write_msg_async(&mut wr, &welcome).await.is_err() {
+    if handshake(&stream, &peer).await.is_none() {
         return;
     }
-    tracing::debug!(uid = peer.uid, pid = peer.pid, %client, "client connected");
-
-    let (out, mut rx) = mpsc::channel::<Vec<u8>>(256);
-    let write_half = stream.clone();
-    let writer = tokio::spawn(async move {
-        let mut wr = &*write_half;
-        while let Some(bytes) = rx.recv().await {
-            if wr.write_all(&bytes).await.is_err() {
-                break;
-            }
-        }
-        let _ = wr.flush().await;
-    });
-
+    // `&Stream` reads and writes: this task reads, the writer task writes.
+    let stream = Arc::new(stream);
+    let (out, writer) = writer::spawn(stream.clone());
     let mut conn = Conn {
         peer,
         out,
         subs: HashMap::new(),
     };
+    let mut rd = &*stream;
     loop {
         let read = tokio::select! {
             r = read_frame(&mut rd, &core, &budget, &peer) => r,
             _ = core.shutdown.cancelled() => break,
         };
-        let (bytes, permit) = match read {
-            Ok(read) => read,
-            Err(ReadError::Frame(FrameError::Closed)) => break,
-            Err(ReadError::Busy(message)) => {
-                send_reply(
-                    &conn,
-                    0,
-                    Err(WireError::new(ErrorCode::Busy, message.clone())),
-                )
-                .await;
-                tracing::debug!(uid = peer.uid, error = %message, "closing connection");
-                break;
+        let (id, request) = match next_request(read) {
+            Next::Request(id, request) => (id, request),
+            Next::Answer(id, error) => {
+                writer::reply(&conn.out, id, Err(error)).await;
+                continue;
             }
-            Err(ReadError::Frame(e @ FrameError::TooLarge { .. })) => {
-                send_reply(
-                    &conn,
-                    0,
-                    Err(WireError::new(ErrorCode::TooLarge, e.to_string())),
-                )
-                .await;
-                tracing::debug!(uid = peer.uid, error = %e, "closing connection");
-                break;
-            }
-            Err(e) => {
-                tracing::debug!(uid = peer.uid, error = %e, "closing connection");
-                break;
-            }
-        };
-        let decoded = frame::decode::<ClientFrame>(&bytes);
-        let bytes_id = decoded.is_err().then(|| frame::decode::<IdOnly>(&bytes));
-        drop(bytes);
-        drop(permit);
-        let request = match decoded {
-            Ok(f) => f,
-            Err(e) => {
-                // A frame with a readable id but an unknown or malformed request is answered and the
-                // connection stays (forward compatibility); anything else is garbage and closes it.
-                match bytes_id {
-                    Some(Ok(IdOnly { id })) => {
-                        send_reply(
-                            &conn,
-                            id,
-                            Err(WireError::new(ErrorCode::InvalidArgument, bad_request(&e))),
-                        )
-                        .await;
-                        continue;
-                    }
-                    _ => {
-                        send_reply(
-                            &conn,
-                            0,
-                            Err(WireError::new(
-                                ErrorCode::InvalidArgument,
-                                "undecodable frame",
-                            )),
-                        )
-                        .await;
-                        break;
-                    }
+            Next::Close(last) => {
+                if let Some(error) = last {
+                    tracing::debug!(uid = peer.uid, error = %error.message, "closing connection");
+                    writer::reply(&conn.out, 0, Err(error)).await;
                 }
+                break;
             }
         };
-        // An export can take minutes: it runs on its own task and replies when done, so the
-        // connection goes on serving (replies carry their request's id).
-        if let Request::Export {
-            job,
-            format,
-            out,
-            checkpoint,
-        } = request.req
-        {
-            let (core, peer, reply_to) = (core.clone(), conn.peer, conn.out.clone());
-            tokio::spawn(async move {
-                let result =
-                    handlers::export::handle(&core, peer, job, format, out, checkpoint).await;
-                send_reply_to(&reply_to, request.id, result).await;
-            });
-            continue;
+        match handlers::dispatch(&core, &mut conn, request).await {
+            Dispatched::Now(result) => writer::reply(&conn.out, id, result).await,
+            Dispatched::Later(work) => {
+                // Replies carry their request's id, so this one may come after later requests'.
+                let out = conn.out.clone();
+                tokio::spawn(async move { writer::reply(&out, id, work.await).await });
+            }
         }
-        let result = handlers::dispatch(&core, &mut conn, request.req).await;
-        send_reply(&conn, request.id, result).await;
     }
     for (_, sub) in conn.subs.drain() {
         sub.abort();
     }
     drop(conn);
     let _ = writer.await;
+}
+
+/// What one read frame means for the connection.
+enum Next {
+    /// A request to answer.
+    Request(u64, Request),
+    /// A frame with a readable id but a bad request: answered, and the connection stays (forward
+    /// compatibility: an unknown request type is `invalid_argument`, not a closed connection).
+    Answer(u64, WireError),
+    /// The end: the client left, or broke the protocol (answered with this error, id 0, first).
+    Close(Option<WireError>),
+}
+
+/// Decodes what [`read_frame`] got into the next step.
+fn next_request(read: Result<(Vec<u8>, Grant), ReadError>) -> Next {
+    let bytes = match read {
+        Ok((bytes, _grant)) => bytes,
+        Err(ReadError::Frame(FrameError::Closed)) => return Next::Close(None),
+        Err(ReadError::Busy(message)) => {
+            return Next::Close(Some(WireError::new(ErrorCode::Busy, message)))
+        }
+        Err(ReadError::Frame(e @ FrameError::TooLarge { .. })) => {
+            return Next::Close(Some(WireError::new(ErrorCode::TooLarge, e.to_string())))
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "closing connection");
+            return Next::Close(None);
+        }
+    };
+    match frame::decode::<ClientFrame>(&bytes) {
+        Ok(f) => Next::Request(f.id, f.req),
+        Err(e) => match frame::decode::<IdOnly>(&bytes) {
+            Ok(IdOnly { id }) => Next::Answer(
+                id,
+                WireError::new(ErrorCode::InvalidArgument, bad_request(&e)),
+            ),
+            Err(_) => Next::Close(Some(WireError::new(
+                ErrorCode::InvalidArgument,
+                "undecodable frame",
+            ))),
+        },
+    }
 }
 
 /// Why no frame came.
@@ -291,34 +213,5 @@ fn bad_request(e: &FrameError) -> String {
         format!("unsupported request: {text}")
     } else {
         format!("malformed request: {text}")
-    }
-}
-
-async fn send_reply(conn: &Conn, id: u64, result: Result<lorad_schema::Response, WireError>) {
-    send_reply_to(&conn.out, id, result).await
-}
-
-async fn send_reply_to(
-    out: &mpsc::Sender<Vec<u8>>,
-    id: u64,
-    result: Result<lorad_schema::Response, WireError>,
-) {
-    let reply = match result {
-        Ok(ok) => Reply {
-            id,
-            ok: Some(ok),
-            err: None,
-        },
-        Err(err) => Reply {
-            id,
-            ok: None,
-            err: Some(err),
-        },
-    };
-    match frame::encode(&ServerFrame::Reply(reply)).and_then(|b| frame::frame_bytes(&b)) {
-        Ok(bytes) => {
-            let _ = out.send(bytes).await;
-        }
-        Err(e) => tracing::error!(error = %e, "cannot encode reply"),
     }
 }

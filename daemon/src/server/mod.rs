@@ -1,7 +1,9 @@
 //! The socket server: binds the Unix socket, accepts connections, one task per connection.
 mod connection;
 mod handlers;
+mod handshake;
 pub mod session;
+mod writer;
 
 use crate::core::Core;
 use interprocess::local_socket::tokio::Listener;

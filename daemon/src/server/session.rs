@@ -5,6 +5,16 @@ use lorad_schema::JobRecord;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// A connection's state that requests may change: who it is, where its frames go, its subscriptions.
+pub struct Conn {
+    /// Who is on the other end.
+    pub peer: Peer,
+    /// Frames to send; the writer task drains it.
+    pub out: tokio::sync::mpsc::Sender<Vec<u8>>,
+    /// Live subscriptions by id.
+    pub subs: HashMap<u64, tokio::task::AbortHandle>,
+}
+
 /// The connected process, from SO_PEERCRED.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer {

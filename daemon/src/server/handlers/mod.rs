@@ -2,7 +2,7 @@
 mod backup;
 mod cancel;
 mod checkpoints;
-pub mod export;
+mod export;
 mod get;
 mod list;
 mod logs;
@@ -17,21 +17,42 @@ mod submit;
 mod subscribe;
 mod templates;
 
-use super::connection::Conn;
+use super::session::Conn;
 use crate::core::Core;
 use crate::journal::JournalError;
 use lorad_schema::{ErrorCode, JobId, JobRecord, Request, Response, WireError};
 
 pub use super::session::Peer;
 
+/// A request's answer: now, or a long-running piece of work (an export) whose result is the reply.
+/// One per request, moved once: the size difference of the variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+pub enum Dispatched {
+    /// The reply.
+    Now(Result<Response, WireError>),
+    /// Work to run on its own task; its result is the reply.
+    Later(std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, WireError>> + Send>>),
+}
+
 /// Answers one request.
-pub async fn dispatch(
-    core: &std::sync::Arc<Core>,
-    conn: &mut Conn,
-    req: Request,
-) -> Result<Response, WireError> {
+pub async fn dispatch(core: &std::sync::Arc<Core>, conn: &mut Conn, req: Request) -> Dispatched {
     let kind = req.kind();
+    let peer = conn.peer;
     let result = match req {
+        // An export can take minutes: the connection goes on serving meanwhile.
+        Request::Export {
+            job,
+            format,
+            out,
+            checkpoint,
+        } => {
+            let core = core.clone();
+            return Dispatched::Later(Box::pin(async move {
+                let result = export::handle(&core, peer, job, format, out, checkpoint).await;
+                log_refusal("export", peer, &result);
+                result
+            }));
+        }
         Request::Status => status::handle(core).await,
         Request::Templates => templates::handle(core),
         Request::Submit(spec) => submit::handle(core, conn.peer, spec).await,
@@ -49,12 +70,6 @@ pub async fn dispatch(
             priority::handle(core, conn.peer, job, priority).await
         }
         Request::Checkpoints { job } => checkpoints::handle(core, conn.peer, job).await,
-        Request::Export {
-            job,
-            format,
-            out,
-            checkpoint,
-        } => export::handle(core, conn.peer, job, format, out, checkpoint).await,
         Request::Metrics { job, since_step } => {
             metrics::handle(core, conn.peer, job, since_step).await
         }
@@ -70,10 +85,14 @@ pub async fn dispatch(
         Request::Shutdown => shutdown::handle(core, conn.peer),
         Request::Backup => backup::handle(core, conn.peer).await,
     };
-    if let Err(e) = &result {
-        tracing::debug!(request = kind, uid = conn.peer.uid, code = %e.code, message = %e.message, "request refused");
+    log_refusal(kind, peer, &result);
+    Dispatched::Now(result)
+}
+
+fn log_refusal(kind: &str, peer: Peer, result: &Result<Response, WireError>) {
+    if let Err(e) = result {
+        tracing::debug!(request = kind, uid = peer.uid, code = %e.code, message = %e.message, "request refused");
     }
-    result
 }
 
 /// Maps a journal error onto the wire's closed codes.

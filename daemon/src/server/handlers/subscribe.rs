@@ -1,5 +1,5 @@
 //! Subscriptions: replay what the client missed from the journal, then stream live events.
-use super::super::connection::Conn;
+use super::super::session::Conn;
 use crate::core::Core;
 use lorad_schema::{frame, ErrorCode, Event, JobId, Push, Response, ServerFrame, WireError};
 use std::sync::Arc;
