@@ -2,11 +2,12 @@
 //! (part of the `lorad` binary, not the library).
 use anyhow::{bail, Context};
 use lorad::journal::{maintenance, recover, Journal, JournalError};
+use lorad_schema::layout::StateDir;
 use std::path::{Path, PathBuf};
 
 /// `lorad check`: redb's integrity check and every record decoded. Exit 0 clean, 1 not.
 pub fn check(state_dir: &Path) -> anyhow::Result<i32> {
-    let path = state_dir.join("journal.redb");
+    let path = StateDir::new(state_dir).journal();
     let report = maintenance::check(&path)?;
     println!("journal {}", path.display());
     match &report.integrity {
@@ -42,8 +43,8 @@ pub fn check(state_dir: &Path) -> anyhow::Result<i32> {
 
 /// `lorad recover-journal`: for a missing, empty or damaged journal only.
 pub fn recover_journal(state_dir: &Path) -> anyhow::Result<i32> {
-    let path = state_dir.join("journal.redb");
-    let jobs = state_dir.join("jobs");
+    let layout = StateDir::new(state_dir);
+    let (path, jobs) = (layout.journal(), layout.jobs());
     let usable = std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
     if usable {
         match Journal::open(&path) {
@@ -93,7 +94,7 @@ pub fn backup(socket: &Path, state_dir: &Path, dir: &Path) -> anyhow::Result<i32
             copy_new(&path, &dest)?;
             // Remove the daemon's copy only if it is one: a file named journal-*.redb in its
             // backups directory.
-            let ours = path.parent() == Some(state_dir.join("backups").as_path())
+            let ours = path.parent() == Some(StateDir::new(state_dir).backups().as_path())
                 && path
                     .file_name()
                     .and_then(|n| n.to_str())
@@ -105,7 +106,7 @@ pub fn backup(socket: &Path, state_dir: &Path, dir: &Path) -> anyhow::Result<i32
             records.into_iter().collect::<Vec<_>>()
         }
         None => {
-            let journal = state_dir.join("journal.redb");
+            let journal = StateDir::new(state_dir).journal();
             if !std::fs::metadata(&journal).is_ok_and(|m| m.len() > 0) {
                 bail!(
                     "{} does not exist or is empty: nothing to back up",

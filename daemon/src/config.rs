@@ -216,13 +216,18 @@ impl Config {
         }));
     }
 
+    /// The state directory's layout.
+    pub fn layout(&self) -> lorad_schema::layout::StateDir {
+        lorad_schema::layout::StateDir::new(&self.state_dir)
+    }
+
     /// `<state_dir>/journal.redb`
     pub fn journal_path(&self) -> PathBuf {
-        self.state_dir.join("journal.redb")
+        self.layout().journal()
     }
 
     /// `<state_dir>/jobs/<id>`
     pub fn job_dir(&self, id: lorad_schema::JobId) -> PathBuf {
-        self.state_dir.join("jobs").join(id.0.to_string())
+        self.layout().job(id).path().to_path_buf()
     }
 }

@@ -51,7 +51,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let state_dir = config.state_dir.clone();
-    std::fs::create_dir_all(state_dir.join("jobs")).map_err(|source| RunError::StateDir {
+    std::fs::create_dir_all(config.layout().jobs()).map_err(|source| RunError::StateDir {
         path: state_dir.clone(),
         source,
     })?;
@@ -62,7 +62,7 @@ pub async fn run(
         })?;
     }
     let journal_path = config.journal_path();
-    let jobs_dir = state_dir.join("jobs");
+    let jobs_dir = config.layout().jobs();
     let journal = tokio::task::spawn_blocking(move || {
         journal::recover::guard(&journal_path, &jobs_dir)?;
         Journal::open(&journal_path)
@@ -91,7 +91,8 @@ pub async fn run(
 /// traversable (0711). The journal stays 0600.
 fn open_state_dir(state_dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    for dir in [state_dir.to_path_buf(), state_dir.join("jobs")] {
+    let layout = lorad_schema::layout::StateDir::new(state_dir);
+    for dir in [state_dir.to_path_buf(), layout.jobs()] {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
     }
     Ok(())

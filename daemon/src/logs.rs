@@ -7,7 +7,7 @@ pub const MAX_LOG_CHUNK: u64 = 1024 * 1024;
 
 /// `<job_dir>/job.log`
 pub fn log_path(job_dir: &Path) -> PathBuf {
-    job_dir.join("job.log")
+    lorad_schema::layout::JobDir::new(job_dir).log()
 }
 
 /// Makes the job directory (0700) and gives it to its owner `ids` (uid, gid), so that the owner's

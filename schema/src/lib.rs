@@ -10,6 +10,7 @@
 pub mod error;
 pub mod frame;
 pub mod job;
+pub mod layout;
 pub mod paths;
 pub mod proto;
 pub mod settings;

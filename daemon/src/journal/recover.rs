@@ -8,8 +8,8 @@ use redb::ReadableTable;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// The copy of a job's record kept in its directory, written before each attempt.
-pub const JOB_FILE: &str = "job.json";
+/// The copy of a job's record kept in its directory, written at every transition.
+pub const JOB_FILE: &str = lorad_schema::layout::JobDir::RECORD;
 
 /// The largest job.json read back.
 const MAX_RECORD: u64 = 1 << 20;

@@ -71,7 +71,9 @@ pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, S
     let log_path = logs::log_path(&job_dir);
     // Resume from the checkpoint the user named, else from the newest one (none: a fresh start).
     let resume_from = match &job.resume_checkpoint {
-        Some(name) => Some(job_dir.join("checkpoints").join(name)),
+        Some(name) => lorad_schema::layout::JobDir::new(&job_dir)
+            .checkpoint(name)
+            .ok(),
         // The newest checkpoint whose steps are all in the journal: one written after a step the
         // journal could not record (a full disk, a killed daemon) would skip that step's point.
         None => crate::worker::checkpoint::latest_checkpoint_at_most(&job_dir, job.progress.step),

@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 /// Directory of a job's checkpoints, inside its job directory.
-pub const CHECKPOINTS_DIR: &str = "checkpoints";
+pub const CHECKPOINTS_DIR: &str = lorad_schema::layout::JobDir::CHECKPOINTS;
 /// AdamW state file.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Trainer state file.
@@ -155,9 +155,7 @@ pub struct Snapshot<'a> {
 
 /// `<job_dir>/checkpoints/step-<step>`.
 pub fn checkpoint_dir(job_dir: &Path, step: u64) -> PathBuf {
-    job_dir
-        .join(CHECKPOINTS_DIR)
-        .join(format!("{STEP_PREFIX}{step}"))
+    lorad_schema::layout::JobDir::new(job_dir).checkpoint_at(step)
 }
 
 /// The complete checkpoints of a job (`step-<N>` directories with a trainer state), oldest first.
@@ -170,10 +168,10 @@ pub fn list_checkpoints(job_dir: &Path) -> Vec<(u64, PathBuf)> {
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_str()?.to_owned();
-            let digits = name.strip_prefix(STEP_PREFIX)?;
-            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            if !lorad_schema::layout::valid_checkpoint_name(&name) {
                 return None;
             }
+            let digits = name.strip_prefix(STEP_PREFIX)?;
             // A real directory, not a link: job directories belong to their users, and the root
             // daemon lists them; a link must not make it look elsewhere.
             if !e.file_type().ok()?.is_dir() {

@@ -90,7 +90,7 @@ pub fn export_zip(request: &ExportRequest) -> Result<PathBuf, ZipExportError> {
     };
     let job_json = serde_json::to_string_pretty(&request.job).unwrap_or_default() + "\n";
     let metrics = contents::metrics_csv(&request.metrics);
-    let log_path = Path::new(&request.job_dir).join("job.log");
+    let log_path = lorad_schema::layout::JobDir::new(&request.job_dir).log();
     let log = log_path.is_file().then_some(log_path);
 
     let out = Path::new(&request.out);

@@ -11,7 +11,7 @@ pub async fn handle(core: &Core, peer: Peer) -> Result<Response, WireError> {
             "only an admin may back up the journal",
         ));
     }
-    let dir = core.config.state_dir.join("backups");
+    let dir = core.config.layout().backups();
     let when = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
     let dest = dir.join(format!("journal-{when}.redb"));
     let path = dest.display().to_string();

@@ -11,7 +11,7 @@ pub async fn handle(core: &Core, peer: Peer, id: JobId) -> Result<Response, Wire
         list_checkpoints(&job_dir)
             .into_iter()
             .map(|(step, path)| CheckpointInfo {
-                name: format!("step-{step}"),
+                name: lorad_schema::layout::checkpoint_name(step),
                 step,
                 created_at_ms: modified_ms(&path),
                 path: path.display().to_string(),

@@ -40,7 +40,12 @@ pub async fn handle(
     let (adapter_dir, trainer_state) = match &checkpoint {
         Some(name) => {
             super::resume::validate_checkpoint(core, id, name).await?;
-            let dir = job_dir.join("checkpoints").join(name);
+            let dir = core
+                .config
+                .layout()
+                .job(id)
+                .checkpoint(name)
+                .map_err(|e| invalid(e.to_string()))?;
             let state = dir.join(STATE_FILE);
             (dir, Some(state))
         }
@@ -104,7 +109,7 @@ async fn final_adapter(
         tokio::task::spawn_blocking(move || {
             let names: Vec<String> = list_checkpoints(&dir)
                 .into_iter()
-                .map(|(step, _)| format!("step-{step}"))
+                .map(|(step, _)| lorad_schema::layout::checkpoint_name(step))
                 .collect();
             (
                 adapter.join(crate::worker::adapter::WEIGHTS_FILE).is_file(),

@@ -34,27 +34,18 @@ pub async fn handle(
     Ok(Response::Job(job))
 }
 
-/// Whether `name` is a syntactically valid checkpoint name: `step-<digits>`.
-pub fn valid_name(name: &str) -> bool {
-    name.strip_prefix("step-")
-        .is_some_and(|d| !d.is_empty() && d.len() <= 20 && d.bytes().all(|b| b.is_ascii_digit()))
-}
-
 /// `name` must be `step-<digits>` and exist as a complete checkpoint of job `id`.
 pub(super) async fn validate_checkpoint(
     core: &Core,
     id: JobId,
     name: &str,
 ) -> Result<(), WireError> {
-    if !valid_name(name) {
-        return Err(WireError::new(
-            ErrorCode::InvalidArgument,
-            format!(
-                "invalid checkpoint name '{name}' (expected step-N, as listed by `checkpoints`)"
-            ),
-        ));
-    }
-    let dir = core.config.job_dir(id).join("checkpoints").join(name);
+    let dir = core
+        .config
+        .layout()
+        .job(id)
+        .checkpoint(name)
+        .map_err(|e| WireError::new(ErrorCode::InvalidArgument, e.to_string()))?;
     let state = dir.join(crate::worker::checkpoint::STATE_FILE);
     let exists = tokio::task::spawn_blocking(move || dir.is_dir() && state.is_file())
         .await
@@ -74,7 +65,7 @@ mod tests {
     #[test]
     fn checkpoint_names() {
         for ok in ["step-0", "step-12"] {
-            assert!(super::valid_name(ok), "{ok}");
+            assert!(lorad_schema::layout::valid_checkpoint_name(ok), "{ok}");
         }
         for bad in [
             "",
@@ -86,7 +77,7 @@ mod tests {
             "step--1",
             "step-99999999999999999999999",
         ] {
-            assert!(!super::valid_name(bad), "{bad}");
+            assert!(!lorad_schema::layout::valid_checkpoint_name(bad), "{bad}");
         }
     }
 }

@@ -65,7 +65,7 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
     };
     let examples = crate::supervisor::check::submit(core, peer.uid, task).await?;
 
-    let state_dir = core.config.state_dir.clone();
+    let layout = core.config.layout();
     let name = spec
         .name
         .clone()
@@ -94,14 +94,9 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
                 template: spec.template,
                 base_model: spec.base_model,
                 dataset: spec.dataset,
-                output_dir: spec.output_dir.unwrap_or_else(|| {
-                    state_dir
-                        .join("jobs")
-                        .join(id.0.to_string())
-                        .join("adapter")
-                        .display()
-                        .to_string()
-                }),
+                output_dir: spec
+                    .output_dir
+                    .unwrap_or_else(|| layout.job(id).adapter().display().to_string()),
                 settings,
                 overrides: spec.overrides,
                 progress: Progress::default(),
