@@ -41,7 +41,7 @@ fi
   "$venv/bin/pip" install -q torch transformers peft safetensors gguf
 
 echo "== building lorad and its speed example" >&2
-(cd "$repo" && cargo build --release -q -p lorad --bin lorad --example speed)
+(cd "$repo" && cargo build --release -q -p lorad --bin lorad && cargo build --release -q -p lorad-engine --example speed)
 lorad="$repo/target/release/lorad"
 speed="$repo/target/release/examples/speed"
 

@@ -192,14 +192,20 @@ impl Core {
         Ok(job)
     }
 
-    /// Keeps a copy of `job` in its directory (if it has one yet), from which `lorad recover-journal`
-    /// can rebuild a lost journal. A failure is logged: the journal is the record; this is its spare.
+    /// Keeps a copy of `job`'s record in its directory (if it has one yet), from which `lorad
+    /// recover-journal` can rebuild a lost journal. The record is read again from the journal when
+    /// written, so of two transitions in quick succession the copy ends as the later one. A failure
+    /// is logged: the journal is the record; this is its spare.
     pub async fn keep_record(&self, job: &JobRecord) {
         let (id, dir) = (job.id, self.config.job_dir(job.id));
-        let job = job.clone();
+        let journal = self.journal.clone();
+        let lock = self.write_lock.clone();
         let saved = tokio::task::spawn_blocking(move || {
+            // Under the write lock: no transition commits between the read and the write.
+            let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let current = journal.job(id).map_err(std::io::Error::other)?;
             if dir.is_dir() {
-                crate::journal::recover::save_record(&dir, &job)
+                crate::journal::recover::save_record(&dir, &current)
             } else {
                 Ok(())
             }

@@ -21,40 +21,7 @@ pub const DEMO_OVERRIDES: &[(&str, &str)] = &[
     ("max_seq_len", "64"),
 ];
 
-/// The demo's dataset: 64 short, regular sentences, enough for a tiny model to visibly learn.
-pub fn demo_dataset() -> Vec<String> {
-    let names = ["Ada", "Bram", "Chen", "Dara", "Emil", "Fia", "Gus", "Hana"];
-    let things = [
-        "red kite",
-        "blue boat",
-        "green lamp",
-        "gold ring",
-        "old map",
-        "tin drum",
-        "silk fan",
-        "oak desk",
-    ];
-    let mut lines = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        for (k, thing) in things.iter().enumerate() {
-            let count = (i + k) % 5 + 2;
-            lines.push(format!(
-                "{name} keeps {count} of the {thing} in the lorad lab."
-            ));
-        }
-    }
-    lines
-}
-
-/// Writes the first `lines` lines of the demo dataset as `{"text": ...}` JSONL.
-pub fn write_dataset(path: &Path, lines: usize) -> std::io::Result<()> {
-    let mut text = String::new();
-    for line in demo_dataset().into_iter().take(lines) {
-        text.push_str(&serde_json::json!({ "text": line }).to_string());
-        text.push('\n');
-    }
-    std::fs::write(path, text)
-}
+pub use lorad_engine::tiny::{demo_dataset, write_dataset};
 
 /// Runs the demo in `dir` (a new temp dir if None), keeping its files.
 pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {

@@ -8,7 +8,6 @@ pub mod channel;
 pub mod config;
 pub mod core;
 pub mod demo;
-pub mod generate;
 pub mod identity;
 pub mod journal;
 pub mod logs;
@@ -20,6 +19,9 @@ pub mod server;
 pub mod state;
 pub mod supervisor;
 pub mod worker;
+
+/// Greedy generation with a base model (and an adapter), for checks and benches.
+pub use lorad_engine::generate;
 
 use crate::core::Core;
 use config::Config;

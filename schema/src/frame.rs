@@ -7,6 +7,7 @@
 //! for the announced length in between.
 use serde::{de::DeserializeOwned, Serialize};
 use std::io::{Read, Write};
+#[cfg(feature = "async")]
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The default largest frame (16 MiB) either side accepts.
@@ -238,6 +239,7 @@ fn next_read(buf: &mut Vec<u8>, filled: usize, len: usize) -> usize {
     buf.len().min(filled.saturating_add(CHUNK))
 }
 
+#[cfg(feature = "async")]
 /// Reads a frame's 4-byte header from an async stream and returns the announced length.
 ///
 /// `Closed` if the stream ends before the header's first byte, `Truncated` if it ends inside the
@@ -258,6 +260,7 @@ pub async fn read_len_async<R: AsyncRead + Unpin>(
     check_len(header, max)
 }
 
+#[cfg(feature = "async")]
 /// Reads a `len`-byte frame body from an async stream; `Truncated` if the stream ends first.
 ///
 /// The buffer follows the bytes received (never more than 9/8 of them plus 64 KiB, never past
@@ -280,6 +283,7 @@ pub async fn read_body_async<R: AsyncRead + Unpin>(
     Ok(buf)
 }
 
+#[cfg(feature = "async")]
 /// Reads one raw frame payload from an async stream: [`read_len_async`], then [`read_body_async`].
 pub async fn read_frame_async<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -289,6 +293,7 @@ pub async fn read_frame_async<R: AsyncRead + Unpin>(
     read_body_async(r, len).await
 }
 
+#[cfg(feature = "async")]
 /// Reads and decodes one message from an async stream.
 pub async fn read_msg_async<T: DeserializeOwned, R: AsyncRead + Unpin>(
     r: &mut R,
@@ -297,6 +302,7 @@ pub async fn read_msg_async<T: DeserializeOwned, R: AsyncRead + Unpin>(
     decode(&read_frame_async(r, max).await?)
 }
 
+#[cfg(feature = "async")]
 /// Encodes and writes one message to an async stream.
 pub async fn write_msg_async<T: Serialize, W: AsyncWrite + Unpin>(
     w: &mut W,
@@ -544,6 +550,7 @@ mod tests {
         assert!(err.len() <= MAX_ERROR_LEN + 64, "{} bytes", err.len());
     }
 
+    #[cfg(feature = "async")]
     #[tokio::test]
     async fn async_header_and_body_read_separately() {
         let stream = frame_bytes(&[1, 2, 3]).unwrap();
@@ -564,6 +571,7 @@ mod tests {
         ));
     }
 
+    #[cfg(feature = "async")]
     #[tokio::test]
     async fn roundtrip_async() {
         let (mut a, mut b) = tokio::io::duplex(1024);

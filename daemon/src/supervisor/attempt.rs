@@ -89,17 +89,12 @@ pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, S
     };
     let separator = logs::separator(&format!("{why}; {from}"));
     let owner = job.owner_uid;
-    let record = job.clone();
     let (who, log, log_offset) = {
         let (log_path, job_dir) = (log_path.clone(), job_dir.clone());
         tokio::task::spawn_blocking(move || -> Result<_, SpawnError> {
             let who = crate::identity::for_owner(owner)?;
             let ids = who.as_ref().map(|w| (w.uid, w.gid));
             logs::prepare_job_dir(&job_dir, ids).map_err(io("make the job directory"))?;
-            // The journal is the record; job.json is its spare: a failure here is not worth a job.
-            if let Err(e) = crate::journal::recover::save_record(&job_dir, &record) {
-                tracing::warn!(job = %record.id, error = %e, "cannot keep a copy of the job's record");
-            }
             let log = logs::open_append(&log_path, ids).map_err(io("open job.log"))?;
             let before = log.metadata().map(|m| m.len()).unwrap_or(0);
             (&log)

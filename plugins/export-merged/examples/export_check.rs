@@ -17,7 +17,7 @@
 mod support;
 
 use candle_core::Tensor;
-use lorad::worker::source::ModelSource;
+use lorad_engine::source::ModelSource;
 use lorad_plugin::{
     call_typed, check_abi, methods, EntryFn, ExportRequest, ExportResponse, LoradPluginV1,
     ENTRY_SYMBOL,
@@ -134,7 +134,7 @@ fn run(args: &[String]) {
             lorad_logits(&work.join("merged"), None, &ids),
         ),
     ]);
-    lorad::worker::weights::save_tensors(&work.join("lorad_logits.safetensors"), &logits).unwrap();
+    lorad_engine::weights::save_tensors(&work.join("lorad_logits.safetensors"), &logits).unwrap();
     let summary = json!({
         "base": base.display().to_string(),
         "ids": ids,

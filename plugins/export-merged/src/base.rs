@@ -2,15 +2,15 @@
 //! directory, read and dequantized one by one for a GGUF file. lorad's `ModelSource::tensors` loads
 //! everything at once; a merge only ever needs the tensor it is writing.
 //!
-//! The GGUF side repeats lorad's renaming and Q/K un-permutation (`lorad::worker::gguf::{hf_name,
+//! The GGUF side repeats lorad's renaming and Q/K un-permutation (`lorad_engine::gguf::{hf_name,
 //! permute_qk}`) tensor by tensor; a test checks it against `ModelSource::tensors`.
 use crate::error::MergeError;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
-use lorad::worker::gguf::{self, hf_name, permute_qk};
-use lorad::worker::source::ModelSource;
-use lorad::worker::weights::weight_files;
+use lorad_engine::gguf::{self, hf_name, permute_qk};
+use lorad_engine::source::ModelSource;
+use lorad_engine::weights::weight_files;
 use std::collections::HashMap;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! Errors of the merged exporter; each message names the file or tensor at fault.
 use crate::writer::WriteError;
-use lorad::worker::error::EngineError;
+use lorad_engine::error::EngineError;
 use lorad_plugin::staging::StagingError;
 use lorad_plugin::PluginError;
 use std::path::PathBuf;

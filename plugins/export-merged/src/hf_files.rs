@@ -2,8 +2,8 @@
 //! `AutoTokenizer.from_pretrained(out)` (and lorad itself) load it: copied from an HF directory, or
 //! written from what lorad read out of a GGUF file.
 use crate::error::MergeError;
-use lorad::worker::config::ModelConfig;
-use lorad::worker::source::TokenizerAssets;
+use lorad_engine::config::ModelConfig;
+use lorad_engine::source::TokenizerAssets;
 use serde_json::{json, Map, Value};
 use std::path::Path;
 

@@ -24,8 +24,8 @@ pub mod writer;
 
 use base::BaseTensors;
 use error::MergeError;
-use lorad::worker::adapter::{load_adapter, CONFIG_FILE, WEIGHTS_FILE};
-use lorad::worker::source::ModelSource;
+use lorad_engine::adapter::{load_adapter, CONFIG_FILE, WEIGHTS_FILE};
+use lorad_engine::source::ModelSource;
 use lorad_plugin::staging::{Kind, Staging};
 use lorad_plugin::{
     export_plugin, kinds, ExportFormatDef, ExportRequest, ExportResponse, Plugin, PluginError,

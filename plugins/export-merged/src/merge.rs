@@ -2,7 +2,7 @@
 //! (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA; `LoraConfig::scale`).
 use crate::base::BaseEntry;
 use candle_core::Tensor;
-use lorad::worker::adapter::LoadedAdapter;
+use lorad_engine::adapter::LoadedAdapter;
 use std::collections::HashMap;
 
 /// The adapter's updates by the name of the base weight they apply to, checked against the base.
@@ -79,7 +79,7 @@ impl Deltas {
 mod tests {
     use super::*;
     use candle_core::Device;
-    use lorad::worker::adapter::AdapterConfig;
+    use lorad_engine::adapter::AdapterConfig;
 
     fn adapter(use_rslora: bool) -> LoadedAdapter {
         let dev = Device::Cpu;

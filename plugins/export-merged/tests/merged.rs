@@ -7,7 +7,7 @@ mod support;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
-use lorad::worker::source::ModelSource;
+use lorad_engine::source::ModelSource;
 use lorad_export_merged::base::BaseTensors;
 use lorad_export_merged::{export_merged, Options};
 use lorad_plugin::{
@@ -343,10 +343,10 @@ fn adapter_of_another_model_is_refused_before_writing() {
     let module = "model.layers.9.self_attn.q_proj";
     let t = |r, c| candle_core::Tensor::ones((r, c), DType::F32, &Device::Cpu).unwrap();
     let tensors = std::collections::BTreeMap::from([
-        (lorad::worker::adapter::peft_key(module, 'A'), t(2, 256)),
-        (lorad::worker::adapter::peft_key(module, 'B'), t(256, 2)),
+        (lorad_engine::adapter::peft_key(module, 'A'), t(2, 256)),
+        (lorad_engine::adapter::peft_key(module, 'B'), t(256, 2)),
     ]);
-    lorad::worker::weights::save_tensors(&adapter.join("adapter_model.safetensors"), &tensors)
+    lorad_engine::weights::save_tensors(&adapter.join("adapter_model.safetensors"), &tensors)
         .unwrap();
     std::fs::write(
         adapter.join("adapter_config.json"),

@@ -1,6 +1,6 @@
 //! The README.md model card written beside the adapter: what it was trained on and how, in the shape
 //! the Hugging Face Hub shows (YAML front matter, then Markdown).
-use lorad::worker::adapter::AdapterConfig;
+use lorad_engine::adapter::AdapterConfig;
 use lorad_plugin::ExportRequest;
 use lorad_schema::MetricPoint;
 use std::fmt::Write;

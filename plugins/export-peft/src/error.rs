@@ -1,5 +1,5 @@
 //! Errors of the PEFT exporter; each message names the file at fault.
-use lorad::worker::error::EngineError;
+use lorad_engine::error::EngineError;
 use lorad_plugin::staging::StagingError;
 use lorad_plugin::PluginError;
 use std::path::PathBuf;

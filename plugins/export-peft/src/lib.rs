@@ -16,7 +16,7 @@ pub mod error;
 
 use card::RunSummary;
 use error::PeftError;
-use lorad::worker::adapter::{load_adapter, CONFIG_FILE, WEIGHTS_FILE};
+use lorad_engine::adapter::{load_adapter, CONFIG_FILE, WEIGHTS_FILE};
 use lorad_plugin::staging::{Kind, Staging};
 use lorad_plugin::{
     export_plugin, kinds, ExportFormatDef, ExportRequest, ExportResponse, Plugin, PluginError,

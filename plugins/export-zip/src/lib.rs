@@ -130,8 +130,11 @@ pub fn export_zip(request: &ExportRequest) -> Result<PathBuf, ZipExportError> {
         let mut f = std::fs::File::open(log).map_err(|e| ZipExportError::io(log, e))?;
         let size = f.metadata().map(|m| m.len()).unwrap_or(0);
         eprintln!("zip: adding job.log ({size} bytes)");
-        zip.start_file(lorad_schema::layout::JobDir::LOG, options.large_file(size >= u64::from(u32::MAX)))
-            .map_err(zip_err)?;
+        zip.start_file(
+            lorad_schema::layout::JobDir::LOG,
+            options.large_file(size >= u64::from(u32::MAX)),
+        )
+        .map_err(zip_err)?;
         let copied = std::io::copy(&mut f, &mut zip).map_err(|e| ZipExportError::io(log, e))?;
         entries.push((lorad_schema::layout::JobDir::LOG.to_owned(), copied));
     }

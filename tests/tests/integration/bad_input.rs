@@ -142,17 +142,21 @@ fn runaway_lines_and_truncated_weights_are_refused_at_submit_and_in_the_worker()
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).expect("truncate");
     refused(&c, spec(&model, &good, &[]), "truncated");
 
-    // A dataset that grows a runaway line after submit: the worker refuses it too, by line.
+    // A dataset that grows a runaway line after submit: the worker refuses it too, by line. The job
+    // waits behind a long one (one job runs at a time), held, while its dataset grows.
+    let busy = c
+        .submit(spec(tiny_model(), &good, &[("max_steps", "100000")]))
+        .expect("submit");
     let later = d.dir.path().join("later.jsonl");
     std::fs::copy(&good, &later).expect("copy");
     let job = c
         .submit(spec(tiny_model(), &later, &[("max_steps", "2")]))
         .expect("submit");
     let held = c.pause(job.id).expect("hold");
+    assert_eq!(held.state, JobState::Paused, "held while queued");
     std::fs::copy(&long, &later).expect("grow");
-    if held.state == JobState::Paused {
-        c.resume(job.id, None).expect("resume");
-    }
+    c.resume(job.id, None).expect("resume");
+    c.cancel(busy.id).expect("cancel the long job");
     let (done, _) = wait_for(&c, job.id, Duration::from_secs(120), |s| s.is_terminal());
     assert_eq!(done.state, JobState::Failed, "{:?}", done.reason);
     let reason = done.reason.unwrap_or_default();

@@ -96,6 +96,11 @@ fn an_empty_journal_beside_job_dirs_is_refused_and_recover_journal_restores_the_
         got.contains(&(done.id, JobState::Completed, done.name.clone())),
         "{got:?}"
     );
+    // The held job has a directory from its submit on, so it is restored too, still held.
+    assert!(
+        got.contains(&(held.id, JobState::Paused, held.name.clone())),
+        "{got:?}"
+    );
     // The held job had a directory only if it ever started; either way its id is never reused.
     let data = d.dir.path().join("data.jsonl");
     let new = c

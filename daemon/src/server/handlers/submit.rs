@@ -113,6 +113,20 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
         .await
         .map_err(super::journal_error)?;
     tracing::info!(job = %job.id, uid = peer.uid, examples = ?examples, template = %job.template, "job queued");
+    // The job's directory exists from now on, with a copy of its record: if the journal were lost
+    // before the job ever ran, `lorad recover-journal` still knows its id.
+    let (dir, owner) = (core.config.job_dir(job.id), job.owner_uid);
+    let made = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let who = crate::identity::for_owner(owner).map_err(|e| e.to_string())?;
+        crate::logs::prepare_job_dir(&dir, who.map(|w| (w.uid, w.gid)))
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    })
+    .await;
+    core.keep_record(&job).await;
+    if !matches!(made, Ok(Ok(()))) {
+        tracing::warn!(job = %job.id, "cannot make the job's directory yet; its first attempt will");
+    }
     core.kick.notify_one();
     Ok(Response::Job(job))
 }

@@ -11,13 +11,13 @@ pub mod golden;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use lorad::worker::adapter::{load_adapter, save_adapter};
-use lorad::worker::gguf::{hf_name, permute_qk, LAYER_NAMES};
-use lorad::worker::lora::LoraConfig;
-use lorad::worker::model::Llama;
-use lorad::worker::train::{rng_for, train};
-use lorad::worker::weights::load_weights;
-use lorad::worker::{tiny, TrainEvent, TrainTask};
+use lorad_engine::adapter::{load_adapter, save_adapter};
+use lorad_engine::gguf::{hf_name, permute_qk, LAYER_NAMES};
+use lorad_engine::lora::LoraConfig;
+use lorad_engine::model::Llama;
+use lorad_engine::train::{rng_for, train};
+use lorad_engine::weights::load_weights;
+use lorad_engine::{tiny, TrainEvent, TrainTask};
 use lorad_plugin::ExportRequest;
 use lorad_schema::{JobId, JobRecord, JobState, MetricPoint, Progress, TrainSettings};
 use std::collections::{BTreeMap, HashMap};
@@ -108,7 +108,7 @@ pub struct TrainedJob {
 impl TrainedJob {
     /// The newest checkpoint directory (`checkpoints/step-N`).
     pub fn latest_checkpoint(&self) -> PathBuf {
-        lorad::worker::checkpoint::latest_checkpoint(&self.job_dir).unwrap()
+        lorad_engine::checkpoint::latest_checkpoint(&self.job_dir).unwrap()
     }
 }
 
@@ -138,7 +138,7 @@ pub fn short_settings(steps: u64, lr: f64) -> TrainSettings {
 /// Trains `base` for the settings' steps on lorad's demo dataset, in `root/job`.
 pub fn train_job(root: &Path, base: &Path, settings: TrainSettings) -> TrainedJob {
     let dataset = root.join("data.jsonl");
-    lorad::demo::write_dataset(&dataset, 64).unwrap();
+    lorad_engine::tiny::write_dataset(&dataset, 64).unwrap();
     let job_dir = root.join("job");
     let task = TrainTask {
         job: JobId(1),

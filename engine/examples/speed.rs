@@ -15,11 +15,11 @@
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor, Var};
 use clap::Parser;
-use lorad::worker::lora::{LoraConfig, LoraLinear};
-use lorad::worker::model::{Llama, Rope};
-use lorad::worker::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use lorad::worker::source::ModelSource;
-use lorad::worker::train::{rng_for, DROPOUT_STREAM, INIT_STREAM};
+use lorad_engine::lora::{LoraConfig, LoraLinear};
+use lorad_engine::model::{Llama, Rope};
+use lorad_engine::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use lorad_engine::source::ModelSource;
+use lorad_engine::train::{rng_for, DROPOUT_STREAM, INIT_STREAM};
 use lorad_schema::{TrainSettings, TARGET_MODULES};
 use serde_json::json;
 use std::collections::HashMap;
@@ -30,13 +30,13 @@ use std::time::Instant;
 /// model switches a class to another function (a fused kernel), the matching line here follows it.
 mod impls {
     use candle_core::{Result, Tensor};
-    use lorad::worker::lora::LoraLinear;
+    use lorad_engine::lora::LoraLinear;
 
-    pub use lorad::worker::ops::apply_rope as rope; // attention: rotary embedding
-    pub use lorad::worker::ops::causal_attention as attend; // attention: scores, softmax, values
-    pub use lorad::worker::ops::lm_head_nll_sum as cross_entropy; // cross-entropy: LM head + NLL
-    pub use lorad::worker::ops::rms_norm; // norms
-    pub use lorad::worker::ops::swiglu; // elementwise: the MLP's silu(gate) * up
+    pub use lorad_engine::ops::apply_rope as rope; // attention: rotary embedding
+    pub use lorad_engine::ops::causal_attention as attend; // attention: scores, softmax, values
+    pub use lorad_engine::ops::lm_head_nll_sum as cross_entropy; // cross-entropy: LM head + NLL
+    pub use lorad_engine::ops::rms_norm; // norms
+    pub use lorad_engine::ops::swiglu; // elementwise: the MLP's silu(gate) * up
 
     /// matmul: one projection (frozen weight, plus the LoRA update where adapted).
     pub fn projection(lin: &LoraLinear, x: &Tensor) -> Result<Tensor> {
@@ -284,7 +284,7 @@ fn time_case(c: &Case, reps: usize) -> candle_core::Result<(f64, f64)> {
 }
 
 fn main() -> Result<()> {
-    lorad::worker::process::tune_allocator();
+    lorad_engine::runtime::tune_allocator();
     let args = Args::parse();
     let settings = TrainSettings {
         lora_r: 16,
@@ -311,7 +311,7 @@ fn main() -> Result<()> {
 
     let steps = [args.warmup, args.steps];
     let ([fwd, bwd, opt, step], losses) = run_steps(&model, &settings, &b, steps)?;
-    let (peak_rss, step_ms) = (lorad::worker::process::peak_rss_mb(), median(&step));
+    let (peak_rss, step_ms) = (lorad_engine::runtime::peak_rss_mb(), median(&step));
 
     // Per class, in the order of first appearance: forward and backward ms per step.
     let (mut ops, mut classes) = (Vec::new(), Vec::<(&str, [f64; 2])>::new());
@@ -347,7 +347,7 @@ fn main() -> Result<()> {
         "step_ms_all": step,
         "tokens_per_s": (args.batch * args.seq) as f64 / (step_ms / 1000.0),
         "peak_rss_mb": peak_rss,
-        "peak_rss_mb_after_ops": lorad::worker::process::peak_rss_mb(),
+        "peak_rss_mb_after_ops": lorad_engine::runtime::peak_rss_mb(),
         "losses": losses,
         "op_reps": args.reps,
         "ops": ops,

@@ -2,8 +2,8 @@
 //! length the model cannot hold) and what it ignores (temporary and incomplete directories).
 use super::tests::{settings, setup, steps_of, task, write_dataset};
 use super::*;
-use crate::worker::train::train;
-use crate::worker::{Phase, TrainEvent, TrainTask};
+use crate::train::train;
+use crate::{Phase, TrainEvent, TrainTask};
 
 #[test]
 fn latest_checkpoint_ignores_temp_and_incomplete_dirs() {

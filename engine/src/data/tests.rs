@@ -1,7 +1,7 @@
 //! Formats, the JSONL source and submit-time validation: every error names the file and line.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use super::*;
-use crate::worker::chat_template::ChatMessage;
+use crate::chat_template::ChatMessage;
 use std::io::Write;
 
 pub(super) fn file(lines: &str) -> tempfile::NamedTempFile {
@@ -191,7 +191,7 @@ fn jsonl_source_reads_ranges_by_offset() {
 
 #[test]
 fn lines_are_bounded_and_a_line_that_just_fits_is_read() {
-    use crate::worker::data::jsonl::MAX_LINE_BYTES;
+    use crate::data::jsonl::MAX_LINE_BYTES;
     // `{"text": "aaa...a"}` of exactly MAX_LINE_BYTES, then its newline.
     let fits = |extra: usize| {
         let body = MAX_LINE_BYTES - "{\"text\": \"\"}".len() + extra;

@@ -60,7 +60,7 @@ pub use loader::{DataPosition, Loader, LoaderOptions, SeekError};
 pub use pack::pack;
 pub use source::{DataSource, RawExample};
 
-use crate::worker::error::EngineError;
+use crate::error::EngineError;
 use std::path::Path;
 
 /// Checks every line of a JSONL dataset (JSON, format, fields; no tokenizer needed) and returns the

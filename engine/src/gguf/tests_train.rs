@@ -1,9 +1,9 @@
 //! Training on a GGUF base model is training on the model it was converted from: same losses step for
 //! step, and an adapter with the same PEFT keys.
 use super::fixture::*;
-use crate::worker::adapter::load_adapter;
-use crate::worker::train::train;
-use crate::worker::TrainTask;
+use crate::adapter::load_adapter;
+use crate::train::train;
+use crate::TrainTask;
 use lorad_schema::{JobId, TrainSettings};
 
 fn settings() -> TrainSettings {

@@ -2,10 +2,10 @@
 //! masking with a ChatML template and a Llama-3 template.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use super::*;
-use crate::worker::chat_template::ChatMessage;
-use crate::worker::config::ModelConfig;
-use crate::worker::source::{ModelSource, SpecialTokens, TokenizerAssets};
-use crate::worker::tiny::make_tiny_model;
+use crate::chat_template::ChatMessage;
+use crate::config::ModelConfig;
+use crate::source::{ModelSource, SpecialTokens, TokenizerAssets};
+use crate::tiny::make_tiny_model;
 use std::sync::OnceLock;
 use tokenizers::{AddedToken, Tokenizer};
 

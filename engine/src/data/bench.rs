@@ -4,10 +4,10 @@
 //! the time `next_batch` blocked (data_wait_ms).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use super::{DataSource, Encoder, Example, JsonlSource};
-use crate::worker::tiny::make_tiny_model;
-use crate::worker::train::train;
-use crate::worker::weights::{save_tensors, write_text};
-use crate::worker::{TrainEvent, TrainTask};
+use crate::tiny::make_tiny_model;
+use crate::train::train;
+use crate::weights::{save_tensors, write_text};
+use crate::{TrainEvent, TrainTask};
 use candle_core::{Device, Tensor};
 use lorad_schema::{JobId, TrainSettings};
 use rand::{Rng, SeedableRng};
@@ -173,7 +173,7 @@ fn data_pipeline() {
         t.elapsed()
     );
     // What one batch costs to build on one thread: what workers=0 adds to every step.
-    let cfg = crate::worker::config::ModelConfig::load(&dir.path().join("model")).unwrap();
+    let cfg = crate::config::ModelConfig::load(&dir.path().join("model")).unwrap();
     let encoder = Encoder::load_hf(&dir.path().join("model"), &cfg, seq).unwrap();
     let source = JsonlSource::open(&data).unwrap();
     let t = std::time::Instant::now();

@@ -1,10 +1,10 @@
 //! A GGUF file written from the tiny HF model the way llama.cpp's converter writes one (names, Q/K row
 //! permutation, tokenizer metadata), with knobs to break it, for the GGUF tests.
 use super::*;
-use crate::worker::lora::LoraConfig;
-use crate::worker::model::Llama;
-use crate::worker::tiny::{self, make_tiny_model};
-use crate::worker::weights::load_weights;
+use crate::lora::LoraConfig;
+use crate::model::Llama;
+use crate::tiny::{self, make_tiny_model};
+use crate::weights::load_weights;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::DType;
 use rand::SeedableRng;

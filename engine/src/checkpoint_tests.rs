@@ -2,12 +2,12 @@
 //! it re-executes this test binary, running the ignored `resume_child` test with an environment
 //! variable saying what to do.
 use super::*;
-use crate::worker::adapter::{load_adapter, CONFIG_FILE};
-use crate::worker::data::Tokenized;
-use crate::worker::tiny::make_tiny_model;
-use crate::worker::train::tests::SENTENCES;
-use crate::worker::train::{train, TrainSummary};
-use crate::worker::{Phase, TrainEvent, TrainTask};
+use crate::adapter::{load_adapter, CONFIG_FILE};
+use crate::data::Tokenized;
+use crate::tiny::make_tiny_model;
+use crate::train::tests::SENTENCES;
+use crate::train::{train, TrainSummary};
+use crate::{Phase, TrainEvent, TrainTask};
 use lorad_schema::{JobId, TrainSettings};
 use rand::Rng;
 use std::process::Command;
@@ -283,7 +283,7 @@ fn checkpoints_are_pruned_to_keep_and_leftovers_removed() {
 
 #[test]
 fn rng_state_round_trips_mid_block() {
-    let mut rng = crate::worker::train::rng_for(5, 2);
+    let mut rng = crate::train::rng_for(5, 2);
     let _: u32 = rng.random();
     let _: f64 = rng.random();
     let saved: RngState = serde_json::from_str(

@@ -2,9 +2,9 @@
 //! file is written from (see `fixture`).
 use super::fixture::*;
 use super::*;
-use crate::worker::source::{check_model, ModelSource};
-use crate::worker::tiny;
-use crate::worker::weights::load_weights;
+use crate::source::{check_model, ModelSource};
+use crate::tiny;
+use crate::weights::load_weights;
 use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 

@@ -354,9 +354,9 @@ fn shuffle_is_seeded_per_epoch() {
 
 #[test]
 fn training_survives_batches_with_nothing_to_learn() {
-    use crate::worker::{train::train, TrainEvent, TrainTask};
+    use crate::{train::train, TrainEvent, TrainTask};
     let dir = tempfile::tempdir().unwrap();
-    crate::worker::tiny::make_tiny_model(&dir.path().join("model"), 3).unwrap();
+    crate::tiny::make_tiny_model(&dir.path().join("model"), 3).unwrap();
     let long = "the cat sat on the mat. ".repeat(20);
     let mut lines = String::new();
     for prompt in ["Q: where?\nA:", long.as_str(), "Q: who?\nA:"] {

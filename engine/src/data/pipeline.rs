@@ -10,7 +10,7 @@ use super::encode::{Encoder, Tokenized};
 use super::format::FileFormat;
 use super::loader::{encode_at, Core, Planner};
 use super::source::DataSource;
-use crate::worker::error::EngineError;
+use crate::error::EngineError;
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};

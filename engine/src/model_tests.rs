@@ -1,8 +1,8 @@
 //! Tests of the forward pass on the tiny model.
 use super::*;
-use crate::worker::ops::causal_mask;
-use crate::worker::tiny::make_tiny_model;
-use crate::worker::weights;
+use crate::ops::causal_mask;
+use crate::tiny::make_tiny_model;
+use crate::weights;
 use candle_core::DType;
 use rand::SeedableRng;
 

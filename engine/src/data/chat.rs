@@ -14,7 +14,7 @@
 //! concatenation of its turns (ChatML, Llama 2/3, Mistral, Gemma, Phi-3, Qwen2); one that rewrites
 //! earlier turns (Qwen3 dropping old reasoning) breaks the prefix property, which is checked and
 //! reported rather than guessed around.
-use crate::worker::chat_template::ChatMessage;
+use crate::chat_template::ChatMessage;
 use minijinja::{Environment, Error, ErrorKind};
 use std::ops::Range;
 

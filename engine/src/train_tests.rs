@@ -1,10 +1,10 @@
 //! End-to-end tests of the engine on the tiny model: gradient flow, frozen base, loss decrease,
 //! determinism, and the adapter on disk.
 use super::*;
-use crate::worker::adapter::{load_adapter, peft_key};
-use crate::worker::data::{read_jsonl, Loader};
-use crate::worker::model::check_model_dir;
-use crate::worker::tiny::make_tiny_model;
+use crate::adapter::{load_adapter, peft_key};
+use crate::data::{read_jsonl, Loader};
+use crate::model::check_model_dir;
+use crate::tiny::make_tiny_model;
 use lorad_schema::JobId;
 use std::path::{Path, PathBuf};
 
@@ -354,12 +354,9 @@ fn same_seed_same_losses_and_base_weights_untouched() {
     model
         .set_lora_weights(&adapter.weights, &task.adapter_dir)
         .unwrap();
-    let on_disk = crate::worker::weights::load_weights(
-        &task.base_model,
-        &Device::Cpu,
-        candle_core::DType::F32,
-    )
-    .unwrap();
+    let on_disk =
+        crate::weights::load_weights(&task.base_model, &Device::Cpu, candle_core::DType::F32)
+            .unwrap();
     for (name, t) in model.base_tensors() {
         let same = (t - &on_disk[&name])
             .unwrap()
@@ -506,8 +503,8 @@ fn peft_fixture() {
 /// unoptimised engine).
 #[test]
 fn losses_match_the_engine_before_speed_work() {
-    let golden = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("src/worker/testdata/losses_before_speed_work.json");
+    let golden =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("src/testdata/losses_before_speed_work.json");
     let f = Fixture::new();
     let mut s = fast_settings();
     for (k, v) in [
@@ -545,7 +542,7 @@ fn losses_match_the_engine_before_speed_work() {
 
 #[test]
 fn an_existing_output_dir_is_never_replaced_unless_it_is_this_jobs_adapter() {
-    use crate::worker::adapter::{save_adapter_for, JOB_MARKER};
+    use crate::adapter::{save_adapter_for, JOB_MARKER};
     let f = Fixture::new();
     let s = fast_settings();
     let task = f.task(s.clone(), "out");

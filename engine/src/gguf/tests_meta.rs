@@ -1,6 +1,6 @@
 //! GGUF metadata: the tokenizer rebuilt from it, and errors that name the field or tensor at fault.
 use super::fixture::*;
-use crate::worker::source::{check_model, ModelSource};
+use crate::source::{check_model, ModelSource};
 use candle_core::quantized::gguf_file;
 use tokenizers::Tokenizer;
 
@@ -179,7 +179,7 @@ fn pre_tokenizer_follows_tokenizer_ggml_pre() {
             map: &map,
             path: std::path::Path::new("t.gguf"),
         };
-        let assets = super::tokenizer::build(&meta, crate::worker::tiny::VOCAB).unwrap();
+        let assets = super::tokenizer::build(&meta, crate::tiny::VOCAB).unwrap();
         let mut s = PreTokenizedString::from("x 12345");
         assets
             .tokenizer

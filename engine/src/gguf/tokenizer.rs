@@ -5,8 +5,8 @@
 //! `tokenizer.json` it was converted from, so both encode text to the same ids. Only byte-level BPE
 //! (`tokenizer.ggml.model` = `gpt2`) is rebuilt; SentencePiece (`llama`) models are refused by name.
 use super::header::Meta;
-use crate::worker::error::EngineError;
-use crate::worker::source::{SpecialTokens, TokenizerAssets};
+use crate::error::EngineError;
+use crate::source::{SpecialTokens, TokenizerAssets};
 use candle_core::quantized::gguf_file::Value;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::normalizers::unicode::NFC;

@@ -2,7 +2,7 @@
 //!
 //! A file holds one format, taken from its first record: a later record in another format is an error
 //! rather than a silent reinterpretation, because a mixed file is almost always a concatenation mistake.
-use crate::worker::chat_template::ChatMessage;
+use crate::chat_template::ChatMessage;
 use serde_json::{Map, Value};
 
 /// A dataset format.

@@ -256,6 +256,41 @@ A B C D E F G H I J K L M N O P Q R S T U V W X Y Z a b c d e f g h i j k l m n 
 Punctuation matters: commas, periods, question marks? exclamation marks! colons: semicolons; quotes \"like this\" and (parentheses).
 ";
 
+/// The demo's dataset: 64 short, regular sentences, enough for a tiny model to visibly learn.
+pub fn demo_dataset() -> Vec<String> {
+    let names = ["Ada", "Bram", "Chen", "Dara", "Emil", "Fia", "Gus", "Hana"];
+    let things = [
+        "red kite",
+        "blue boat",
+        "green lamp",
+        "gold ring",
+        "old map",
+        "tin drum",
+        "silk fan",
+        "oak desk",
+    ];
+    let mut lines = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        for (k, thing) in things.iter().enumerate() {
+            let count = (i + k) % 5 + 2;
+            lines.push(format!(
+                "{name} keeps {count} of the {thing} in the lorad lab."
+            ));
+        }
+    }
+    lines
+}
+
+/// Writes the first `lines` lines of the demo dataset as `{"text": ...}` JSONL.
+pub fn write_dataset(path: &Path, lines: usize) -> std::io::Result<()> {
+    let mut text = String::new();
+    for line in demo_dataset().into_iter().take(lines) {
+        text.push_str(&serde_json::json!({ "text": line }).to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {

@@ -12,7 +12,7 @@ use super::format::{FileFormat, Format};
 use super::pack::pack;
 use super::pipeline::Pipeline;
 use super::source::{detect_format, read_example, DataSource};
-use crate::worker::error::EngineError;
+use crate::error::EngineError;
 use candle_core::Device;
 use lorad_schema::TrainSettings;
 use rand::seq::SliceRandom;

@@ -9,9 +9,9 @@
 //! that predicts the completion's first word.
 use super::chat::{ChatError, ChatTemplate};
 use super::format::{alpaca_prompt, Example};
-use crate::worker::config::ModelConfig;
-use crate::worker::error::EngineError;
-use crate::worker::source::{ModelSource, SpecialTokens, TokenizerAssets};
+use crate::config::ModelConfig;
+use crate::error::EngineError;
+use crate::source::{ModelSource, SpecialTokens, TokenizerAssets};
 use std::borrow::Cow;
 use std::ops::Range;
 use std::path::{Path, PathBuf};

@@ -4,13 +4,13 @@
 //! gibberish, not a crash), and what an adapter changes.
 //!
 //! No KV cache: every step runs the whole sequence, which is fine for the few dozen tokens a check needs.
-use crate::worker::adapter::load_adapter;
-use crate::worker::chat_template::ChatMessage;
-use crate::worker::error::EngineError;
-use crate::worker::lora::LoraConfig;
-use crate::worker::model::Llama;
-use crate::worker::source::ModelSource;
-use crate::worker::train::select_device;
+use crate::adapter::load_adapter;
+use crate::chat_template::ChatMessage;
+use crate::error::EngineError;
+use crate::lora::LoraConfig;
+use crate::model::Llama;
+use crate::source::ModelSource;
+use crate::train::select_device;
 use candle_core::Tensor;
 use rand::SeedableRng;
 use std::path::PathBuf;

@@ -7,7 +7,7 @@
 //! access by range is what lets the pipeline shuffle, run several workers and resume at an exact
 //! position without the source keeping any cursor of its own.
 use super::format::{Example, FileFormat};
-use crate::worker::error::EngineError;
+use crate::error::EngineError;
 use std::ops::Range;
 use std::path::Path;
 

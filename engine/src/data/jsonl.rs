@@ -2,7 +2,7 @@
 //! positional reads, so the file is never held in memory as parsed examples.
 use super::format::{Example, FileFormat};
 use super::source::{DataSource, RawExample, NO_EXAMPLES};
-use crate::worker::error::EngineError;
+use crate::error::EngineError;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::ops::Range;
@@ -29,7 +29,7 @@ pub fn open_regular(path: &Path) -> Result<File, EngineError> {
             None,
             format!(
                 "is {}, not a regular file",
-                crate::worker::preflight::kind_of(meta.file_type())
+                crate::preflight::kind_of(meta.file_type())
             ),
         ));
     }

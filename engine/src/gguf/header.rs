@@ -1,7 +1,7 @@
 //! Reading a GGUF file's header (metadata and tensor directory) with candle's reader, plus what candle
 //! does not give: typed metadata accessors whose errors name the field, and, when candle rejects a
 //! tensor type it does not know (IQ2_XXS, TQ1_0, ...), the name of the tensor that has it.
-use crate::worker::error::EngineError;
+use crate::error::EngineError;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use std::collections::HashMap;

@@ -1,7 +1,7 @@
 //! The submit-time checks of a job's files, run in a `lorad worker --check` process with the job
 //! owner's identity: the model and dataset must be readable by that user, the dataset a regular file
 //! of well-formed lines, the output directory new. The daemon only sees the verdict.
-use crate::worker::error::EngineError;
+use crate::error::EngineError;
 use lorad_schema::{ErrorCode, WireError};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::FileTypeExt;
@@ -28,7 +28,7 @@ pub struct CheckTask {
 }
 
 fn default_max_line() -> u64 {
-    crate::worker::data::jsonl::MAX_LINE_BYTES as u64
+    crate::data::jsonl::MAX_LINE_BYTES as u64
 }
 
 /// The kind of a file that is not what a path must be, in words.
@@ -120,7 +120,7 @@ pub fn check(task: &CheckTask) -> Result<Option<usize>, WireError> {
     if let Some(out) = &task.output_dir {
         check_output_dir(out)?;
     }
-    let config = crate::worker::source::check_model(&task.base_model).map_err(wire_error)?;
+    let config = crate::source::check_model(&task.base_model).map_err(wire_error)?;
     if task.max_seq_len as usize > config.max_position_embeddings {
         return Err(refused(ErrorCode::InvalidArgument, format!(
             "setting 'max_seq_len': {} is longer than the model's context ({} tokens: max_position_embeddings in config.json, <arch>.context_length in a GGUF file; {})",
@@ -131,7 +131,7 @@ pub fn check(task: &CheckTask) -> Result<Option<usize>, WireError> {
         // A plugin's format is the plugin's to check, in the training worker.
         return Ok(None);
     }
-    crate::worker::data::validate_jsonl_limited(&task.dataset, task.max_line_bytes as usize)
+    crate::data::validate_jsonl_limited(&task.dataset, task.max_line_bytes as usize)
         .map(Some)
         .map_err(wire_error)
 }
@@ -190,7 +190,7 @@ mod tests {
     #[test]
     fn special_files_are_refused_by_kind_before_anything_is_read() {
         let dir = tempfile::tempdir().unwrap();
-        crate::worker::tiny::make_tiny_model(&dir.path().join("model"), 0).unwrap();
+        crate::tiny::make_tiny_model(&dir.path().join("model"), 0).unwrap();
         let fifo = dir.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
         for (path, kind) in [
