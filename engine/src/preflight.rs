@@ -121,12 +121,7 @@ pub fn check(task: &CheckTask) -> Result<Option<usize>, WireError> {
         check_output_dir(out)?;
     }
     let config = crate::source::check_model(&task.base_model).map_err(wire_error)?;
-    if task.max_seq_len as usize > config.max_position_embeddings {
-        return Err(refused(ErrorCode::InvalidArgument, format!(
-            "setting 'max_seq_len': {} is longer than the model's context ({} tokens: max_position_embeddings in config.json, <arch>.context_length in a GGUF file; {})",
-            task.max_seq_len, config.max_position_embeddings, task.base_model.display()
-        )));
-    }
+    fits_context(task.max_seq_len, &config).map_err(wire_error)?;
     if task.plugin_format.is_some() {
         // A plugin's format is the plugin's to check, in the training worker.
         return Ok(None);
@@ -134,6 +129,25 @@ pub fn check(task: &CheckTask) -> Result<Option<usize>, WireError> {
     crate::data::validate_jsonl_limited(&task.dataset, task.max_line_bytes as usize)
         .map(Some)
         .map_err(wire_error)
+}
+
+/// `max_seq_len` fits the model's context: the one check of it, at submit (here) and in the worker
+/// (`train`), in the same words.
+pub fn fits_context(
+    max_seq_len: u32,
+    config: &crate::config::ModelConfig,
+) -> Result<(), EngineError> {
+    if max_seq_len as usize > config.max_position_embeddings {
+        return Err(EngineError::Setting {
+            field: "max_seq_len".into(),
+            // For a GGUF file, max_position_embeddings is its <arch>.context_length.
+            detail: format!(
+                "{max_seq_len} is longer than the model's max_position_embeddings ({}); set max_seq_len to at most {}",
+                config.max_position_embeddings, config.max_position_embeddings
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// An output directory must not exist (lorad never writes into or replaces what someone already

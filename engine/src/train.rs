@@ -133,15 +133,7 @@ pub fn train_with_source(
     // An HF directory or a GGUF file; only headers are read here.
     let model_source = ModelSource::open(&task.base_model)?;
     let cfg = model_source.config().clone();
-    if s.max_seq_len as usize > cfg.max_position_embeddings {
-        return Err(EngineError::Setting {
-            field: "max_seq_len".into(),
-            detail: format!(
-                "{} is longer than the model's max_position_embeddings ({}); set max_seq_len to at most {}",
-                s.max_seq_len, cfg.max_position_embeddings, cfg.max_position_embeddings
-            ),
-        });
-    }
+    crate::preflight::fits_context(s.max_seq_len, &cfg)?;
     let max_len = s.max_seq_len as usize;
     // The fingerprint is checked before anything heavy is loaded, so a refused resume fails fast.
     let fingerprint = Fingerprint::of(task)?;
