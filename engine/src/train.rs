@@ -214,18 +214,7 @@ pub fn train_with_source(
     });
     // The step whose checkpoint is on disk: the resumed one needs no second copy at the end.
     let mut saved = start - 1;
-    // Test hook for the stall watchdog: the daemon's environment (never a client's request) can make a
-    // fresh (not resumed) run hang at a step, as a wedged kernel or deadlocked loader would.
-    let hang_at = std::env::var("LORAD_TEST_HANG_AT_STEP")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok());
     for step in start..=total {
-        if hang_at == Some(step) && task.resume_from.is_none() {
-            tracing::warn!(step, "LORAD_TEST_HANG_AT_STEP: hanging on purpose");
-            loop {
-                std::thread::sleep(std::time::Duration::from_secs(3600));
-            }
-        }
         let started = Instant::now();
         // The step's micro-batches: grad_accum of them, fewer at the end of an epoch.
         let mut batches = Vec::with_capacity(s.grad_accum as usize);

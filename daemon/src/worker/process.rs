@@ -121,7 +121,14 @@ pub fn run(mode: Mode) -> Result<i32, WorkerError> {
 
     install_stop_handler();
     tracing::info!(job = %task.job, model = %task.base_model.display(), data = %task.dataset.display(), "worker started");
-    let mut on_event = |event| send(&FromWorker::Train { event });
+    let hang = HangAt::from_env(&task);
+    let mut on_event = |event: crate::worker::TrainEvent| {
+        let last = hang.after(&event);
+        send(&FromWorker::Train { event });
+        if last {
+            hang.hang();
+        }
+    };
     let open_source = |path: &std::path::Path| match &dataloader {
         Some(plugin) => Ok(std::sync::Arc::new(PluginSource::open(plugin, path)?)
             as std::sync::Arc<dyn crate::worker::data::DataSource>),
@@ -160,6 +167,48 @@ pub fn run(mode: Mode) -> Result<i32, WorkerError> {
 
 /// The exit status of a worker that stopped because a disk is full (EX_TEMPFAIL: try again later).
 pub const NO_SPACE_EXIT: i32 = 75;
+
+/// Test hook for the stall watchdog, kept out of the engine: the daemon's environment (never a
+/// client's request) can make a fresh (not resumed) run hang before step `LORAD_TEST_HANG_AT_STEP`,
+/// as a wedged kernel or deadlocked loader would. It hangs in the event callback, after the last
+/// report before that step: the previous step's point, or its checkpoint when one is due.
+struct HangAt {
+    step: Option<u64>,
+    checkpoint_every: u64,
+}
+
+impl HangAt {
+    fn from_env(task: &crate::worker::TrainTask) -> HangAt {
+        let step = std::env::var("LORAD_TEST_HANG_AT_STEP")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|_| task.resume_from.is_none());
+        HangAt {
+            step,
+            checkpoint_every: task.settings.checkpoint_every,
+        }
+    }
+
+    /// Whether `event` is the last report before the step to hang at.
+    fn after(&self, event: &crate::worker::TrainEvent) -> bool {
+        use crate::worker::TrainEvent;
+        let Some(at) = self.step else { return false };
+        let prev = at.saturating_sub(1);
+        let due = self.checkpoint_every > 0 && prev > 0 && prev % self.checkpoint_every == 0;
+        match event {
+            TrainEvent::Step { point } => point.step == prev && !due,
+            TrainEvent::Checkpoint { step, .. } => *step == prev && due,
+            _ => false,
+        }
+    }
+
+    fn hang(&self) -> ! {
+        tracing::warn!(step = ?self.step, "LORAD_TEST_HANG_AT_STEP: hanging on purpose");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
 
 /// Watches the control channel: EOF means the daemon is gone, and a worker without a daemon must not
 /// go on.
