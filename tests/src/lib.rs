@@ -69,6 +69,30 @@ pub fn stop_child(mut child: Child) {
     let _ = child.wait();
 }
 
+/// Waits until a daemon started as `child` answers `status` on `socket`; `Err` says how it did not
+/// ("exited during start (...)", "did not answer within ...").
+pub fn wait_until_serving(
+    socket: &Path,
+    child: &mut Child,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(c) = Client::connect(socket) {
+            if c.status().is_ok() {
+                return Ok(());
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited during start ({status})"));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("did not answer within {} s", timeout.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A running daemon owned by a test.
 pub struct TestDaemon {
     /// Holds the socket, state dir and anything else the test writes.
@@ -178,29 +202,13 @@ impl TestDaemon {
             .spawn()
             .expect("spawn lorad");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(c) = Client::connect(self.socket()) {
-                if c.status().is_ok() {
-                    return;
-                }
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "lorad exited during start ({status}); log:\n{}",
-                    self.daemon_log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "lorad did not answer within 30 s; log:\n{}",
-                self.daemon_log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        let socket = self.socket();
+        let started = match self.child.as_mut() {
+            Some(child) => wait_until_serving(&socket, child, Duration::from_secs(30)),
+            None => Ok(()),
+        };
+        if let Err(why) = started {
+            panic!("lorad {why}; log:\n{}", self.daemon_log());
         }
     }
 

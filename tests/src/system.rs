@@ -8,7 +8,9 @@
 //!
 //! Declare the group first, the users next and the daemon last: locals drop in reverse order, so the
 //! daemon (and its workers, which run as the users) is gone before `userdel` runs.
-use crate::{bin, plugin_lib, stop_child, tiny_model, write_dataset, BUNDLED_PLUGINS};
+use crate::{
+    bin, plugin_lib, stop_child, tiny_model, wait_until_serving, write_dataset, BUNDLED_PLUGINS,
+};
 use lorad_client::blocking::Client;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -369,25 +371,20 @@ impl SystemDaemon {
             .spawn()
             .expect("spawn lorad");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(c) = Client::connect(self.socket()) {
-                if c.status().is_ok() {
-                    return Ok(());
-                }
-            }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    return Err(format!("exited with {status}\n{}", self.daemon_log()));
-                }
-            }
-            if Instant::now() >= deadline {
+        let socket = self.socket();
+        let started = match self.child.as_mut() {
+            Some(child) => wait_until_serving(&socket, child, Duration::from_secs(30)),
+            None => Ok(()),
+        };
+        if let Err(why) = started {
+            if why.starts_with("exited") {
+                self.child = None;
+            } else {
                 self.stop();
-                return Err(format!("no answer within 30 s\n{}", self.daemon_log()));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            return Err(format!("{why}\n{}", self.daemon_log()));
         }
+        Ok(())
     }
 
     /// The daemon's first plugin dir (root-owned, 0755).
