@@ -3,24 +3,26 @@
 //! backward of each op class timed in isolation at the model's shapes.
 //!
 //! ```text
-//! cargo run --release -p lorad --example speed -- --model PATH --batch 8 --seq 128 \
+//! cargo run --release -p lorad-engine --example speed -- --model PATH --batch 8 --seq 128 \
 //!     [--steps 5] [--warmup 2] [--ids IDS.json] [--reps 5] [--dropout 0.0] --json OUT.json
 //! ```
 //!
-//! The step is the worker's (`worker::train`): `Llama::from_source`, `loss_sum`, `backward`,
-//! gradients summed into zeros, `clip_grad_norm`, `AdamW::step`, with the worker's allocator
-//! settings. LoRA r 16, alpha 32, dropout 0 on q,k,v,o; f32; CPU; threads from RAYON_NUM_THREADS.
-//! Every position but the last of each row predicts the next token. The JSON has the same keys as
-//! `bench/speed/torch_speed.py`'s.
+//! The step is the worker's own: `Trainer::step` (forward, backward, gradients summed, clipping,
+//! AdamW), on a model loaded by `Llama::from_source` with the worker's allocator settings, the batch
+//! coming from an in-memory `Loader` over the given rows (one batch per step, every row in it). LoRA
+//! r 16, alpha 32, dropout 0 on q,k,v,o; constant learning rate; f32; CPU; threads from
+//! RAYON_NUM_THREADS. Every position but the last of each row predicts the next token. The JSON has
+//! the same keys as `bench/speed/torch_speed.py`'s.
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor, Var};
 use clap::Parser;
+use lorad_engine::data::{Loader, Tokenized};
 use lorad_engine::lora::{LoraConfig, LoraLinear};
 use lorad_engine::model::{Llama, Rope};
-use lorad_engine::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use lorad_engine::rng::{rng_for, INIT_STREAM};
 use lorad_engine::source::ModelSource;
-use lorad_engine::train::{rng_for, DROPOUT_STREAM, INIT_STREAM};
-use lorad_schema::{TrainSettings, TARGET_MODULES};
+use lorad_engine::trainer::Trainer;
+use lorad_schema::{Schedule, TrainSettings, TARGET_MODULES};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -95,12 +97,13 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// The batch: ids `[b, t]`; for every position but each row's last, its flat index and the next id.
+/// The batch: ids `[b, t]`; for every position but each row's last, its flat index and the next id;
+/// and the rows, for the trainer's loader.
 struct Batch {
     ids: Tensor,
     positions: Tensor,
     labels: Tensor,
-    targets: usize,
+    rows: Vec<Vec<u32>>,
 }
 
 /// Reads (or, without `--ids`, draws) the token ids and makes the batch.
@@ -131,45 +134,23 @@ fn batch(args: &Args, vocab: usize, device: &Device) -> Result<Batch> {
         ids: Tensor::from_vec(rows.concat(), (b, t), device)?,
         positions: Tensor::from_vec(positions, targets, device)?,
         labels: Tensor::from_vec(labels, targets, device)?,
-        targets,
+        rows,
     })
 }
 
 /// Per phase (fwd, bwd, opt, step) the ms of each timed step, and every step's loss.
 type Phases = ([Vec<f64>; 4], Vec<f64>);
 
-/// The worker's step (`train::train_with_source` with one micro-batch), timed by phase.
-fn run_steps(model: &Llama, s: &TrainSettings, b: &Batch, steps: [usize; 2]) -> Result<Phases> {
-    let vars = model.trainable_vars();
-    let adam = AdamWConfig {
-        beta1: s.adam_beta1,
-        beta2: s.adam_beta2,
-        eps: s.adam_eps,
-        weight_decay: s.weight_decay,
-    };
-    let mut opt = AdamW::new(vars.clone(), adam)?;
-    let mut dropout_rng = rng_for(s.seed, DROPOUT_STREAM);
+/// `Trainer::step`, `steps[0]` untimed then `steps[1]` timed, with the trainer's own phase times.
+fn run_steps(trainer: &mut Trainer, steps: [usize; 2]) -> Result<Phases> {
     let (mut times, mut losses): Phases = Default::default();
     for step in 1..=steps[0] + steps[1] {
-        let started = Instant::now();
-        let loss = model.loss_sum(&b.ids, &b.positions, &b.labels, Some(&mut dropout_rng))?;
-        let loss_sum = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        let fwd = ms(started);
-        let t = Instant::now();
-        let zeros = vars.iter().map(|v| v.zeros_like());
-        let mut grads = zeros.collect::<candle_core::Result<Vec<_>>>()?;
-        let store = (loss / b.targets as f64)?.backward()?;
-        for (g, v) in grads.iter_mut().zip(&vars) {
-            if let Some(d) = store.get(v) {
-                *g = (&*g + d)?;
-            }
-        }
-        drop(store);
-        let bwd = ms(t);
-        let t = Instant::now();
-        clip_grad_norm(&mut grads, s.grad_clip)?;
-        opt.step(&grads, s.lr)?;
-        let (optim, total, loss) = (ms(t), ms(started), loss_sum / b.targets as f64);
+        let point = trainer.step()?;
+        let t = trainer.last_step_times();
+        // The step's total also holds the in-memory loader's collation (t.data_wait_ms, well under
+        // a millisecond), which no phase column shows.
+        let fwd = t.forward_ms;
+        let (bwd, optim, total, loss) = (t.backward_ms, t.optimizer_ms, t.step_ms, point.loss);
         let phases = format!("fwd {fwd:.0}, bwd {bwd:.0}, opt {optim:.1}");
         eprintln!("step {step}: loss {loss:.4}, {total:.0} ms ({phases})");
         losses.push(loss);
@@ -293,6 +274,10 @@ fn main() -> Result<()> {
         target_modules: TARGET_MODULES[..4].iter().map(|m| m.to_string()).collect(),
         max_seq_len: args.seq as u32,
         batch_size: args.batch as u32,
+        grad_accum: 1,
+        schedule: Schedule::Constant,
+        warmup_steps: 0,
+        max_steps: Some((args.warmup + args.steps) as u64),
         device: "cpu".into(),
         ..TrainSettings::default()
     };
@@ -309,13 +294,22 @@ fn main() -> Result<()> {
     let loaded = format!("loaded in {load_s:.1} s, {threads} threads");
     eprintln!("lorad: {params} base + {trainable} LoRA parameters, {loaded}");
 
+    // Every row trained from its second token on, all rows in the one batch of each epoch.
+    let trained = |row: &Vec<u32>| (0..row.len()).map(|p| p > 0).collect();
+    let rows = b.rows.iter().map(|r| Tokenized {
+        ids: r.clone(),
+        trained: trained(r),
+    });
+    let loader = Loader::new(rows.collect(), args.batch, settings.seed, 0);
+    let mut trainer = Trainer::new(model, lora, loader, &settings)?;
     let steps = [args.warmup, args.steps];
-    let ([fwd, bwd, opt, step], losses) = run_steps(&model, &settings, &b, steps)?;
+    let ([fwd, bwd, opt, step], losses) = run_steps(&mut trainer, steps)?;
     let (peak_rss, step_ms) = (lorad_engine::runtime::peak_rss_mb(), median(&step));
+    let model = trainer.model();
 
     // Per class, in the order of first appearance: forward and backward ms per step.
     let (mut ops, mut classes) = (Vec::new(), Vec::<(&str, [f64; 2])>::new());
-    for c in cases(&model, &b)? {
+    for c in cases(model, &b)? {
         let (f, bw) = time_case(&c, args.reps)?;
         let Case(class, name, n, ..) = c;
         match classes.iter_mut().find(|(k, _)| *k == class) {

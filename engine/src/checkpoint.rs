@@ -17,7 +17,7 @@ use super::fingerprint::Fingerprint;
 use super::lora::LoraConfig;
 use super::model::Llama;
 use super::optim::{AdamW, LrSchedule};
-use super::train::rng_for;
+use super::rng::rng_for;
 use super::weights::{save_tensors_with_metadata, write_text};
 use candle_core::{Device, Tensor};
 use lorad_schema::Schedule;

@@ -6,7 +6,8 @@ use crate::adapter::{load_adapter, CONFIG_FILE};
 use crate::data::Tokenized;
 use crate::tiny::make_tiny_model;
 use crate::train::tests::SENTENCES;
-use crate::train::{train, TrainSummary};
+use crate::train::train;
+use crate::trainer::TrainSummary;
 use crate::{Phase, TrainEvent, TrainTask};
 use lorad_schema::{JobId, TrainSettings};
 use rand::Rng;
@@ -283,7 +284,7 @@ fn checkpoints_are_pruned_to_keep_and_leftovers_removed() {
 
 #[test]
 fn rng_state_round_trips_mid_block() {
-    let mut rng = crate::train::rng_for(5, 2);
+    let mut rng = crate::rng::rng_for(5, 2);
     let _: u32 = rng.random();
     let _: f64 = rng.random();
     let saved: RngState = serde_json::from_str(

@@ -6,11 +6,11 @@
 //! No KV cache: every step runs the whole sequence, which is fine for the few dozen tokens a check needs.
 use crate::adapter::load_adapter;
 use crate::chat_template::ChatMessage;
+use crate::device::select_device;
 use crate::error::EngineError;
 use crate::lora::LoraConfig;
 use crate::model::Llama;
 use crate::source::ModelSource;
-use crate::train::select_device;
 use candle_core::Tensor;
 use rand::SeedableRng;
 use std::path::PathBuf;

@@ -1,14 +1,15 @@
 //! lorad-engine: LoRA training with candle, below the daemon. The model (Llama family from HF
 //! safetensors or GGUF), LoRA, the data pipeline, AdamW and its schedules, atomic checkpoints, PEFT
 //! adapters, generation and the submit-time checks (`preflight`). No tokio, no daemon code: the
-//! daemon's worker process drives it (`train::train_with_source` takes a task and a callback and
-//! returns when the adapter is written), and the exporter plugins read and merge with it.
+//! daemon's worker process drives it (`trainer::Trainer`: open, step, checkpoint, finish; the worker's
+//! loop around it is `train::train_with_source`), and the exporter plugins read and merge with it.
 #![deny(clippy::unwrap_used)]
 pub mod adapter;
 pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod fingerprint;
 pub mod generate;
@@ -18,11 +19,13 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod preflight;
+pub mod rng;
 pub mod rope;
 pub mod runtime;
 pub mod source;
 pub mod tiny;
 pub mod train;
+pub mod trainer;
 pub mod weights;
 
 use lorad_schema::{JobId, MetricPoint, TrainSettings};

@@ -131,6 +131,32 @@ pub fn check(task: &CheckTask) -> Result<Option<usize>, WireError> {
         .map_err(wire_error)
 }
 
+/// Why a dtype other than f32 is refused.
+pub const DTYPE_UNSUPPORTED: &str =
+    "only f32 training is implemented yet (bf16/f16 arrive with the CUDA path); use --set dtype=f32";
+
+/// The resolved settings of a job are in range and ask for nothing the engine cannot do: the one
+/// check of them, at submit and in the worker, in the same words ("setting 'lr': must be > 0").
+pub fn check_settings(s: &lorad_schema::TrainSettings) -> Result<(), EngineError> {
+    s.validate().map_err(|e| match e {
+        lorad_schema::SettingError::OutOfRange { key, detail } => {
+            EngineError::Setting { field: key, detail }
+        }
+        other => EngineError::Setting {
+            field: "settings".into(),
+            detail: other.to_string(),
+        },
+    })?;
+    if s.dtype != lorad_schema::DType::F32 {
+        // Refuse rather than silently train in another precision than the one asked for.
+        return Err(EngineError::Setting {
+            field: "dtype".into(),
+            detail: DTYPE_UNSUPPORTED.into(),
+        });
+    }
+    Ok(())
+}
+
 /// `max_seq_len` fits the model's context: the one check of it, at submit (here) and in the worker
 /// (`train`), in the same words.
 pub fn fits_context(

@@ -2,10 +2,18 @@
 //! determinism, and the adapter on disk.
 use super::*;
 use crate::adapter::{load_adapter, peft_key};
-use crate::data::{read_jsonl, Loader};
+use crate::data::{read_jsonl, Encoder, Loader};
+use crate::device::select_device;
+use crate::lora::LoraConfig;
 use crate::model::check_model_dir;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::rng::{rng_for, INIT_STREAM};
 use crate::tiny::make_tiny_model;
+use crate::trainer::total_steps;
+use crate::trainer::Trainer;
+use candle_core::Device;
 use lorad_schema::JobId;
+use lorad_schema::{MetricPoint, TrainSettings};
 use std::path::{Path, PathBuf};
 
 /// 64 lines: 8 short sentences, each 8 times. Nearly every next token is determined by the ones
@@ -395,28 +403,19 @@ fn base_weights_are_bit_identical_after_training_steps() {
         .unwrap()
         .encode(&examples)
         .unwrap();
-    let mut loader = Loader::new(tokenized, 8, 1, 0);
-    let vars = model.trainable_vars();
-    let mut opt = AdamW::new(
-        vars.clone(),
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        },
-    )
-    .unwrap();
+    let loader = Loader::new(tokenized, 8, 1, 0);
+    // The worker's step, with weight decay (which must not reach the frozen base).
+    let s = TrainSettings {
+        lr: 1e-2,
+        weight_decay: 0.1,
+        ..s
+    };
+    let mut trainer = Trainer::new(model, lora, loader, &s).unwrap();
     for _ in 0..3 {
-        let b = loader.next_batch(&Device::Cpu).unwrap();
-        let grads = model
-            .loss_sum(&b.ids, &b.positions, &b.labels, None)
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g: Vec<Tensor> = vars.iter().map(|v| grads.get(v).unwrap().clone()).collect();
-        opt.step(&g, 1e-2).unwrap();
+        trainer.step().unwrap();
     }
+    assert_eq!(trainer.steps_done(), 3);
+    let model = trainer.model();
     let after: Vec<Vec<f32>> = model
         .base_tensors()
         .iter()

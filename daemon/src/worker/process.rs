@@ -132,7 +132,7 @@ pub fn run(mode: Mode) -> Result<i32, WorkerError> {
     let open_source = |path: &std::path::Path| match &dataloader {
         Some(plugin) => Ok(std::sync::Arc::new(PluginSource::open(plugin, path)?)
             as std::sync::Arc<dyn crate::worker::data::DataSource>),
-        None => train::open_jsonl(path, task.settings.max_line_bytes as usize),
+        None => crate::worker::data::open_jsonl(path, task.settings.max_line_bytes as usize),
     };
     match train::train_with_source(&task, &open_source, &mut on_event) {
         Ok(summary) => {

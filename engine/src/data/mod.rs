@@ -62,6 +62,15 @@ pub use source::{DataSource, RawExample};
 
 use crate::error::EngineError;
 use std::path::Path;
+use std::sync::Arc;
+
+/// Opens the dataset of a task: lorad's JSONL reader (`open_jsonl`), or a dataloader plugin's source.
+pub type OpenSource<'a> = dyn Fn(&Path) -> Result<Arc<dyn DataSource>, EngineError> + 'a;
+
+/// The dataset as lorad reads it itself: JSONL, lines of at most `max_line` bytes.
+pub fn open_jsonl(path: &Path, max_line: usize) -> Result<Arc<dyn DataSource>, EngineError> {
+    Ok(Arc::new(JsonlSource::open_limited(path, max_line)?))
+}
 
 /// Checks every line of a JSONL dataset (JSON, format, fields; no tokenizer needed) and returns the
 /// number of examples. Used by the daemon at submit, so a malformed line is rejected before anything

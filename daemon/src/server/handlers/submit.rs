@@ -33,13 +33,7 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
             .set(key, value)
             .map_err(|e| invalid(e.to_string()))?;
     }
-    settings.validate().map_err(|e| invalid(e.to_string()))?;
-    if settings.dtype != lorad_schema::DType::F32 {
-        return Err(invalid(format!(
-            "setting 'dtype': {}",
-            crate::worker::train::DTYPE_UNSUPPORTED
-        )));
-    }
+    crate::worker::preflight::check_settings(&settings).map_err(|e| invalid(e.to_string()))?;
 
     if !peer.is_admin() {
         crate::quota::may_prioritise(spec.priority, peer.uid, &core.config.limits)?;
