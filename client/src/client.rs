@@ -130,40 +130,7 @@ impl Client {
                     HANDSHAKE_TIMEOUT.as_secs()
                 ))
             })?;
-        let info = match answer {
-            Ok(Handshake::Welcome {
-                protocol,
-                daemon_version,
-                features,
-            }) => ServerInfo {
-                protocol,
-                daemon_version,
-                features,
-            },
-            Ok(Handshake::Error { code, message }) => {
-                return Err(ClientError::Handshake(match code {
-                    ErrorCode::Unsupported | ErrorCode::InvalidArgument => format!(
-                        "lorad refused this client (protocol {PROTOCOL_VERSION}): {code}: {message}"
-                    ),
-                    _ => format!("lorad refused the connection: {code}: {message}"),
-                }))
-            }
-            Ok(Handshake::Hello { .. }) => {
-                return Err(ClientError::Handshake(
-                    "the peer answered hello with hello; is it lorad?".into(),
-                ))
-            }
-            // A transport failure (e.g. a daemon shutting down) is a disconnect, worth a retry.
-            Err(e @ (FrameError::Closed | FrameError::Truncated | FrameError::Io(_))) => {
-                return Err(ClientError::Frame(e));
-            }
-            Err(e) => {
-                return Err(ClientError::Handshake(format!(
-                    "no welcome from {}: {e}",
-                    path.display()
-                )));
-            }
-        };
+        let info = welcome(answer, path)?;
 
         let (out, out_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared::new(out));
@@ -438,5 +405,37 @@ pub(crate) fn response_kind(r: &Response) -> &'static str {
         Response::Subscribed { .. } => "subscribed",
         Response::Done => "done",
         Response::Backup { .. } => "backup",
+    }
+}
+
+/// What the daemon answered to hello: its welcome, or why there is none.
+fn welcome(answer: Result<Handshake, FrameError>, path: &Path) -> Result<ServerInfo, ClientError> {
+    match answer {
+        Ok(Handshake::Welcome {
+            protocol,
+            daemon_version,
+            features,
+        }) => Ok(ServerInfo {
+            protocol,
+            daemon_version,
+            features,
+        }),
+        Ok(Handshake::Error { code, message }) => Err(ClientError::Handshake(match code {
+            ErrorCode::Unsupported | ErrorCode::InvalidArgument => format!(
+                "lorad refused this client (protocol {PROTOCOL_VERSION}): {code}: {message}"
+            ),
+            _ => format!("lorad refused the connection: {code}: {message}"),
+        })),
+        Ok(Handshake::Hello { .. }) => Err(ClientError::Handshake(
+            "the peer answered hello with hello; is it lorad?".into(),
+        )),
+        // A transport failure (e.g. a daemon shutting down) is a disconnect, worth a retry.
+        Err(e @ (FrameError::Closed | FrameError::Truncated | FrameError::Io(_))) => {
+            Err(ClientError::Frame(e))
+        }
+        Err(e) => Err(ClientError::Handshake(format!(
+            "no welcome from {}: {e}",
+            path.display()
+        ))),
     }
 }

@@ -3,7 +3,7 @@
 use crate::config::Config;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use lorad_schema::{EventBody, JobSpec, JobState};
+use lorad_schema::{EventBody, JobId, JobSpec, JobState};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -76,24 +76,7 @@ pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
 
 async fn drive(socket: &Path, model: &Path, data: &Path, dir: &Path) -> anyhow::Result<()> {
     let client = lorad_client::Client::connect(socket).await?;
-    let plugins = client.status().await?.plugins;
-    if !client
-        .templates()
-        .await?
-        .iter()
-        .any(|t| t.name == "basic-fine-tune")
-    {
-        let rejected: Vec<String> = plugins
-            .rejected
-            .iter()
-            .map(|r| format!("\n  rejected {}: {}", r.path, r.reason))
-            .collect();
-        bail!(
-            "the templates plugin is not loaded (searched {}){}\nbuild the bundled plugins next to lorad: cargo build --release --workspace",
-            plugins.dirs.join(", "),
-            rejected.concat()
-        );
-    }
+    require_templates(&client).await?;
     let overrides: BTreeMap<String, String> = DEMO_OVERRIDES
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -113,44 +96,7 @@ async fn drive(socket: &Path, model: &Path, data: &Path, dir: &Path) -> anyhow::
         job.template,
         job.overrides.len()
     );
-
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("  [{bar:30}] {pos}/{len} steps  {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    let mut sub = client.subscribe(Some(job.id), 0).await?;
-    let final_state = loop {
-        let Some(event) = sub.next().await else {
-            bail!("the daemon closed the connection")
-        };
-        match event.body {
-            EventBody::Metrics { point } => {
-                if bar.length() == Some(0) {
-                    let total = client.get(job.id).await?.progress.total_steps;
-                    bar.set_length(total);
-                }
-                bar.set_position(point.step);
-                bar.set_message(format!(
-                    "loss {:.3}  {:.0} tok/s",
-                    point.loss, point.tokens_per_s
-                ));
-            }
-            EventBody::StateChanged { to, reason, .. } => {
-                let line = format!(
-                    "  state: {to}{}",
-                    reason.map(|r| format!(" ({r})")).unwrap_or_default()
-                );
-                bar.suspend(|| println!("{line}"));
-                if to.is_terminal() {
-                    break to;
-                }
-            }
-            _ => {}
-        }
-    };
-    bar.finish_and_clear();
+    let final_state = watch(&client, job.id).await?;
     let job = client.get(job.id).await?;
     if final_state != JobState::Completed {
         bail!(
@@ -188,4 +134,66 @@ async fn drive(socket: &Path, model: &Path, data: &Path, dir: &Path) -> anyhow::
         );
     }
     Ok(())
+}
+
+/// The demo's template comes from the bundled templates plugin: say where it was looked for when
+/// it is not loaded.
+async fn require_templates(client: &lorad_client::Client) -> anyhow::Result<()> {
+    let templates = client.templates().await?;
+    if templates.iter().any(|t| t.name == "basic-fine-tune") {
+        return Ok(());
+    }
+    let plugins = client.status().await?.plugins;
+    let rejected: Vec<String> = plugins
+        .rejected
+        .iter()
+        .map(|r| format!("\n  rejected {}: {}", r.path, r.reason))
+        .collect();
+    bail!(
+        "the templates plugin is not loaded (searched {}){}\nbuild the bundled plugins next to lorad: cargo build --release --workspace",
+        plugins.dirs.join(", "),
+        rejected.concat()
+    )
+}
+
+/// Shows the job's progress as a bar and its state changes as lines, until it ends; returns how.
+async fn watch(client: &lorad_client::Client, job: JobId) -> anyhow::Result<JobState> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("  [{bar:30}] {pos}/{len} steps  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut sub = client.subscribe(Some(job), 0).await?;
+    let final_state = loop {
+        let Some(event) = sub.next().await else {
+            bail!("the daemon closed the connection")
+        };
+        match event.body {
+            EventBody::Metrics { point } => {
+                if bar.length() == Some(0) {
+                    let total = client.get(job).await?.progress.total_steps;
+                    bar.set_length(total);
+                }
+                bar.set_position(point.step);
+                bar.set_message(format!(
+                    "loss {:.3}  {:.0} tok/s",
+                    point.loss, point.tokens_per_s
+                ));
+            }
+            EventBody::StateChanged { to, reason, .. } => {
+                let line = format!(
+                    "  state: {to}{}",
+                    reason.map(|r| format!(" ({r})")).unwrap_or_default()
+                );
+                bar.suspend(|| println!("{line}"));
+                if to.is_terminal() {
+                    break to;
+                }
+            }
+            _ => {}
+        }
+    };
+    bar.finish_and_clear();
+    Ok(final_state)
 }

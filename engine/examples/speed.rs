@@ -264,6 +264,34 @@ fn time_case(c: &Case, reps: usize) -> candle_core::Result<(f64, f64)> {
     Ok((median(&fwd), median(&bwd)))
 }
 
+/// Each op case timed, and per class (in the order of first appearance) the forward and backward ms
+/// per step.
+fn time_op_classes(
+    model: &Llama,
+    b: &Batch,
+    reps: usize,
+) -> Result<(
+    Vec<serde_json::Value>,
+    serde_json::Map<String, serde_json::Value>,
+)> {
+    let (mut ops, mut classes) = (Vec::new(), Vec::<(&str, [f64; 2])>::new());
+    for c in cases(model, b)? {
+        let (f, bw) = time_case(&c, reps)?;
+        let Case(class, name, n, ..) = c;
+        match classes.iter_mut().find(|(k, _)| *k == class) {
+            Some((_, sum)) => *sum = [sum[0] + f * n as f64, sum[1] + bw * n as f64],
+            None => classes.push((class, [f * n as f64, bw * n as f64])),
+        }
+        eprintln!("op {class:<13} {name:<15} x{n:<3} fwd {f:8.2} ms  bwd {bw:8.2} ms");
+        ops.push(json!({"class": class, "name": name, "per_step": n, "fwd_ms": f, "bwd_ms": bw}));
+    }
+    let by_class = classes
+        .into_iter()
+        .map(|(c, [f, b])| (c.to_string(), json!({"fwd": f, "bwd": b})))
+        .collect();
+    Ok((ops, by_class))
+}
+
 fn main() -> Result<()> {
     lorad_engine::runtime::tune_allocator();
     let args = Args::parse();
@@ -307,22 +335,7 @@ fn main() -> Result<()> {
     let (peak_rss, step_ms) = (lorad_engine::runtime::peak_rss_mb(), median(&step));
     let model = trainer.model();
 
-    // Per class, in the order of first appearance: forward and backward ms per step.
-    let (mut ops, mut classes) = (Vec::new(), Vec::<(&str, [f64; 2])>::new());
-    for c in cases(model, &b)? {
-        let (f, bw) = time_case(&c, args.reps)?;
-        let Case(class, name, n, ..) = c;
-        match classes.iter_mut().find(|(k, _)| *k == class) {
-            Some((_, sum)) => *sum = [sum[0] + f * n as f64, sum[1] + bw * n as f64],
-            None => classes.push((class, [f * n as f64, bw * n as f64])),
-        }
-        eprintln!("op {class:<13} {name:<15} x{n:<3} fwd {f:8.2} ms  bwd {bw:8.2} ms");
-        ops.push(json!({"class": class, "name": name, "per_step": n, "fwd_ms": f, "bwd_ms": bw}));
-    }
-    let by_class: serde_json::Map<_, _> = classes
-        .into_iter()
-        .map(|(c, [f, b])| (c.to_string(), json!({"fwd": f, "bwd": b})))
-        .collect();
+    let (ops, by_class) = time_op_classes(model, &b, args.reps)?;
     let out = json!({
         "engine": "lorad",
         "version": format!("lorad {} (candle 0.11)", env!("CARGO_PKG_VERSION")),

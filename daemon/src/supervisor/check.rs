@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
+use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 
 /// Checks in flight: a semaphore for all, a count per uid.
@@ -81,27 +82,7 @@ async fn run(
     what: String,
 ) -> Result<Option<usize>, WireError> {
     let limits = &core.config.limits;
-    let _mine = {
-        let mut per_user = core
-            .checks
-            .per_user
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let n = per_user.entry(owner_uid).or_insert(0);
-        if *n >= limits.max_checks_per_user {
-            return Err(WireError::new(
-                ErrorCode::Busy,
-                format!(
-                    "uid {owner_uid} already has {n} submissions being checked (max_checks_per_user); try again when they are done"
-                ),
-            ));
-        }
-        *n += 1;
-        UserSlot {
-            checks: &core.checks,
-            uid: owner_uid,
-        }
-    };
+    let _mine = user_slot(core, owner_uid)?;
     // One deadline for waiting for a slot and for the check itself.
     let deadline = Duration::from_secs(limits.check_timeout_s);
     let until = tokio::time::Instant::now() + deadline;
@@ -127,23 +108,7 @@ async fn run(
         Stdio::null(),
     )
     .map_err(|e| internal("cannot start the check", e))?;
-    let verdict = async {
-        frame::write_msg_async(&mut control, &msg)
-            .await
-            .map_err(|e| internal("cannot send the check", e))?;
-        loop {
-            match frame::read_msg_async::<FromWorker, _>(&mut control, frame::MAX_FRAME).await {
-                Ok(FromWorker::Checked { examples }) => return Ok(examples),
-                Ok(FromWorker::Refused { error }) => return Err(error),
-                Ok(FromWorker::Failed { message }) => {
-                    return Err(WireError::new(ErrorCode::InvalidArgument, message))
-                }
-                Ok(_) => continue,
-                Err(e) => return Err(internal("the check ended without a verdict", e)),
-            }
-        }
-    };
-    let result = match tokio::time::timeout_at(until, verdict).await {
+    let result = match tokio::time::timeout_at(until, verdict(&mut control, &msg)).await {
         Ok(result) => result,
         Err(_) => Err(WireError::new(
             ErrorCode::InvalidArgument,
@@ -162,4 +127,45 @@ async fn run(
     }
     let _ = child.wait().await;
     result
+}
+
+/// One of `owner_uid`'s `max_checks_per_user` slots, held until the guard drops.
+fn user_slot(core: &Core, owner_uid: u32) -> Result<UserSlot<'_>, WireError> {
+    let mut per_user = core
+        .checks
+        .per_user
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let n = per_user.entry(owner_uid).or_insert(0);
+    if *n >= core.config.limits.max_checks_per_user {
+        return Err(WireError::new(
+            ErrorCode::Busy,
+            format!(
+                "uid {owner_uid} already has {n} submissions being checked (max_checks_per_user); try again when they are done"
+            ),
+        ));
+    }
+    *n += 1;
+    Ok(UserSlot {
+        checks: &core.checks,
+        uid: owner_uid,
+    })
+}
+
+/// Sends the check to the worker and reads its verdict.
+async fn verdict(control: &mut UnixStream, msg: &ToWorker) -> Result<Option<usize>, WireError> {
+    frame::write_msg_async(control, msg)
+        .await
+        .map_err(|e| internal("cannot send the check", e))?;
+    loop {
+        match frame::read_msg_async::<FromWorker, _>(control, frame::MAX_FRAME).await {
+            Ok(FromWorker::Checked { examples }) => return Ok(examples),
+            Ok(FromWorker::Refused { error }) => return Err(error),
+            Ok(FromWorker::Failed { message }) => {
+                return Err(WireError::new(ErrorCode::InvalidArgument, message))
+            }
+            Ok(_) => continue,
+            Err(e) => return Err(internal("the check ended without a verdict", e)),
+        }
+    }
 }

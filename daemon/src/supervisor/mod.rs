@@ -5,6 +5,8 @@
 mod attempt;
 pub mod check;
 pub mod export;
+mod reports;
+mod watch;
 
 use crate::core::Core;
 use crate::scheduler;
@@ -82,7 +84,7 @@ async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId) {
             }
             let core = core.clone();
             tracker.spawn(async move {
-                attempt::watch(core.clone(), id, running).await;
+                watch::watch(core.clone(), id, running).await;
                 if let Ok(mut w) = core.workers.lock() {
                     w.remove(&id);
                 }
@@ -102,7 +104,7 @@ async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId) {
                 (JobState::Failed, format!("cannot start worker: {e}"))
             };
             tracing::error!(job = %id, %reason);
-            if let Err(e) = attempt::record_until_written(core, id, to, Some(reason), |_| {}).await
+            if let Err(e) = reports::record_until_written(core, id, to, Some(reason), |_| {}).await
             {
                 tracing::error!(job = %id, error = %e, "cannot record why the job did not start");
             }

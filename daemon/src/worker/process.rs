@@ -4,8 +4,9 @@
 //! an orphaned worker never keeps training or holding a device.
 use crate::channel::{ExportTask, FromWorker, ToWorker, CONTROL_FD};
 use crate::plugins::source::PluginSource;
+use crate::plugins::PluginRef;
 use crate::worker::error::EngineError;
-use crate::worker::train;
+use crate::worker::{train, TrainTask};
 use lorad_plugin::{methods, ExportResponse};
 use lorad_schema::frame::{self, FrameError};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -44,18 +45,7 @@ pub fn run(mode: Mode) -> Result<i32, WorkerError> {
     // no core file with their data in a place they did not choose.
     // SAFETY: prctl(PR_SET_DUMPABLE) only sets a flag of this process.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
-    // Refuse early unless fd 3 is an open socket, instead of adopting a random descriptor.
-    // SAFETY: borrow_raw only wraps the number; fstat on a closed descriptor fails cleanly.
-    let is_socket =
-        nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(CONTROL_FD) })
-            .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
-            .unwrap_or(false);
-    if !is_socket {
-        return Err(WorkerError::NoChannel);
-    }
-    // SAFETY: fd 3 is open (checked above), was set up by the supervisor for this process alone, and
-    // nothing else in the process owns it.
-    let stream = UnixStream::from(unsafe { OwnedFd::from_raw_fd(CONTROL_FD) });
+    let stream = control_channel()?;
     let mut reader = stream.try_clone()?;
     let writer = Mutex::new(stream);
     let send = |msg: &FromWorker| {
@@ -70,58 +60,63 @@ pub fn run(mode: Mode) -> Result<i32, WorkerError> {
     send(&FromWorker::Ready {
         pid: std::process::id(),
     });
-    let (task, dataloader) = match (msg, mode) {
-        (ToWorker::Train { task, dataloader }, Mode::Train) => (task, dataloader),
+    let code = match (msg, mode) {
+        (ToWorker::Train { task, dataloader }, Mode::Train) => {
+            watch_channel(reader)?;
+            run_train(&task, dataloader.as_ref(), &send)
+        }
         (ToWorker::Export { task }, Mode::Export) => {
             watch_channel(reader)?;
-            return Ok(run_export(task, &send));
+            run_export(task, &send)
         }
         (ToWorker::CheckExportOut { out }, Mode::Check) => {
             watch_channel(reader)?;
-            return Ok(match check_export_out(&out) {
-                Ok(()) => {
-                    send(&FromWorker::Checked { examples: None });
-                    0
-                }
-                Err(message) => {
-                    let code = if message.starts_with("permission denied") {
-                        lorad_schema::ErrorCode::PermissionDenied
-                    } else {
-                        lorad_schema::ErrorCode::InvalidArgument
-                    };
-                    send(&FromWorker::Refused {
-                        error: lorad_schema::WireError::new(code, message),
-                    });
-                    1
-                }
-            });
+            run_check_export_out(&out, &send)
         }
         (ToWorker::Check { task }, Mode::Check) => {
             watch_channel(reader)?;
-            return Ok(match crate::worker::preflight::check(&task) {
-                Ok(examples) => {
-                    send(&FromWorker::Checked { examples });
-                    0
-                }
-                Err(error) => {
-                    send(&FromWorker::Refused { error });
-                    1
-                }
-            });
+            match crate::worker::preflight::check(&task) {
+                Ok(examples) => reply(&send, FromWorker::Checked { examples }, 0),
+                Err(error) => reply(&send, FromWorker::Refused { error }, 1),
+            }
         }
         (_, _) => {
-            send(&FromWorker::Failed {
-                message: format!("the task does not match the worker's mode ({mode:?})"),
-            });
-            return Ok(1);
+            let message = format!("the task does not match the worker's mode ({mode:?})");
+            reply(&send, FromWorker::Failed { message }, 1)
         }
     };
+    Ok(code)
+}
 
-    watch_channel(reader)?;
+/// The control channel on fd 3, refused unless it is an open socket (instead of adopting a random
+/// descriptor).
+fn control_channel() -> Result<UnixStream, WorkerError> {
+    // SAFETY: borrow_raw only wraps the number; fstat on a closed descriptor fails cleanly.
+    let is_socket =
+        nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(CONTROL_FD) })
+            .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
+            .unwrap_or(false);
+    if !is_socket {
+        return Err(WorkerError::NoChannel);
+    }
+    // SAFETY: fd 3 is open (checked above), was set up by the supervisor for this process alone, and
+    // nothing else in the process owns it.
+    Ok(UnixStream::from(unsafe {
+        OwnedFd::from_raw_fd(CONTROL_FD)
+    }))
+}
 
+/// Sends `msg` and returns `code`, the worker's exit status.
+fn reply(send: &dyn Fn(&FromWorker), msg: FromWorker, code: i32) -> i32 {
+    send(&msg);
+    code
+}
+
+/// Trains the job, forwarding the engine's events; the exit status says how it ended.
+fn run_train(task: &TrainTask, dataloader: Option<&PluginRef>, send: &dyn Fn(&FromWorker)) -> i32 {
     install_stop_handler();
     tracing::info!(job = %task.job, model = %task.base_model.display(), data = %task.dataset.display(), "worker started");
-    let hang = HangAt::from_env(&task);
+    let hang = HangAt::from_env(task);
     let mut on_event = |event: crate::worker::TrainEvent| {
         let last = hang.after(&event);
         send(&FromWorker::Train { event });
@@ -129,38 +124,44 @@ pub fn run(mode: Mode) -> Result<i32, WorkerError> {
             hang.hang();
         }
     };
-    let open_source = |path: &std::path::Path| match &dataloader {
+    let open_source = |path: &std::path::Path| match dataloader {
         Some(plugin) => Ok(std::sync::Arc::new(PluginSource::open(plugin, path)?)
             as std::sync::Arc<dyn crate::worker::data::DataSource>),
         None => crate::worker::data::open_jsonl(path, task.settings.max_line_bytes as usize),
     };
-    match train::train_with_source(&task, &open_source, &mut on_event) {
+    match train::train_with_source(task, &open_source, &mut on_event) {
         Ok(summary) => {
-            send(&FromWorker::Finished {
-                adapter_dir: task.adapter_dir.display().to_string(),
-                steps: summary.steps,
-            });
             tracing::info!(adapter = %task.adapter_dir.display(), peak_rss_mb = crate::worker::runtime::peak_rss_mb(), "training finished");
-            Ok(0)
+            let adapter_dir = task.adapter_dir.display().to_string();
+            let steps = summary.steps;
+            reply(send, FromWorker::Finished { adapter_dir, steps }, 0)
         }
-        Err(EngineError::Stopped { step }) => {
-            send(&FromWorker::Stopped { step });
-            Ok(0)
-        }
+        Err(EngineError::Stopped { step }) => reply(send, FromWorker::Stopped { step }, 0),
         Err(e) => {
             if let Some(dir) = e.no_space() {
                 tracing::error!(error = %e, "no space left; stopping");
-                send(&FromWorker::NoSpace {
-                    dir: dir.display().to_string(),
-                    message: e.to_string(),
-                });
-                return Ok(NO_SPACE_EXIT);
+                let (dir, message) = (dir.display().to_string(), e.to_string());
+                return reply(send, FromWorker::NoSpace { dir, message }, NO_SPACE_EXIT);
             }
             tracing::error!(error = %e, "training failed");
-            send(&FromWorker::Failed {
-                message: e.to_string(),
-            });
-            Ok(1)
+            let message = e.to_string();
+            reply(send, FromWorker::Failed { message }, 1)
+        }
+    }
+}
+
+/// Checks, as the user, that an export may be written to `out`.
+fn run_check_export_out(out: &std::path::Path, send: &dyn Fn(&FromWorker)) -> i32 {
+    match check_export_out(out) {
+        Ok(()) => reply(send, FromWorker::Checked { examples: None }, 0),
+        Err(message) => {
+            let code = if message.starts_with("permission denied") {
+                lorad_schema::ErrorCode::PermissionDenied
+            } else {
+                lorad_schema::ErrorCode::InvalidArgument
+            };
+            let error = lorad_schema::WireError::new(code, message);
+            reply(send, FromWorker::Refused { error }, 1)
         }
     }
 }

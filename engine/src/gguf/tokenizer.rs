@@ -111,18 +111,6 @@ pub fn build(meta: &Meta, vocab_rows: usize) -> Result<TokenizerAssets, EngineEr
         .enumerate()
         .map(|(i, t)| (t.to_string(), i as u32))
         .collect();
-    let merges = meta
-        .strings("tokenizer.ggml.merges")?
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| match m.split_once(' ') {
-            Some((a, b)) => Ok((a.to_string(), b.to_string())),
-            None => Err(meta.error(
-                "tokenizer.ggml.merges",
-                format!("entry {i} \"{m}\" is not two tokens separated by a space"),
-            )),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     let id = |key: &str| -> Result<Option<u32>, EngineError> {
         match meta.opt_id(key)? {
             Some(i) if i as usize >= tokens.len() => {
@@ -139,7 +127,7 @@ pub fn build(meta: &Meta, vocab_rows: usize) -> Result<TokenizerAssets, EngineEr
     };
     let unk = id("tokenizer.ggml.unknown_token_id")?;
 
-    let mut bpe = BPE::builder().vocab_and_merges(vocab, merges);
+    let mut bpe = BPE::builder().vocab_and_merges(vocab, merges(meta)?);
     if let Some(u) = unk {
         bpe = bpe.unk_token(tokens[u as usize].to_string());
     }
@@ -151,6 +139,41 @@ pub fn build(meta: &Meta, vocab_rows: usize) -> Result<TokenizerAssets, EngineEr
     })?;
     let mut tokenizer = Tokenizer::new(bpe);
     let pre = pre_kind(meta)?;
+    if pre == Pre::Qwen2 {
+        tokenizer.with_normalizer(Some(NFC));
+    }
+    tokenizer.with_pre_tokenizer(Some(pre_tokenizer(meta, pre)?));
+    tokenizer.with_decoder(Some(ByteLevel::new(false, true, true)));
+    tokenizer.with_post_processor(Some(ByteLevel::new(false, true, true)));
+    let named = [special.bos, special.eos, special.pad, unk];
+    let (specials, added) = added_tokens(meta, &tokens, named.into_iter().flatten())?;
+    tokenizer.add_special_tokens(&specials);
+    tokenizer.add_tokens(&added);
+    Ok(TokenizerAssets {
+        tokenizer,
+        chat_template: meta.opt_str("tokenizer.chat_template")?.map(str::to_string),
+        special,
+        path: meta.path.to_path_buf(),
+    })
+}
+
+/// The BPE merges, each "a b".
+fn merges(meta: &Meta) -> Result<Vec<(String, String)>, EngineError> {
+    meta.strings("tokenizer.ggml.merges")?
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| match m.split_once(' ') {
+            Some((a, b)) => Ok((a.to_string(), b.to_string())),
+            None => Err(meta.error(
+                "tokenizer.ggml.merges",
+                format!("entry {i} \"{m}\" is not two tokens separated by a space"),
+            )),
+        })
+        .collect()
+}
+
+/// The pre-tokenizer of `pre`: how text is cut into words before BPE.
+fn pre_tokenizer(meta: &Meta, pre: Pre) -> Result<PreTokenizerWrapper, EngineError> {
     let split = |regex: &str| {
         Split::new(
             SplitPattern::Regex(regex.into()),
@@ -159,7 +182,7 @@ pub fn build(meta: &Meta, vocab_rows: usize) -> Result<TokenizerAssets, EngineEr
         )
         .map_err(|e| meta.error("tokenizer.ggml.pre", format!("regex: {e}")))
     };
-    let pipeline: PreTokenizerWrapper = match pre {
+    Ok(match pre {
         Pre::Gpt2 => ByteLevel::new(false, true, true).into(),
         Pre::DigitsGpt2 => Sequence::new(vec![
             Digits::new(true).into(),
@@ -176,17 +199,17 @@ pub fn build(meta: &Meta, vocab_rows: usize) -> Result<TokenizerAssets, EngineEr
             ByteLevel::new(false, false, false).into(),
         ])
         .into(),
-    };
-    if pre == Pre::Qwen2 {
-        tokenizer.with_normalizer(Some(NFC));
-    }
-    tokenizer.with_pre_tokenizer(Some(pipeline));
-    tokenizer.with_decoder(Some(ByteLevel::new(false, true, true)));
-    tokenizer.with_post_processor(Some(ByteLevel::new(false, true, true)));
+    })
+}
 
-    // Control and unknown tokens (and the ids named above) are special: matched whole before
-    // pre-tokenization and skipped when decoding with skip_special_tokens. User-defined tokens are
-    // matched whole too but decode as text.
+/// Control and unknown tokens (and the `named` ids: BOS, EOS, pad, unknown) are special: matched
+/// whole before pre-tokenization and skipped when decoding with skip_special_tokens. User-defined
+/// tokens are matched whole too but decode as text. Returns (special, user-defined).
+fn added_tokens(
+    meta: &Meta,
+    tokens: &[&str],
+    named: impl Iterator<Item = u32>,
+) -> Result<(Vec<AddedToken>, Vec<AddedToken>), EngineError> {
     let types = match meta.map.get("tokenizer.ggml.token_type") {
         Some(_) => meta.array("tokenizer.ggml.token_type")?,
         None => &[],
@@ -210,21 +233,11 @@ pub fn build(meta: &Meta, vocab_rows: usize) -> Result<TokenizerAssets, EngineEr
             _ => {}
         }
     }
-    for i in [special.bos, special.eos, special.pad, unk]
-        .into_iter()
-        .flatten()
-    {
+    for i in named {
         let content = tokens[i as usize].to_string();
         if !specials.iter().any(|s| s.content == content) {
             specials.push(AddedToken::from(content, true));
         }
     }
-    tokenizer.add_special_tokens(&specials);
-    tokenizer.add_tokens(&added);
-    Ok(TokenizerAssets {
-        tokenizer,
-        chat_template: meta.opt_str("tokenizer.chat_template")?.map(str::to_string),
-        special,
-        path: meta.path.to_path_buf(),
-    })
+    Ok((specials, added))
 }

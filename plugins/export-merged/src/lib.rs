@@ -144,9 +144,38 @@ pub fn export_merged(
     );
 
     let shards = plan_shards(entries, options.shard_bytes);
+    let layers = cfg.num_hidden_layers;
+    let written = write_shards(&shards, &mut tensors, &deltas, &staging, layers)?;
+    let mut files: Vec<PathBuf> = written.iter().map(|f| out.join(f)).collect();
+    let written = match &source {
+        ModelSource::HfDir { dir, .. } => hf_files::copy_from_hf_dir(dir, staging.path())?,
+        ModelSource::Gguf(_) => {
+            hf_files::write_for_gguf(&cfg, &source.tokenizer()?, attention_bias, staging.path())?
+        }
+    };
+    eprintln!("merged: wrote {}", written.join(", "));
+    files.extend(written.iter().map(|f| out.join(f)));
+    staging.commit()?;
+    eprintln!(
+        "merged: {} ({} weights merged, f32)",
+        out.display(),
+        deltas.len()
+    );
+    Ok(files)
+}
+
+/// Writes the merged tensors, shard by shard (and the index when there are several); returns the
+/// names of the files written.
+fn write_shards(
+    shards: &[(String, Vec<base::BaseEntry>)],
+    tensors: &mut BaseTensors,
+    deltas: &Deltas,
+    staging: &Staging,
+    layers: usize,
+) -> Result<Vec<String>, MergeError> {
     let mut files = Vec::new();
-    let mut progress = Progress::new(cfg.num_hidden_layers);
-    for (name, shard) in &shards {
+    let mut progress = Progress::new(layers);
+    for (name, shard) in shards {
         let path = staging.path().join(name);
         let mut w = ShardWriter::create(&path, shard.clone())?;
         for entry in shard {
@@ -162,28 +191,14 @@ pub fn export_merged(
         if shards.len() > 1 {
             eprintln!("merged: wrote {name}");
         }
-        files.push(out.join(name));
+        files.push(name.clone());
     }
     if shards.len() > 1 {
         let path = staging.path().join(INDEX);
-        let text = serde_json::to_string_pretty(&writer::index_json(&shards)).unwrap_or_default();
+        let text = serde_json::to_string_pretty(&writer::index_json(shards)).unwrap_or_default();
         std::fs::write(&path, text + "\n").map_err(|e| MergeError::io(&path, e))?;
-        files.push(out.join(INDEX));
+        files.push(INDEX.to_string());
     }
-    let written = match &source {
-        ModelSource::HfDir { dir, .. } => hf_files::copy_from_hf_dir(dir, staging.path())?,
-        ModelSource::Gguf(_) => {
-            hf_files::write_for_gguf(&cfg, &source.tokenizer()?, attention_bias, staging.path())?
-        }
-    };
-    eprintln!("merged: wrote {}", written.join(", "));
-    files.extend(written.iter().map(|f| out.join(f)));
-    staging.commit()?;
-    eprintln!(
-        "merged: {} ({} weights merged, f32)",
-        out.display(),
-        deltas.len()
-    );
     Ok(files)
 }
 

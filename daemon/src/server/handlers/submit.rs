@@ -2,7 +2,9 @@
 //! written unless every check passes.
 use super::Peer;
 use crate::core::Core;
-use lorad_schema::{now_ms, ErrorCode, JobRecord, JobSpec, Progress, Response, WireError};
+use lorad_schema::{
+    now_ms, ErrorCode, JobRecord, JobSpec, Progress, Response, TrainSettings, WireError,
+};
 use std::path::Path;
 
 fn invalid(msg: impl Into<String>) -> WireError {
@@ -11,6 +13,54 @@ fn invalid(msg: impl Into<String>) -> WireError {
 
 pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, WireError> {
     crate::quota::check_spec(&spec)?;
+    let settings = resolve_settings(core, &spec)?;
+    if !peer.is_admin() {
+        crate::quota::may_prioritise(spec.priority, peer.uid, &core.config.limits)?;
+        let jobs = core
+            .read(|j| j.jobs())
+            .await
+            .map_err(super::journal_error)?;
+        crate::quota::may_queue(&jobs, peer.uid, &core.config.limits)?;
+    }
+
+    // The model, the dataset and the output directory are the submitter's: a `lorad worker --check`
+    // process checks them as that user, off the daemon, under a deadline. A dataset whose extension a
+    // dataloader plugin claims is read by that plugin, in the training worker.
+    let task = crate::worker::preflight::CheckTask {
+        base_model: spec.base_model.clone().into(),
+        dataset: spec.dataset.clone().into(),
+        max_seq_len: settings.max_seq_len,
+        max_line_bytes: settings.max_line_bytes,
+        output_dir: spec.output_dir.clone().map(Into::into),
+        plugin_format: core
+            .plugins()
+            .dataloader_for(Path::new(&spec.dataset))
+            .map(|d| d.format.name),
+    };
+    let examples = crate::supervisor::check::submit(core, peer.uid, task).await?;
+
+    let job = queue(core, peer, spec, settings).await?;
+    tracing::info!(job = %job.id, uid = peer.uid, examples = ?examples, template = %job.template, "job queued");
+    // The job's directory exists from now on, with a copy of its record: if the journal were lost
+    // before the job ever ran, `lorad recover-journal` still knows its id.
+    let (dir, owner) = (core.config.job_dir(job.id), job.owner_uid);
+    let made = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let who = crate::identity::for_owner(owner).map_err(|e| e.to_string())?;
+        crate::logs::prepare_job_dir(&dir, who.map(|w| (w.uid, w.gid)))
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    })
+    .await;
+    core.keep_record(&job).await;
+    if !matches!(made, Ok(Ok(()))) {
+        tracing::warn!(job = %job.id, "cannot make the job's directory yet; its first attempt will");
+    }
+    core.kick.notify_one();
+    Ok(Response::Job(job))
+}
+
+/// The template's settings with the spec's overrides, checked (`preflight::check_settings`).
+fn resolve_settings(core: &Core, spec: &JobSpec) -> Result<TrainSettings, WireError> {
     let plugins = core.plugins();
     let template = plugins.template(&spec.template).ok_or_else(|| {
         let names: Vec<String> = plugins.templates().into_iter().map(|t| t.name).collect();
@@ -34,31 +84,17 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
             .map_err(|e| invalid(e.to_string()))?;
     }
     crate::worker::preflight::check_settings(&settings).map_err(|e| invalid(e.to_string()))?;
+    Ok(settings)
+}
 
-    if !peer.is_admin() {
-        crate::quota::may_prioritise(spec.priority, peer.uid, &core.config.limits)?;
-        let jobs = core
-            .read(|j| j.jobs())
-            .await
-            .map_err(super::journal_error)?;
-        crate::quota::may_queue(&jobs, peer.uid, &core.config.limits)?;
-    }
-
-    // The model, the dataset and the output directory are the submitter's: a `lorad worker --check`
-    // process checks them as that user, off the daemon, under a deadline. A dataset whose extension a
-    // dataloader plugin claims is read by that plugin, in the training worker.
-    let task = crate::worker::preflight::CheckTask {
-        base_model: spec.base_model.clone().into(),
-        dataset: spec.dataset.clone().into(),
-        max_seq_len: settings.max_seq_len,
-        max_line_bytes: settings.max_line_bytes,
-        output_dir: spec.output_dir.clone().map(Into::into),
-        plugin_format: plugins
-            .dataloader_for(Path::new(&spec.dataset))
-            .map(|d| d.format.name),
-    };
-    let examples = crate::supervisor::check::submit(core, peer.uid, task).await?;
-
+/// Commits the job as queued; the quota is checked again under the write lock, so two submits
+/// racing cannot both pass it.
+async fn queue(
+    core: &Core,
+    peer: Peer,
+    spec: JobSpec,
+    settings: TrainSettings,
+) -> Result<JobRecord, WireError> {
     let layout = core.config.layout();
     let name = spec
         .name
@@ -71,56 +107,37 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
                 .unwrap_or_else(|| "job".into())
         });
     let (limits, admin) = (core.config.limits.clone(), peer.is_admin());
-    let job = core
-        .write(move |j| {
-            // Again under the write lock: two submits racing must not both pass the quota.
-            if !admin {
-                crate::quota::may_queue(&j.jobs()?, peer.uid, &limits)
-                    .map_err(crate::journal::JournalError::Refused)?;
-            }
-            let (job, event) = j.insert_job(|id| JobRecord {
-                id,
-                name,
-                state: lorad_schema::JobState::Queued,
-                reason: None,
-                owner_uid: peer.uid,
-                priority: spec.priority,
-                template: spec.template,
-                base_model: spec.base_model,
-                dataset: spec.dataset,
-                output_dir: spec
-                    .output_dir
-                    .unwrap_or_else(|| layout.job(id).adapter().display().to_string()),
-                settings,
-                overrides: spec.overrides,
-                progress: Progress::default(),
-                created_at_ms: now_ms(),
-                started_at_ms: None,
-                finished_at_ms: None,
-                adapter_dir: None,
-                worker_pid: None,
-                resume_checkpoint: None,
-                requeued: false,
-            })?;
-            Ok((job, vec![event]))
-        })
-        .await
-        .map_err(super::journal_error)?;
-    tracing::info!(job = %job.id, uid = peer.uid, examples = ?examples, template = %job.template, "job queued");
-    // The job's directory exists from now on, with a copy of its record: if the journal were lost
-    // before the job ever ran, `lorad recover-journal` still knows its id.
-    let (dir, owner) = (core.config.job_dir(job.id), job.owner_uid);
-    let made = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let who = crate::identity::for_owner(owner).map_err(|e| e.to_string())?;
-        crate::logs::prepare_job_dir(&dir, who.map(|w| (w.uid, w.gid)))
-            .map_err(|e| e.to_string())?;
-        Ok(())
+    core.write(move |j| {
+        if !admin {
+            crate::quota::may_queue(&j.jobs()?, peer.uid, &limits)
+                .map_err(crate::journal::JournalError::Refused)?;
+        }
+        let (job, event) = j.insert_job(|id| JobRecord {
+            id,
+            name,
+            state: lorad_schema::JobState::Queued,
+            reason: None,
+            owner_uid: peer.uid,
+            priority: spec.priority,
+            template: spec.template,
+            base_model: spec.base_model,
+            dataset: spec.dataset,
+            output_dir: spec
+                .output_dir
+                .unwrap_or_else(|| layout.job(id).adapter().display().to_string()),
+            settings,
+            overrides: spec.overrides,
+            progress: Progress::default(),
+            created_at_ms: now_ms(),
+            started_at_ms: None,
+            finished_at_ms: None,
+            adapter_dir: None,
+            worker_pid: None,
+            resume_checkpoint: None,
+            requeued: false,
+        })?;
+        Ok((job, vec![event]))
     })
-    .await;
-    core.keep_record(&job).await;
-    if !matches!(made, Ok(Ok(()))) {
-        tracing::warn!(job = %job.id, "cannot make the job's directory yet; its first attempt will");
-    }
-    core.kick.notify_one();
-    Ok(Response::Job(job))
+    .await
+    .map_err(super::journal_error)
 }
