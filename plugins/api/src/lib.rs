@@ -49,6 +49,7 @@
 
 pub mod abi;
 mod error;
+mod exporter;
 pub mod host;
 pub mod messages;
 mod sdk;
@@ -59,6 +60,7 @@ pub use abi::{
     STATUS_OK,
 };
 pub use error::{codes, ErrorReply, PluginError};
+pub use exporter::{Exporter, OneFormat};
 pub use host::{call_plugin, call_typed, check_abi, plugin_name, AbiError, PluginCallError};
 pub use messages::{
     methods, DataFormatDef, DataloaderFormatsRequest, DataloaderFormatsResponse,

@@ -27,9 +27,7 @@ use error::MergeError;
 use lorad_engine::adapter::{load_adapter, CONFIG_FILE, WEIGHTS_FILE};
 use lorad_engine::source::ModelSource;
 use lorad_plugin::staging::{Kind, Staging};
-use lorad_plugin::{
-    export_plugin, kinds, ExportFormatDef, ExportRequest, ExportResponse, Plugin, PluginError,
-};
+use lorad_plugin::{export_plugin, ExportRequest, Exporter, OneFormat, PluginError};
 use merge::Deltas;
 use std::path::{Path, PathBuf};
 use writer::{plan_shards, ShardWriter, DEFAULT_SHARD_BYTES, INDEX};
@@ -43,44 +41,21 @@ pub const FORMAT: &str = "merged";
 #[derive(Debug, Default)]
 pub struct MergedExporter;
 
-impl Plugin for MergedExporter {
-    fn name(&self) -> &'static str {
-        PLUGIN_NAME
-    }
+impl Exporter for MergedExporter {
+    const NAME: &'static str = PLUGIN_NAME;
+    const FORMAT: &'static str = FORMAT;
+    const DESCRIPTION: &'static str =
+        "base model with the adapter merged in: HF directory, f32 safetensors, \
+                          config and tokenizer";
 
-    fn kinds(&self) -> u32 {
-        kinds::EXPORT
-    }
-
-    fn export_formats(&self) -> Result<Vec<ExportFormatDef>, PluginError> {
-        Ok(vec![ExportFormatDef {
-            name: FORMAT.into(),
-            description: "base model with the adapter merged in: HF directory, f32 safetensors, \
-                          config and tokenizer"
-                .into(),
-        }])
-    }
-
-    fn export(&self, request: ExportRequest) -> Result<ExportResponse, PluginError> {
-        if !request.format.is_empty() && request.format != FORMAT {
-            return Err(PluginError::BadRequest(format!(
-                "format \"{}\" is not written by {PLUGIN_NAME} (it writes \"{FORMAT}\")",
-                request.format
-            )));
-        }
-        let files = export_merged(
-            Path::new(&request.adapter_dir),
-            Path::new(&request.base_model),
-            Path::new(&request.out),
-            &Options::default(),
-        )?;
-        Ok(ExportResponse {
-            files: files.iter().map(|f| f.display().to_string()).collect(),
-        })
+    fn write(&self, request: &ExportRequest) -> Result<Vec<PathBuf>, PluginError> {
+        let (adapter, base) = (&request.adapter_dir, &request.base_model);
+        let (adapter, base, out) = (Path::new(adapter), Path::new(base), Path::new(&request.out));
+        Ok(export_merged(adapter, base, out, &Options::default())?)
     }
 }
 
-export_plugin!(MergedExporter, MergedExporter);
+export_plugin!(OneFormat<MergedExporter>, OneFormat(MergedExporter));
 
 /// Knobs of the merge that the plugin call leaves at their defaults.
 #[derive(Debug, Clone, PartialEq)]

@@ -18,9 +18,7 @@ use card::RunSummary;
 use error::PeftError;
 use lorad_engine::adapter::{load_adapter, CONFIG_FILE, WEIGHTS_FILE};
 use lorad_plugin::staging::{Kind, Staging};
-use lorad_plugin::{
-    export_plugin, kinds, ExportFormatDef, ExportRequest, ExportResponse, Plugin, PluginError,
-};
+use lorad_plugin::{export_plugin, ExportRequest, Exporter, OneFormat, PluginError};
 use std::path::{Path, PathBuf};
 
 /// The plugin's name, as `loractl status` lists it.
@@ -34,39 +32,18 @@ pub const CARD_FILE: &str = "README.md";
 #[derive(Debug, Default)]
 pub struct PeftExporter;
 
-impl Plugin for PeftExporter {
-    fn name(&self) -> &'static str {
-        PLUGIN_NAME
-    }
+impl Exporter for PeftExporter {
+    const NAME: &'static str = PLUGIN_NAME;
+    const FORMAT: &'static str = FORMAT;
+    const DESCRIPTION: &'static str = "HF PEFT adapter directory (adapter_config.json, \
+                          adapter_model.safetensors, README.md)";
 
-    fn kinds(&self) -> u32 {
-        kinds::EXPORT
-    }
-
-    fn export_formats(&self) -> Result<Vec<ExportFormatDef>, PluginError> {
-        Ok(vec![ExportFormatDef {
-            name: FORMAT.into(),
-            description: "HF PEFT adapter directory (adapter_config.json, \
-                          adapter_model.safetensors, README.md)"
-                .into(),
-        }])
-    }
-
-    fn export(&self, request: ExportRequest) -> Result<ExportResponse, PluginError> {
-        if !request.format.is_empty() && request.format != FORMAT {
-            return Err(PluginError::BadRequest(format!(
-                "format \"{}\" is not written by {PLUGIN_NAME} (it writes \"{FORMAT}\")",
-                request.format
-            )));
-        }
-        let files = export_peft(&request)?;
-        Ok(ExportResponse {
-            files: files.iter().map(|f| f.display().to_string()).collect(),
-        })
+    fn write(&self, request: &ExportRequest) -> Result<Vec<PathBuf>, PluginError> {
+        Ok(export_peft(request)?)
     }
 }
 
-export_plugin!(PeftExporter, PeftExporter);
+export_plugin!(OneFormat<PeftExporter>, OneFormat(PeftExporter));
 
 /// Writes the PEFT directory at `request.out`; returns the files written (under `out`).
 pub fn export_peft(request: &ExportRequest) -> Result<Vec<PathBuf>, PeftError> {

@@ -22,9 +22,7 @@ pub mod error;
 
 use error::ZipExportError;
 use lorad_plugin::staging::{Kind, Staging};
-use lorad_plugin::{
-    export_plugin, kinds, ExportFormatDef, ExportRequest, ExportResponse, Plugin, PluginError,
-};
+use lorad_plugin::{export_plugin, ExportRequest, Exporter, OneFormat, PluginError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use zip::write::SimpleFileOptions;
@@ -45,38 +43,18 @@ pub const MANIFEST: &str = "MANIFEST.txt";
 #[derive(Debug, Default)]
 pub struct ZipExporter;
 
-impl Plugin for ZipExporter {
-    fn name(&self) -> &'static str {
-        PLUGIN_NAME
-    }
+impl Exporter for ZipExporter {
+    const NAME: &'static str = PLUGIN_NAME;
+    const FORMAT: &'static str = FORMAT;
+    const DESCRIPTION: &'static str =
+        "one .zip: adapter, trainer_state.json, job.json, metrics.csv, job.log";
 
-    fn kinds(&self) -> u32 {
-        kinds::EXPORT
-    }
-
-    fn export_formats(&self) -> Result<Vec<ExportFormatDef>, PluginError> {
-        Ok(vec![ExportFormatDef {
-            name: FORMAT.into(),
-            description: "one .zip: adapter, trainer_state.json, job.json, metrics.csv, job.log"
-                .into(),
-        }])
-    }
-
-    fn export(&self, request: ExportRequest) -> Result<ExportResponse, PluginError> {
-        if !request.format.is_empty() && request.format != FORMAT {
-            return Err(PluginError::BadRequest(format!(
-                "format \"{}\" is not written by {PLUGIN_NAME} (it writes \"{FORMAT}\")",
-                request.format
-            )));
-        }
-        let out = export_zip(&request)?;
-        Ok(ExportResponse {
-            files: vec![out.display().to_string()],
-        })
+    fn write(&self, request: &ExportRequest) -> Result<Vec<PathBuf>, PluginError> {
+        Ok(vec![export_zip(request)?])
     }
 }
 
-export_plugin!(ZipExporter, ZipExporter);
+export_plugin!(OneFormat<ZipExporter>, OneFormat(ZipExporter));
 
 /// Writes the archive at `request.out`; returns its path.
 pub fn export_zip(request: &ExportRequest) -> Result<PathBuf, ZipExportError> {
