@@ -99,6 +99,17 @@ pub struct FileConfig {
     pub admin_group: Option<String>,
     /// Quotas and client bounds.
     pub limits: Option<Limits>,
+    /// Rolling log files here when not under systemd (default: none, `<state_dir>/logs` when
+    /// daemonized).
+    pub log_dir: Option<PathBuf>,
+    /// How often a new log file starts (default daily).
+    pub log_rotation: Option<crate::logging::Rotation>,
+    /// Log files kept, the current one included (default 7).
+    pub log_keep: Option<usize>,
+    /// Log filter, e.g. "info" or "lorad=debug" (default "info"; RUST_LOG wins).
+    pub log_level: Option<String>,
+    /// The pid file of a daemonized lorad (default `<state_dir>/lorad.pid`).
+    pub pidfile: Option<PathBuf>,
 }
 
 /// Why the configuration could not be built.
@@ -229,5 +240,50 @@ impl Config {
     /// `<state_dir>/jobs/<id>`
     pub fn job_dir(&self, id: lorad_schema::JobId) -> PathBuf {
         self.layout().job(id).path().to_path_buf()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// `systemd/lorad.toml` documents every key: uncommented, it must load, and name them all.
+    #[test]
+    fn the_example_config_loads_with_every_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/lorad.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let keys: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| {
+                l.starts_with('[') || l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '))
+            })
+            .collect();
+        let file: FileConfig = toml::from_str(&keys.join("\n")).unwrap();
+        assert_eq!(file.log_keep, Some(7));
+        assert_eq!(file.log_rotation, Some(crate::logging::Rotation::Daily));
+        assert_eq!(file.limits, Some(Limits::default()));
+        for key in [
+            "socket",
+            "state_dir",
+            "max_frame",
+            "kill_grace_s",
+            "plugin_dirs",
+            "default_plugins",
+            "socket_group",
+            "socket_mode",
+            "admin_group",
+            "log_dir",
+            "log_rotation",
+            "log_keep",
+            "log_level",
+            "pidfile",
+        ] {
+            assert!(
+                keys.iter().any(|l| l.starts_with(&format!("{key} = "))),
+                "{key} is not in lorad.toml"
+            );
+        }
     }
 }

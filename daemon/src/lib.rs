@@ -10,6 +10,7 @@ pub mod core;
 pub mod demo;
 pub mod identity;
 pub mod journal;
+pub mod logging;
 pub mod logs;
 pub mod plugins;
 pub mod quota;
@@ -17,7 +18,9 @@ pub mod reserve;
 pub mod scheduler;
 pub mod server;
 pub mod state;
+pub mod statelock;
 pub mod supervisor;
+pub mod systemd;
 pub mod worker;
 
 /// Greedy generation with a base model (and an adapter), for checks and benches.
@@ -43,6 +46,9 @@ pub enum RunError {
     /// The journal could not be opened or recovered.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// Another lorad owns the state directory.
+    #[error(transparent)]
+    Locked(#[from] statelock::LockError),
 }
 
 /// Runs the daemon on `listener` until `shutdown` is cancelled (by a signal, a client's `shutdown`
@@ -52,11 +58,25 @@ pub async fn run(
     listener: interprocess::local_socket::tokio::Listener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    run_with(config, listener, shutdown, || {}).await
+}
+
+/// [`run`], calling `on_ready` once the daemon serves: the state directory is locked, the journal
+/// replayed (jobs of a dead daemon requeued) and the listener accepting. systemd hears READY=1 at the
+/// same moment; `--daemonize` lets its parent exit then.
+pub async fn run_with(
+    config: Config,
+    listener: interprocess::local_socket::tokio::Listener,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(),
+) -> Result<(), RunError> {
     let state_dir = config.state_dir.clone();
     std::fs::create_dir_all(config.layout().jobs()).map_err(|source| RunError::StateDir {
         path: state_dir.clone(),
         source,
     })?;
+    // Before anything reads or writes the state: one daemon per state directory.
+    let _lock = statelock::StateLock::acquire(&state_dir)?;
     if nix::unistd::geteuid().is_root() {
         open_state_dir(&state_dir).map_err(|source| RunError::StateDir {
             path: state_dir.clone(),
@@ -80,6 +100,14 @@ pub async fn run(
     tokio::spawn(keep_reserve(core.clone()));
     recover(&core).await?;
     tracing::info!(socket = %core.config.socket.display(), state_dir = %state_dir.display(), "lorad ready");
+    let status = match core.read(|j| j.jobs()).await {
+        Ok(jobs) => systemd::status_line(&jobs),
+        Err(_) => String::new(),
+    };
+    systemd::ready(&status);
+    on_ready();
+    tokio::spawn(systemd::keep_status(core.clone()));
+    tokio::spawn(systemd::keep_watchdog(core.clone()));
 
     let supervisor = tokio::spawn(supervisor::run(core.clone()));
     server::serve(core.clone(), listener).await;
@@ -173,7 +201,13 @@ async fn rescan_on_sighup(core: std::sync::Arc<Core>) {
         tokio::select! {
             Some(()) = hup.recv() => {
                 tracing::info!("SIGHUP: scanning plugin directories");
+                systemd::reloading();
                 core.rescan_plugins().await;
+                let status = match core.read(|j| j.jobs()).await {
+                    Ok(jobs) => systemd::status_line(&jobs),
+                    Err(_) => String::new(),
+                };
+                systemd::ready(&status);
             }
             _ = core.shutdown.cancelled() => return,
         }

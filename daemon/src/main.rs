@@ -4,6 +4,7 @@ mod admin;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use lorad::config::{default_paths, Config, FileConfig};
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
@@ -26,9 +27,23 @@ struct Cli {
     /// <prefix>/lib/lorad/plugins, /etc/lorad/plugins.d, ~/.local/share/lorad/plugins).
     #[arg(long)]
     no_default_plugins: bool,
-    /// Detach from the terminal and run in the background.
+    /// Detach from the terminal and run in the background; exits 0 once the daemon serves, or non-zero
+    /// with the reason if it cannot start.
     #[arg(long)]
     daemonize: bool,
+    /// Pid file of a daemonized lorad (default: <state dir>/lorad.pid).
+    #[arg(long)]
+    pidfile: Option<PathBuf>,
+    /// Rolling log files in this directory instead of stderr (default when daemonized:
+    /// <state dir>/logs; under systemd the journal is used).
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// Log filter: error, warn, info, debug, or per module ("lorad=debug"); RUST_LOG wins.
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Check the configuration (file, flags, groups, paths), print it, and exit.
+    #[arg(long)]
+    check_config: bool,
     /// Run as a per-user daemon ($XDG_RUNTIME_DIR/lorad.sock, $XDG_STATE_HOME/lorad).
     #[arg(long, global = true)]
     user: bool,
@@ -216,11 +231,27 @@ fn paths(cli: &Cli) -> anyhow::Result<(PathBuf, PathBuf)> {
     ))
 }
 
-fn serve(cli: Cli) -> anyhow::Result<()> {
+/// What the daemon runs with, resolved from flags, the config file and defaults: every configuration
+/// error surfaces here, before `--daemonize` detaches.
+struct Setup {
+    config: Config,
+    socket_gid: Option<u32>,
+    log_dir: Option<PathBuf>,
+    log_rotation: lorad::logging::Rotation,
+    log_keep: usize,
+    log_level: String,
+    pidfile: PathBuf,
+}
+
+fn setup(cli: &Cli) -> anyhow::Result<Setup> {
     let (default_socket, default_state) = default_paths(cli.user)?;
-    let file = file_config(&cli)?;
-    let socket = cli.socket.or(file.socket).unwrap_or(default_socket);
-    let state_dir = cli.state_dir.or(file.state_dir).unwrap_or(default_state);
+    let file = file_config(cli)?;
+    let socket = cli.socket.clone().or(file.socket).unwrap_or(default_socket);
+    let state_dir = cli
+        .state_dir
+        .clone()
+        .or(file.state_dir)
+        .unwrap_or(default_state);
     let mut config = Config::new(socket, state_dir);
     if let Some(m) = file.max_frame {
         config.max_frame = m;
@@ -234,43 +265,207 @@ fn serve(cli: Cli) -> anyhow::Result<()> {
         .unwrap_or(if config.system { 0o660 } else { 0o600 });
     config.socket_group = cli
         .socket_group
+        .clone()
         .or(file.socket_group)
         .or_else(|| config.system.then(|| "lorad".to_string()));
-    config.admin_group = cli.admin_group.or(file.admin_group);
+    config.admin_group = cli.admin_group.clone().or(file.admin_group);
     config.limits = file.limits.unwrap_or_default();
     let socket_gid = match &config.socket_group {
         Some(name) => Some(lorad::config::group_id(name)?),
         None => None,
     };
     let mut plugin_dirs = file.plugin_dirs.unwrap_or_default();
-    plugin_dirs.extend(cli.plugin_dir);
+    plugin_dirs.extend(cli.plugin_dir.iter().cloned());
     let defaults = !cli.no_default_plugins && file.default_plugins.unwrap_or(true);
     config.set_plugin_dirs(defaults, &plugin_dirs);
-    if cli.daemonize {
-        daemonize::Daemonize::new()
-            .working_directory("/")
-            .start()
-            .context("cannot daemonize")?;
+    let layout = config.layout();
+    let log_dir = cli.log_dir.clone().or(file.log_dir);
+    Ok(Setup {
+        log_dir: log_dir.or_else(|| cli.daemonize.then(|| layout.logs())),
+        log_rotation: file.log_rotation.unwrap_or_default(),
+        log_keep: file.log_keep.unwrap_or(7),
+        log_level: cli
+            .log_level
+            .clone()
+            .or(file.log_level)
+            .unwrap_or_else(|| "info".into()),
+        pidfile: cli
+            .pidfile
+            .clone()
+            .or(file.pidfile)
+            .unwrap_or_else(|| layout.pidfile()),
+        config,
+        socket_gid,
+    })
+}
+
+fn serve(cli: Cli) -> anyhow::Result<()> {
+    let mut setup = setup(&cli)?;
+    if cli.check_config {
+        let c = &setup.config;
+        println!(
+            "config ok: socket {} (mode {:o}, group {}), state dir {}, {} plugin dirs, log {}",
+            c.socket.display(),
+            c.socket_mode,
+            c.socket_group.as_deref().unwrap_or("-"),
+            c.state_dir.display(),
+            c.plugin_dirs.len(),
+            setup
+                .log_dir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|| "stderr".into())
+        );
+        return Ok(());
     }
-    init_tracing();
+    // The socket systemd passed, if any: read before anything forks or starts a thread.
+    let activated = lorad::systemd::activated_listener()?;
+    let ready_pipe = match cli.daemonize {
+        true => Some(daemonize(&setup)?),
+        false => None,
+    };
+    // From here on a start-up failure of a daemonized lorad goes to the waiting parent too.
+    let pipe = std::sync::Mutex::new(ready_pipe);
+    let result = run_daemon(&mut setup, activated, &pipe);
+    if let Err(e) = &result {
+        tell_parent(&pipe, &format!("error: {e:#}"));
+    }
+    result
+}
+
+/// Sets up logging and the runtime, takes or binds the socket, and runs the daemon until it stops.
+fn run_daemon(
+    setup: &mut Setup,
+    activated: Option<(std::os::fd::OwnedFd, Option<PathBuf>)>,
+    pipe: &std::sync::Mutex<Option<std::fs::File>>,
+) -> anyhow::Result<()> {
+    let target = lorad::logging::target(
+        std::env::var("JOURNAL_STREAM").ok().as_deref(),
+        lorad::logging::stderr_dev_ino(),
+        setup.log_dir.clone(),
+        setup.log_rotation,
+        setup.log_keep,
+    );
+    let _log_guard = lorad::logging::init(&target, &setup.log_level)
+        .with_context(|| format!("cannot open the log ({target:?})"))?;
     // What the daemon creates is its own unless it says otherwise (job dirs, logs, the journal).
     // SAFETY: umask only sets the process's file-creation mask.
     unsafe { libc::umask(0o077) };
+    let config = &mut setup.config;
     lorad::server::raise_fd_limit(&mut config.limits);
+    let mut config = config.clone();
+    let socket_gid = setup.socket_gid;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listener = lorad::server::bind(&config.socket, config.socket_mode, socket_gid)
-            .with_context(|| format!("cannot listen on {}", config.socket.display()))?;
+        // A socket from systemd is systemd's: its mode and group come from lorad.socket, and it is
+        // never unlinked here.
+        let (listener, ours) = match activated {
+            Some((fd, path)) => {
+                if let Some(path) = path {
+                    config.socket = path;
+                }
+                tracing::info!(socket = %config.socket.display(), "listening on the socket systemd passed");
+                (lorad::server::from_activation(fd)?, false)
+            }
+            None => {
+                let l = lorad::server::bind(&config.socket, config.socket_mode, socket_gid)
+                    .with_context(|| format!("cannot listen on {}", config.socket.display()))?;
+                (l, true)
+            }
+        };
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signals(shutdown.clone()));
         let socket = config.socket.clone();
-        let result = lorad::run(config, listener, shutdown).await;
-        let _ = std::fs::remove_file(&socket);
+        let on_ready = || tell_parent(pipe, "ready");
+        let result = lorad::run_with(config, listener, shutdown, on_ready).await;
+        if ours {
+            let _ = std::fs::remove_file(&socket);
+        }
         result.map_err(anyhow::Error::from)
     })
+}
+
+/// Detaches (double fork, new session, pid file). The parent waits for the daemon's word on the pipe
+/// and exits 0 once it serves, or 1 with its reason; only the daemon returns, with the pipe's write end.
+fn daemonize(setup: &Setup) -> anyhow::Result<std::fs::File> {
+    let state_dir = &setup.config.state_dir;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot make the state dir {}", state_dir.display()))?;
+    // Refused here, with the owner named, rather than after detaching (the daemon checks again).
+    drop(lorad::statelock::StateLock::acquire(state_dir)?);
+    let log_dir = setup
+        .log_dir
+        .clone()
+        .unwrap_or_else(|| setup.config.layout().logs());
+    std::fs::create_dir_all(&log_dir)
+        .with_context(|| format!("cannot make the log dir {}", log_dir.display()))?;
+    // What escapes tracing (a panic message) lands next to the log, not in /dev/null.
+    let stderr = {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = log_dir.join("lorad.stderr");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?
+    };
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let outcome = daemonize::Daemonize::new()
+        .pid_file(&setup.pidfile)
+        .working_directory("/")
+        .umask(0o077)
+        .stderr(stderr)
+        .execute();
+    match outcome {
+        daemonize::Outcome::Parent(Ok(_)) => {
+            drop(write);
+            std::process::exit(wait_for_daemon(std::fs::File::from(read), &log_dir))
+        }
+        daemonize::Outcome::Parent(Err(e)) => anyhow::bail!("cannot daemonize: {e}"),
+        daemonize::Outcome::Child(Ok(_)) => {
+            drop(read);
+            Ok(std::fs::File::from(write))
+        }
+        daemonize::Outcome::Child(Err(e)) => {
+            let mut write = std::fs::File::from(write);
+            let pidfile = setup.pidfile.display();
+            let _ = writeln!(write, "error: cannot daemonize (pid file {pidfile}): {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
+/// The parent of `--daemonize`: reads the daemon's one line ("ready" or "error: ...") and returns the
+/// exit code.
+fn wait_for_daemon(mut pipe: std::fs::File, log_dir: &std::path::Path) -> i32 {
+    let mut said = String::new();
+    let _ = pipe.read_to_string(&mut said);
+    match said.lines().next() {
+        Some("ready") => 0,
+        Some(line) => {
+            eprintln!("lorad: {}", line.strip_prefix("error: ").unwrap_or(line));
+            1
+        }
+        None => {
+            eprintln!(
+                "lorad: the daemon exited during start-up; see the log in {}",
+                log_dir.display()
+            );
+            1
+        }
+    }
+}
+
+/// Sends `line` to the waiting `--daemonize` parent, once; then the pipe is closed.
+fn tell_parent(pipe: &std::sync::Mutex<Option<std::fs::File>>, line: &str) {
+    let taken = pipe.lock().map(|mut p| p.take()).unwrap_or(None);
+    if let Some(mut f) = taken {
+        let _ = writeln!(f, "{line}");
+    }
 }
 
 async fn on_signals(shutdown: CancellationToken) {

@@ -78,11 +78,12 @@ pub fn after_exit(job: &JobRecord, ending: Ending) -> AfterExit {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use lorad_schema::{Progress, TrainSettings};
 
-    fn job(id: u64, state: JobState, priority: i32) -> JobRecord {
+    /// A job record with every field but these at a plain value.
+    pub(crate) fn job(id: u64, state: JobState, priority: i32) -> JobRecord {
         JobRecord {
             id: JobId(id),
             name: format!("j{id}"),

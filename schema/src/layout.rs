@@ -32,6 +32,21 @@ impl StateDir {
         self.0.join("journal.redb")
     }
 
+    /// `lorad.lock`: held (flock) by the daemon that owns this state directory; holds its pid.
+    pub fn lock(&self) -> PathBuf {
+        self.0.join("lorad.lock")
+    }
+
+    /// `logs/`: rolling log files of a daemonized lorad (unless `log_dir` says otherwise).
+    pub fn logs(&self) -> PathBuf {
+        self.0.join("logs")
+    }
+
+    /// `lorad.pid`: the pid file of a daemonized lorad (unless `pidfile` says otherwise).
+    pub fn pidfile(&self) -> PathBuf {
+        self.0.join("lorad.pid")
+    }
+
     /// `jobs/`, the parent of every job directory.
     pub fn jobs(&self) -> PathBuf {
         self.0.join("jobs")

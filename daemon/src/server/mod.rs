@@ -84,6 +84,13 @@ pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> std::io::Result<Listene
     Ok(listener)
 }
 
+/// The listener for a socket systemd passed (socket activation): bound, listening, its mode and group
+/// set by the socket unit. Needs the runtime (it registers with the reactor).
+pub fn from_activation(fd: std::os::fd::OwnedFd) -> std::io::Result<Listener> {
+    use interprocess::os::unix::uds_local_socket::tokio::Listener as UdsListener;
+    Ok(Listener::from(UdsListener::try_from(fd)?))
+}
+
 /// Accepts connections until shutdown, then waits for open connections to close.
 pub async fn serve(core: Arc<Core>, listener: Listener) {
     let tracker = TaskTracker::new();

@@ -40,6 +40,7 @@ pub async fn run(core: Arc<Core>) {
             _ = core.shutdown.cancelled() => break,
         }
     }
+    crate::systemd::stopping();
     // Shutdown: stop the workers. Their jobs stay initializing/running in the journal, and the next
     // start of the daemon deals with them (recovery).
     if let Ok(workers) = core.workers.lock() {
@@ -48,7 +49,16 @@ pub async fn run(core: Arc<Core>) {
         }
     }
     tracker.close();
-    tracker.wait().await;
+    // The workers are writing their stop checkpoints (each gets `kill_grace` before SIGKILL): systemd
+    // hears that the stop takes longer, for as long as any of them runs.
+    let extend = core.config.kill_grace + std::time::Duration::from_secs(10);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    while !tracker.is_empty() {
+        tokio::select! {
+            _ = tick.tick() => crate::systemd::extend_timeout(extend),
+            _ = tracker.wait() => break,
+        }
+    }
 }
 
 async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId) {

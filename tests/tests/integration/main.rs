@@ -11,6 +11,7 @@ mod journal;
 mod plugins;
 mod protocol;
 mod recovery;
+mod service;
 mod third_party;
 
 pub use helpers::*;
