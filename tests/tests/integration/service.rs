@@ -410,3 +410,62 @@ fn log_files_rotate_and_only_the_newest_are_kept() {
     }
     lorad_tests::stop_child(child);
 }
+
+#[test]
+fn the_watchdog_is_fed_at_half_the_interval_systemd_gives() {
+    let notify = Notify::new();
+    let path = notify.path.display().to_string();
+    // WatchdogSec=0.4s as systemd passes it (no WATCHDOG_PID: meant for whoever reads it).
+    let d = TestDaemon::start_with_env(&[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "400000")]);
+    notify.until(Duration::from_secs(10), |l| l == "READY=1");
+    let started = Instant::now();
+    for _ in 0..3 {
+        notify.until(Duration::from_secs(2), |l| l == "WATCHDOG=1");
+    }
+    // Three pings at ~0.2 s apart (the first may come at once).
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(d);
+}
+
+#[test]
+fn under_the_journal_lines_carry_their_priority_and_no_timestamp() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stderr_path = dir.path().join("stderr");
+    let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+    let meta = stderr.metadata().expect("metadata");
+    // What systemd sets when stderr is its journal stream: the stream's device and inode.
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let socket = dir.path().join("lorad.sock");
+    let mut child = Command::new(bin("lorad"))
+        .args(["--user", "--no-default-plugins", "--log-dir"])
+        .arg(dir.path().join("unused-logs"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("JOURNAL_STREAM", &stream)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn lorad");
+    lorad_tests::wait_until_serving(&socket, &mut child, Duration::from_secs(30)).expect("serving");
+    lorad_tests::stop_child(child);
+    let text = std::fs::read_to_string(&stderr_path).expect("stderr");
+    assert!(
+        text.lines().any(|l| l.starts_with("<6>lorad ready")),
+        "{text}"
+    );
+    assert!(text.lines().all(|l| l.starts_with('<')), "{text}");
+    assert!(
+        !text.contains(" INFO "),
+        "no level words or timestamps: {text}"
+    );
+    // The journal wins over log_dir.
+    assert!(!dir.path().join("unused-logs").exists());
+}
