@@ -128,6 +128,7 @@ fn record(id: u64) -> JobRecord {
         worker_pid: None,
         resume_checkpoint: None,
         requeued: false,
+        memory_estimate: None,
     }
 }
 

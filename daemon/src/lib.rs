@@ -8,6 +8,7 @@ pub mod channel;
 pub mod config;
 pub mod core;
 pub mod demo;
+pub mod devices;
 pub mod identity;
 pub mod journal;
 pub mod logging;

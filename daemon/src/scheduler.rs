@@ -1,25 +1,112 @@
-//! Scheduling decisions, free of I/O: which queued job runs next.
+//! Scheduling decisions, free of I/O: which queued job runs next, and where.
 use lorad_schema::{JobId, JobRecord, JobState};
 
-/// The queued job to start next: highest priority first, then jobs put back by recovery (they were
-/// already running), then the oldest (lowest id). A job whose owner already has
-/// `max_running_per_user` jobs initializing or running waits.
+/// Queued jobs in the order they start: highest priority first, then jobs put back by recovery (they
+/// were already running), then the oldest (lowest id). A job whose owner already has
+/// `max_running_per_user` jobs initializing or running is left out: it waits.
+fn queue<'a>(jobs: &[&'a JobRecord], max_running_per_user: usize) -> Vec<&'a JobRecord> {
+    let mut running: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    for j in jobs {
+        if matches!(j.state, JobState::Initializing | JobState::Running) {
+            *running.entry(j.owner_uid).or_insert(0) += 1;
+        }
+    }
+    let mut queued: Vec<&JobRecord> = jobs
+        .iter()
+        .copied()
+        .filter(|j| j.state == JobState::Queued)
+        .filter(|j| running.get(&j.owner_uid).copied().unwrap_or(0) < max_running_per_user)
+        .collect();
+    queued.sort_by_key(|j| (std::cmp::Reverse(j.priority), !j.requeued, j.id));
+    queued
+}
+
+/// The queued job to start next, whatever the devices (see [`next_start`] for where).
 pub fn next_job<'a>(
     jobs: impl IntoIterator<Item = &'a JobRecord>,
     max_running_per_user: usize,
 ) -> Option<JobId> {
     let jobs: Vec<&JobRecord> = jobs.into_iter().collect();
-    let mut running: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
-    for j in &jobs {
-        if matches!(j.state, JobState::Initializing | JobState::Running) {
-            *running.entry(j.owner_uid).or_insert(0) += 1;
+    queue(&jobs, max_running_per_user).first().map(|j| j.id)
+}
+
+/// Where a job runs: one of the CPU's slots, or a whole GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Slot {
+    /// One of `cpu_slots`.
+    Cpu,
+    /// GPU `N` (`cuda:N`), one job at a time.
+    Gpu(u32),
+}
+
+impl Slot {
+    /// The `device` setting the worker gets: `cpu` or `cuda:N`.
+    pub fn device(&self) -> String {
+        match self {
+            Slot::Cpu => "cpu".into(),
+            Slot::Gpu(n) => format!("cuda:{n}"),
         }
     }
-    jobs.into_iter()
-        .filter(|j| j.state == JobState::Queued)
-        .filter(|j| running.get(&j.owner_uid).copied().unwrap_or(0) < max_running_per_user)
-        .min_by_key(|j| (std::cmp::Reverse(j.priority), !j.requeued, j.id))
-        .map(|j| j.id)
+}
+
+/// What the machine offers now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Capacity {
+    /// CPU slots in all (busy ones included).
+    pub cpu_slots: usize,
+    /// Memory available to a new CPU job, bytes; None: unknown, not checked.
+    pub cpu_free: Option<u64>,
+    /// The GPUs present, each with its free memory (None: unknown, not checked).
+    pub gpus: Vec<(u32, Option<u64>)>,
+    /// `device=auto` may run on the CPU when no GPU is free.
+    pub auto_cpu: bool,
+}
+
+/// The next job to start and its slot, given the slots `busy` now. Jobs go in queue order; each takes
+/// the first free slot its `device` allows (`cpu`; `cuda:N`; `auto`: a free GPU, else the CPU if
+/// `auto_cpu`) whose free memory holds the job's estimate. A job with no such slot waits without
+/// holding back the jobs behind it that want other devices; a GPU that disappeared leaves its jobs
+/// waiting.
+pub fn next_start(
+    jobs: &[JobRecord],
+    busy: &[Slot],
+    cap: &Capacity,
+    max_running_per_user: usize,
+) -> Option<(JobId, Slot)> {
+    let refs: Vec<&JobRecord> = jobs.iter().collect();
+    let cpu_busy = busy.iter().filter(|s| **s == Slot::Cpu).count();
+    let fits = |free: Option<u64>, job: &JobRecord| match (free, job.memory_estimate) {
+        (Some(free), Some(need)) => need <= free,
+        _ => true,
+    };
+    let cpu = |job: &JobRecord| {
+        (cpu_busy < cap.cpu_slots && fits(cap.cpu_free, job)).then_some(Slot::Cpu)
+    };
+    let gpu = |n: u32, job: &JobRecord| {
+        cap.gpus
+            .iter()
+            .find(|(i, _)| *i == n)
+            .filter(|(i, free)| !busy.contains(&Slot::Gpu(*i)) && fits(*free, job))
+            .map(|(i, _)| Slot::Gpu(*i))
+    };
+    queue(&refs, max_running_per_user)
+        .into_iter()
+        .find_map(|job| {
+            let slot = match job.settings.device.as_str() {
+                "cpu" => cpu(job),
+                "auto" => cap
+                    .gpus
+                    .iter()
+                    .find_map(|(n, _)| gpu(*n, job))
+                    .or_else(|| cap.auto_cpu.then(|| cpu(job)).flatten()),
+                "cuda" => gpu(0, job),
+                other => other
+                    .strip_prefix("cuda:")
+                    .and_then(|n| n.parse().ok())
+                    .and_then(|n| gpu(n, job)),
+            };
+            slot.map(|s| (job.id, s))
+        })
 }
 
 /// How a worker ended, as the supervisor saw it.
@@ -105,7 +192,115 @@ pub(crate) mod tests {
             worker_pid: None,
             resume_checkpoint: None,
             requeued: false,
+            memory_estimate: None,
         }
+    }
+
+    fn on(id: u64, device: &str, priority: i32, estimate: Option<u64>) -> JobRecord {
+        let mut j = job(id, JobState::Queued, priority);
+        j.settings.device = device.into();
+        j.memory_estimate = estimate;
+        j
+    }
+
+    fn cap(cpu_slots: usize, gpus: &[(u32, Option<u64>)]) -> Capacity {
+        Capacity {
+            cpu_slots,
+            cpu_free: None,
+            gpus: gpus.to_vec(),
+            auto_cpu: true,
+        }
+    }
+
+    #[test]
+    fn one_job_per_gpu_and_several_gpus_at_once() {
+        let jobs = [
+            on(1, "auto", 0, None),
+            on(2, "auto", 0, None),
+            on(3, "auto", 0, None),
+        ];
+        let c = cap(0, &[(0, None), (1, None)]);
+        assert_eq!(
+            next_start(&jobs, &[], &c, 9),
+            Some((JobId(1), Slot::Gpu(0)))
+        );
+        // Job 1 started on GPU 0: job 2 takes GPU 1; with both busy and no CPU slot, job 3 waits.
+        let mut jobs = jobs;
+        jobs[0].state = JobState::Running;
+        assert_eq!(
+            next_start(&jobs, &[Slot::Gpu(0)], &c, 9),
+            Some((JobId(2), Slot::Gpu(1)))
+        );
+        jobs[1].state = JobState::Running;
+        assert_eq!(
+            next_start(&jobs, &[Slot::Gpu(0), Slot::Gpu(1)], &c, 9),
+            None
+        );
+        // With a CPU slot, auto falls back to it, unless that is not allowed.
+        let c1 = cap(1, &[(0, None), (1, None)]);
+        let busy = [Slot::Gpu(0), Slot::Gpu(1)];
+        assert_eq!(
+            next_start(&jobs, &busy, &c1, 9),
+            Some((JobId(3), Slot::Cpu))
+        );
+        let strict = Capacity {
+            auto_cpu: false,
+            ..c1
+        };
+        assert_eq!(next_start(&jobs, &busy, &strict, 9), None);
+    }
+
+    #[test]
+    fn a_named_gpu_is_waited_for_without_blocking_other_devices() {
+        // Job 1 (highest priority) wants the busy GPU 0; job 2 wants the CPU: it goes first.
+        let jobs = [
+            on(1, "cuda:0", 9, None),
+            on(2, "cpu", 0, None),
+            on(3, "cuda:1", 0, None),
+        ];
+        let c = cap(1, &[(0, None), (1, None)]);
+        assert_eq!(
+            next_start(&jobs, &[Slot::Gpu(0)], &c, 9),
+            Some((JobId(2), Slot::Cpu))
+        );
+        // Priorities hold on a free device.
+        assert_eq!(
+            next_start(&jobs, &[], &c, 9),
+            Some((JobId(1), Slot::Gpu(0)))
+        );
+        // A GPU that disappeared (1): its job waits, the others go on.
+        let gone = cap(0, &[(0, None)]);
+        assert_eq!(next_start(&jobs, &[Slot::Gpu(0)], &gone, 9), None);
+        assert_eq!(next_start(&jobs[2..], &[], &gone, 9), None);
+    }
+
+    #[test]
+    fn cpu_slots_and_memory_gate_the_start() {
+        let jobs = [
+            on(1, "cpu", 0, Some(8 << 30)),
+            on(2, "cpu", 0, Some(1 << 30)),
+        ];
+        let c = Capacity {
+            cpu_free: Some(4 << 30),
+            ..cap(2, &[])
+        };
+        // Job 1 needs 8 GiB of the 4 free: it waits, job 2 fits and starts.
+        assert_eq!(next_start(&jobs, &[], &c, 9), Some((JobId(2), Slot::Cpu)));
+        // Two slots, one busy: one more CPU job; both busy: none.
+        let small = [on(3, "cpu", 0, None), on(4, "cpu", 0, None)];
+        assert_eq!(
+            next_start(&small, &[Slot::Cpu], &c, 9),
+            Some((JobId(3), Slot::Cpu))
+        );
+        assert_eq!(next_start(&small, &[Slot::Cpu, Slot::Cpu], &c, 9), None);
+        // A GPU whose free memory is short keeps a big job waiting; a job that fits takes it.
+        let g = cap(0, &[(0, Some(20 << 30))]);
+        let big = [
+            on(5, "cuda:0", 5, Some(31 << 30)),
+            on(6, "auto", 0, Some(17 << 30)),
+        ];
+        assert_eq!(next_start(&big, &[], &g, 9), Some((JobId(6), Slot::Gpu(0))));
+        assert_eq!(Slot::Gpu(3).device(), "cuda:3");
     }
 
     #[test]

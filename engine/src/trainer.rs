@@ -283,6 +283,7 @@ impl Trainer {
             step_ms,
             data_wait_ms,
             gpu: None,
+            cpu: None,
             at_ms: lorad_schema::now_ms(),
         };
         log_step(&point, self.plan.total_steps);

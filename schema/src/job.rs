@@ -133,6 +133,20 @@ pub struct Progress {
     /// Worker restarts so far.
     #[serde(default)]
     pub restarts: u32,
+    /// The device the current (or last) attempt runs on: `cpu` or `cuda:N`.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Energy used so far, joules, as measured: the GPU's NVML energy counter, or the CPU package's
+    /// RAPL counter (the whole package, other processes included). None: not measured.
+    #[serde(default)]
+    pub energy_j: Option<f64>,
+    /// Where `energy_j` comes from (`nvml cuda:0`, `rapl package-0`), or why it was not measured.
+    #[serde(default)]
+    pub energy_source: Option<String>,
+    /// What the job cost so far: kWh x `price_per_kwh` + active hours x `price_per_hour` (the daemon's
+    /// config). None: no price configured, or a price per kWh with no energy measured.
+    #[serde(default)]
+    pub cost: Option<f64>,
 }
 
 /// A job as the journal keeps it and as `show` prints it.
@@ -186,6 +200,10 @@ pub struct JobRecord {
     /// Put back in the queue by recovery (crash, daemon restart): runs before other jobs of its priority.
     #[serde(default)]
     pub requeued: bool,
+    /// The job's predicted peak memory, bytes, as checked at submit; it waits for a device with that
+    /// much free. None: not estimated (a job from an older lorad).
+    #[serde(default)]
+    pub memory_estimate: Option<u64>,
 }
 
 /// GPU telemetry at the time of a metric point.
@@ -199,6 +217,17 @@ pub struct GpuSample {
     pub temp_c: f64,
     /// Power draw, watts.
     pub power_w: f64,
+}
+
+/// The training process on the CPU, sampled at the end of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CpuSample {
+    /// Resident memory of the worker process, MiB.
+    pub rss_mb: f64,
+    /// Peak resident memory of the worker process so far, MiB.
+    pub peak_rss_mb: f64,
+    /// CPU time the worker used during the step over the step's wall time, percent (100 = one core).
+    pub cpu_pct: f64,
 }
 
 /// One optimizer step's measurements.
@@ -227,6 +256,9 @@ pub struct MetricPoint {
     /// GPU telemetry, when a GPU is present.
     #[serde(default)]
     pub gpu: Option<GpuSample>,
+    /// The worker process on the CPU (every job; the host side of a GPU job).
+    #[serde(default)]
+    pub cpu: Option<CpuSample>,
     /// When the step ended (ms since the epoch).
     pub at_ms: u64,
 }

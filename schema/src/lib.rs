@@ -18,7 +18,8 @@ pub mod settings;
 pub use error::{ErrorCode, WireError};
 pub use frame::{FrameError, MAX_FRAME};
 pub use job::{
-    Event, EventBody, GpuSample, JobId, JobRecord, JobSpec, JobState, MetricPoint, Progress,
+    CpuSample, Event, EventBody, GpuSample, JobId, JobRecord, JobSpec, JobState, MetricPoint,
+    Progress,
 };
 pub use proto::{
     CheckpointInfo, ClientFrame, DaemonStatus, DeviceInfo, ExportInfo, Handshake, PluginInfo,

@@ -449,6 +449,7 @@ fn valid_payloads() -> Vec<Vec<u8>> {
         worker_pid: Some(77),
         resume_checkpoint: None,
         requeued: false,
+        memory_estimate: None,
     };
     let server = [
         ServerFrame::Reply(Reply {

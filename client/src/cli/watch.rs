@@ -192,6 +192,7 @@ mod tests {
             step_ms,
             data_wait_ms: 0.0,
             gpu: None,
+            cpu: None,
             at_ms: 0,
         }
     }

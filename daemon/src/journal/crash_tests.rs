@@ -439,6 +439,7 @@ fn new_job(id: JobId, priority: i32, total_steps: u64) -> JobRecord {
         worker_pid: None,
         resume_checkpoint: None,
         requeued: false,
+        memory_estimate: None,
     }
 }
 
@@ -454,6 +455,7 @@ fn point(step: u64, loss: f64) -> MetricPoint {
         step_ms: 250.0,
         data_wait_ms: 0.5,
         gpu: None,
+        cpu: None,
         at_ms: 5 + step,
     }
 }

@@ -23,6 +23,7 @@ fn record(id: JobId) -> JobRecord {
         worker_pid: None,
         resume_checkpoint: None,
         requeued: false,
+        memory_estimate: None,
     }
 }
 
@@ -38,6 +39,7 @@ fn point(step: u64) -> MetricPoint {
         step_ms: 10.0,
         data_wait_ms: 0.1,
         gpu: None,
+        cpu: None,
         at_ms: 5,
     }
 }

@@ -84,6 +84,7 @@ fn job_record() -> lorad_schema::JobRecord {
         worker_pid: None,
         resume_checkpoint: None,
         requeued: false,
+        memory_estimate: None,
     }
 }
 

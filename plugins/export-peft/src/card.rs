@@ -162,6 +162,7 @@ mod tests {
             worker_pid: None,
             resume_checkpoint: None,
             requeued: false,
+            memory_estimate: None,
         };
         let point = |step: u64, loss: f64| MetricPoint {
             step,
@@ -174,6 +175,7 @@ mod tests {
             step_ms: 0.0,
             data_wait_ms: 0.0,
             gpu: None,
+            cpu: None,
             at_ms: 0,
         };
         serde_json::from_value(serde_json::json!({

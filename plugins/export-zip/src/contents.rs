@@ -93,6 +93,7 @@ mod tests {
             step_ms: 250.5,
             data_wait_ms: 0.0,
             gpu: None,
+            cpu: None,
             at_ms: 1_700_000_000_000,
         };
         let csv = metrics_csv(&[p(1, Some(1.5)), p(2, None)]);

@@ -135,6 +135,7 @@ async fn queue(
             worker_pid: None,
             resume_checkpoint: None,
             requeued: false,
+            memory_estimate: None,
         })?;
         Ok((job, vec![event]))
     })

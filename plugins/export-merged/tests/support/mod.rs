@@ -196,6 +196,7 @@ pub fn job_record(job: &TrainedJob, base: &Path) -> JobRecord {
         worker_pid: None,
         resume_checkpoint: None,
         requeued: false,
+        memory_estimate: None,
     }
 }
 
