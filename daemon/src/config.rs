@@ -29,6 +29,29 @@ pub struct Config {
     pub admin_group: Option<String>,
     /// What one user and all clients together may hold.
     pub limits: Limits,
+    /// Jobs that may train on the CPU at once.
+    pub cpu_slots: usize,
+    /// Threads of each CPU job (RAYON_NUM_THREADS of its worker).
+    pub cpu_threads: usize,
+    /// `device=auto` may run on the CPU when no GPU is free.
+    pub auto_cpu: bool,
+    /// The RAPL energy counter of the CPU package (`energy_uj`, `max_energy_range_uj`).
+    pub rapl_dir: PathBuf,
+    /// Price of a kWh, for a job's cost (no currency: the admin's).
+    pub price_per_kwh: Option<f64>,
+    /// Price of an hour of training, for a job's cost.
+    pub price_per_hour: Option<f64>,
+}
+
+/// The CPU package's RAPL counter, where Linux puts it.
+pub const RAPL_DIR: &str = "/sys/class/powercap/intel-rapl:0";
+
+/// Threads per CPU job by default: the machine's cores shared among the slots.
+pub fn default_cpu_threads(slots: usize) -> usize {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    (cores / slots.max(1)).max(1)
 }
 
 /// Per-user quotas and the bounds on what clients may hold in the daemon. Every value has a default
@@ -110,6 +133,18 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     /// The pid file of a daemonized lorad (default `<state_dir>/lorad.pid`).
     pub pidfile: Option<PathBuf>,
+    /// Jobs that may train on the CPU at once (default 1).
+    pub cpu_slots: Option<usize>,
+    /// Threads of each CPU job (default: the cores divided among the CPU slots).
+    pub cpu_threads: Option<usize>,
+    /// `device=auto` may run on the CPU when no GPU is free (default true).
+    pub auto_cpu: Option<bool>,
+    /// The RAPL counter directory (default /sys/class/powercap/intel-rapl:0).
+    pub rapl_dir: Option<PathBuf>,
+    /// Price of a kWh, for jobs' cost (default: none).
+    pub price_per_kwh: Option<f64>,
+    /// Price of an hour of training, for jobs' cost (default: none).
+    pub price_per_hour: Option<f64>,
 }
 
 /// Why the configuration could not be built.
@@ -210,6 +245,12 @@ impl Config {
             socket_group: None,
             admin_group: None,
             limits: Limits::default(),
+            cpu_slots: 1,
+            cpu_threads: default_cpu_threads(1),
+            auto_cpu: true,
+            rapl_dir: PathBuf::from(RAPL_DIR),
+            price_per_kwh: None,
+            price_per_hour: None,
         }
     }
 
@@ -279,6 +320,12 @@ mod tests {
             "log_keep",
             "log_level",
             "pidfile",
+            "cpu_slots",
+            "cpu_threads",
+            "auto_cpu",
+            "rapl_dir",
+            "price_per_kwh",
+            "price_per_hour",
         ] {
             assert!(
                 keys.iter().any(|l| l.starts_with(&format!("{key} = "))),

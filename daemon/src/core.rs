@@ -17,6 +17,8 @@ pub struct WorkerHandle {
     pub pid: u32,
     /// Cancelled to make the supervisor stop the worker.
     pub stop: CancellationToken,
+    /// Where it runs.
+    pub slot: crate::scheduler::Slot,
 }
 
 /// State shared by every task of the daemon.
@@ -43,6 +45,8 @@ pub struct Core {
     pub reserve: crate::reserve::Reserve,
     /// When the journal was last reopened: failures in a burst reopen it once.
     last_reopen: Mutex<Option<Instant>>,
+    /// The CPU and the GPUs found at start.
+    pub devices: crate::devices::Devices,
 }
 
 impl Core {
@@ -62,6 +66,7 @@ impl Core {
             checks: crate::supervisor::check::Checks::new(config.limits.max_checks),
             reserve: crate::reserve::Reserve::new(&config.state_dir),
             last_reopen: Mutex::new(None),
+            devices: crate::devices::Devices::discover(),
             config,
         })
     }

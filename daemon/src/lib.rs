@@ -9,6 +9,7 @@ pub mod config;
 pub mod core;
 pub mod demo;
 pub mod devices;
+pub mod energy;
 pub mod identity;
 pub mod journal;
 pub mod logging;

@@ -270,6 +270,17 @@ fn setup(cli: &Cli) -> anyhow::Result<Setup> {
         .or_else(|| config.system.then(|| "lorad".to_string()));
     config.admin_group = cli.admin_group.clone().or(file.admin_group);
     config.limits = file.limits.unwrap_or_default();
+    config.cpu_slots = file.cpu_slots.unwrap_or(1).max(1);
+    config.cpu_threads = file
+        .cpu_threads
+        .unwrap_or_else(|| lorad::config::default_cpu_threads(config.cpu_slots))
+        .max(1);
+    config.auto_cpu = file.auto_cpu.unwrap_or(true);
+    if let Some(dir) = file.rapl_dir {
+        config.rapl_dir = dir;
+    }
+    config.price_per_kwh = file.price_per_kwh;
+    config.price_per_hour = file.price_per_hour;
     let socket_gid = match &config.socket_group {
         Some(name) => Some(lorad::config::group_id(name)?),
         None => None,

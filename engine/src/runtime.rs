@@ -19,6 +19,58 @@ pub fn tune_allocator() {
     }
 }
 
+/// The process's resident set size now, MiB (/proc/self/statm); None off Linux.
+pub fn rss_mb() -> Option<f64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page as f64 / (1u64 << 20) as f64)
+}
+
+/// CPU time this process has used (user + system, all threads), seconds.
+pub fn cpu_time_s() -> f64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .map(|u| {
+            let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+            t(u.user_time()) + t(u.system_time())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Samples the process on the CPU between two calls: resident memory and CPU use over the interval.
+#[derive(Debug)]
+pub struct CpuMeter {
+    since: std::time::Instant,
+    cpu_s: f64,
+}
+
+impl Default for CpuMeter {
+    fn default() -> Self {
+        CpuMeter {
+            since: std::time::Instant::now(),
+            cpu_s: cpu_time_s(),
+        }
+    }
+}
+
+impl CpuMeter {
+    /// The sample since the last one (or since the meter was made); None where RSS is unreadable.
+    pub fn sample(&mut self) -> Option<lorad_schema::CpuSample> {
+        let (now, cpu_s) = (std::time::Instant::now(), cpu_time_s());
+        let wall = now.duration_since(self.since).as_secs_f64();
+        let used = cpu_s - self.cpu_s;
+        (self.since, self.cpu_s) = (now, cpu_s);
+        let rss = rss_mb()?;
+        Some(lorad_schema::CpuSample {
+            rss_mb: rss,
+            // The kernel updates the high-water mark lazily: it can trail the RSS just read.
+            peak_rss_mb: peak_rss_mb().max(rss),
+            cpu_pct: if wall > 0.0 { 100.0 * used / wall } else { 0.0 },
+        })
+    }
+}
+
 /// The process's peak resident set size in MiB (getrusage; Linux reports KiB).
 pub fn peak_rss_mb() -> f64 {
     nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)

@@ -204,9 +204,15 @@ pub struct DeviceInfo {
     pub name: String,
     /// Human description.
     pub description: String,
-    /// The job running on it, if any.
+    /// The job running on it, if any (the first, on a device with several slots).
     #[serde(default)]
     pub job: Option<JobId>,
+    /// Every job running on it.
+    #[serde(default)]
+    pub jobs: Vec<JobId>,
+    /// Installed memory, MiB (GPUs).
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
 }
 
 /// One complete checkpoint of a job.

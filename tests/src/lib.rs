@@ -99,6 +99,7 @@ pub struct TestDaemon {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     env: Vec<(String, String)>,
+    config: Option<PathBuf>,
 }
 
 impl TestDaemon {
@@ -112,9 +113,18 @@ impl TestDaemon {
         Self::start_with(env, &BUNDLED_PLUGINS)
     }
 
+    /// Starts a daemon with the bundled plugins and this `lorad.toml` (written into its dir).
+    pub fn start_with_config(toml: &str) -> TestDaemon {
+        Self::start_full(&[], &BUNDLED_PLUGINS, Some(toml))
+    }
+
     /// Starts a daemon with extra environment variables and only these plugins (library names as in
     /// [`plugin_lib`]), linked into its private plugin dir ([`TestDaemon::plugin_dir`]).
     pub fn start_with(env: &[(&str, &str)], plugins: &[&str]) -> TestDaemon {
+        Self::start_full(env, plugins, None)
+    }
+
+    fn start_full(env: &[(&str, &str)], plugins: &[&str], toml: Option<&str>) -> TestDaemon {
         let dir = tempfile::Builder::new()
             .prefix("lorad-test-")
             .tempdir()
@@ -123,10 +133,16 @@ impl TestDaemon {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        let config = toml.map(|text| {
+            let path = dir.path().join("lorad.toml");
+            std::fs::write(&path, text).expect("lorad.toml");
+            path
+        });
         let d = TestDaemon {
             dir,
             child: None,
             env,
+            config,
         };
         std::fs::create_dir_all(d.plugin_dir()).expect("plugin dir");
         for name in plugins {
@@ -185,7 +201,11 @@ impl TestDaemon {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .expect("daemon.log");
-        let child = Command::new(bin("lorad"))
+        let mut cmd = Command::new(bin("lorad"));
+        if let Some(config) = &self.config {
+            cmd.arg("--config").arg(config);
+        }
+        let child = cmd
             .arg("--user")
             .arg("--socket")
             .arg(self.socket())

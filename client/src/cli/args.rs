@@ -38,6 +38,9 @@ pub enum Command {
         /// Every user's jobs (admin only).
         #[arg(long)]
         all: bool,
+        /// Also the device, energy and cost of each job.
+        #[arg(long)]
+        wide: bool,
     },
     /// Show one job.
     Show {
@@ -318,7 +321,8 @@ mod tests {
             cli.command,
             Command::List {
                 state: Some(JobState::Running),
-                all: false
+                all: false,
+                wide: false
             }
         ));
         assert_eq!(

@@ -61,9 +61,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let record = ctx.connect().await?.submit(spec).await?;
             show(&ctx, &record, |r| format!("{}\n", r.id))
         }
-        Command::List { state, all } => {
+        Command::List { state, all, wide } => {
             let jobs = ctx.connect().await?.list(state, all).await?;
-            show(&ctx, &jobs, |j| output::job_table(j))
+            match wide {
+                true => show(&ctx, &jobs, |j| output::job_table_wide(j)),
+                false => show(&ctx, &jobs, |j| output::job_table(j)),
+            }
         }
         Command::Show { job } => {
             let record = ctx.connect().await?.get(JobId(job)).await?;

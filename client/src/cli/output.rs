@@ -112,6 +112,42 @@ pub fn job_table(jobs: &[JobRecord]) -> String {
     table(&["ID", "STATE", "STEP", "LOSS", "NAME"], &rows)
 }
 
+/// The `list --wide` table: the list's columns, then device, energy and cost.
+pub fn job_table_wide(jobs: &[JobRecord]) -> String {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            let p = &j.progress;
+            vec![
+                j.id.to_string(),
+                j.state.to_string(),
+                step_of(p.step, p.total_steps),
+                loss(p.loss),
+                p.device.clone().unwrap_or_else(|| "-".into()),
+                p.energy_j.map_or_else(|| "not measured".into(), energy),
+                p.cost.map_or_else(|| "-".into(), |c| format!("{c:.4}")),
+                j.name.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "STATE", "STEP", "LOSS", "DEVICE", "ENERGY", "COST", "NAME",
+        ],
+        &rows,
+    )
+}
+
+/// Joules as people read them: J, kJ, MJ, with the kWh.
+pub fn energy(j: f64) -> String {
+    let kwh = j / 3.6e6;
+    match j {
+        j if j < 1e3 => format!("{j:.1} J"),
+        j if j < 1e6 => format!("{:.2} kJ ({kwh:.5} kWh)", j / 1e3),
+        j => format!("{:.2} MJ ({kwh:.3} kWh)", j / 1e6),
+    }
+}
+
 /// The `show` lines: `key: value`, keys named like the JSON fields.
 pub fn job_details(j: &JobRecord) -> String {
     let p = &j.progress;
@@ -139,6 +175,25 @@ pub fn job_details(j: &JobRecord) -> String {
     }
     lines.push(("active", duration(p.active_s)));
     lines.push(("restarts", p.restarts.to_string()));
+    if let Some(device) = &p.device {
+        lines.push(("device", device.clone()));
+    }
+    if let Some(bytes) = j.memory_estimate {
+        lines.push(("memory_estimate", format!("{:.1} GB", bytes as f64 / 1e9)));
+    }
+    let source = p.energy_source.clone();
+    lines.push((
+        "energy",
+        match (p.energy_j, source) {
+            (Some(e), Some(src)) => format!("{} from {src}", energy(e)),
+            (Some(e), None) => energy(e),
+            (None, Some(why)) => why,
+            (None, None) => "not measured".into(),
+        },
+    ));
+    if let Some(cost) = p.cost {
+        lines.push(("cost", format!("{cost:.4}")));
+    }
     lines.push(("created", timestamp(j.created_at_ms)));
     if let Some(t) = j.started_at_ms {
         lines.push(("started", timestamp(t)));

@@ -425,6 +425,17 @@ impl Journal {
         id: JobId,
         point: MetricPoint,
     ) -> Result<Option<(JobRecord, Event)>, JournalError> {
+        self.record_metric_and(id, point, |_| {})
+    }
+
+    /// [`Journal::record_metric`], and `also` on the job's record in the same transaction (the
+    /// energy and cost that go with the step), after its progress is updated.
+    pub fn record_metric_and(
+        &self,
+        id: JobId,
+        point: MetricPoint,
+        also: impl FnOnce(&mut JobRecord),
+    ) -> Result<Option<(JobRecord, Event)>, JournalError> {
         let txn = self.db.begin_write()?;
         let mut job = read_job(&txn, id)?;
         // A worker being stopped (pause) finishes its step and checkpoints it, and its last reports may be
@@ -450,6 +461,7 @@ impl Journal {
         } else {
             p.eta_s = Some(0.0);
         }
+        also(&mut job);
         write_job(&txn, &job)?;
         let event = append_event(&txn, Some(id), EventBody::Metrics { point })?;
         txn.commit()?;

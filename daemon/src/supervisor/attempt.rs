@@ -5,6 +5,7 @@ use crate::core::{Core, WorkerHandle};
 use crate::identity::Identity;
 use crate::logs;
 use crate::plugins::PluginRef;
+use crate::scheduler::Slot;
 use crate::worker::process::Mode;
 use crate::worker::TrainTask;
 use command_fds::{CommandFdExt, FdMapping};
@@ -55,6 +56,8 @@ pub struct Running {
     pub(super) child: Child,
     pub(super) control: UnixStream,
     pub(super) stop: CancellationToken,
+    /// Where it runs.
+    pub(super) slot: Slot,
     /// No progress for this long while training = stalled (3x while loading or saving).
     pub(super) stall_timeout: std::time::Duration,
     /// job.log, and where this attempt's part of it starts (its separator).
@@ -63,7 +66,12 @@ pub struct Running {
 }
 
 /// Starts the worker for `job` and registers it in `core.workers`.
-pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, SpawnError> {
+pub async fn spawn(
+    core: &Core,
+    job: &JobRecord,
+    why: &str,
+    slot: Slot,
+) -> Result<Running, SpawnError> {
     let job_dir = core.config.job_dir(job.id);
     let log_path = logs::log_path(&job_dir);
     let resume_from = resume_point(job, &job_dir);
@@ -76,12 +84,14 @@ pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, S
         ),
         None => "from the start".to_string(),
     };
-    let separator = logs::separator(&format!("{why}; {from}"));
+    let device = slot.device();
+    let separator = logs::separator(&format!("{why}; {from}; on {device}"));
     let (who, log, log_offset) =
         open_log(job.owner_uid, job_dir.clone(), log_path.clone(), separator).await?;
     let (child, mut control) = start_worker(
         core,
         Mode::Train,
+        Some(slot),
         who.as_ref(),
         Stdio::from(log.try_clone().map_err(io("dup job.log"))?),
         Stdio::from(log),
@@ -93,7 +103,11 @@ pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, S
         dataset: PathBuf::from(&job.dataset),
         adapter_dir: PathBuf::from(&job.output_dir),
         job_dir,
-        settings: job.settings.clone(),
+        // The device the scheduler chose (`auto` resolved): the worker trains there.
+        settings: lorad_schema::TrainSettings {
+            device,
+            ..job.settings.clone()
+        },
         resume_from,
     };
     let dataloader = dataloader_for(core, &task);
@@ -104,6 +118,7 @@ pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, S
         let handle = WorkerHandle {
             pid,
             stop: stop.clone(),
+            slot,
         };
         workers.insert(job.id, handle);
     }
@@ -112,6 +127,7 @@ pub async fn spawn(core: &Core, job: &JobRecord, why: &str) -> Result<Running, S
         child,
         control,
         stop,
+        slot,
         stall_timeout: std::time::Duration::from_secs(job.settings.stall_timeout),
         log_path,
         log_offset,
@@ -172,6 +188,7 @@ fn dataloader_for(core: &Core, task: &TrainTask) -> Option<PluginRef> {
 pub(super) fn start_worker(
     core: &Core,
     mode: Mode,
+    slot: Option<Slot>,
     who: Option<&Identity>,
     stdout: Stdio,
     stderr: Stdio,
@@ -189,6 +206,17 @@ pub(super) fn start_worker(
         }
     }
     crate::identity::apply(&mut cmd, who);
+    // A CPU job gets its share of the cores. A GPU job's cuda:N is NVML's index N, which is CUDA's N
+    // only in PCI bus order (CUDA's default puts the fastest GPU first).
+    match slot {
+        Some(Slot::Cpu) => {
+            cmd.env("RAYON_NUM_THREADS", core.config.cpu_threads.to_string());
+        }
+        Some(Slot::Gpu(_)) => {
+            cmd.env("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
+        }
+        None => {}
+    }
     cmd.stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)

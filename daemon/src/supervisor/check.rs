@@ -103,6 +103,7 @@ async fn run(
     let (mut child, mut control) = start_worker(
         core,
         Mode::Check,
+        None,
         who.as_ref(),
         Stdio::null(),
         Stdio::null(),

@@ -51,6 +51,7 @@ async fn run_worker(
         let (mut child, mut control) = start_worker(
             core,
             crate::worker::process::Mode::Export,
+            None,
             who.as_ref(),
             Stdio::piped(),
             Stdio::piped(),

@@ -9,7 +9,7 @@ mod reports;
 mod watch;
 
 use crate::core::Core;
-use crate::scheduler;
+use crate::scheduler::{self, Slot};
 use lorad_schema::{JobId, JobState};
 use std::sync::Arc;
 use tokio_util::task::TaskTracker;
@@ -21,22 +21,30 @@ pub async fn run(core: Arc<Core>) {
         if core.shutdown.is_cancelled() {
             break;
         }
-        let idle = core.workers.lock().map(|w| w.is_empty()).unwrap_or(false);
-        if idle {
-            match core.read(|j| j.jobs()).await {
-                Ok(jobs) => {
-                    if let Some(id) =
-                        scheduler::next_job(&jobs, core.config.limits.max_running_per_user)
-                    {
-                        start(&core, &tracker, id).await;
-                        continue;
-                    }
+        let busy: Vec<Slot> = core
+            .workers
+            .lock()
+            .map(|w| w.values().map(|h| h.slot).collect())
+            .unwrap_or_default();
+        let mut waiting = false;
+        match core.read(|j| j.jobs()).await {
+            Ok(jobs) => {
+                let cap = capacity(&core).await;
+                let max = core.config.limits.max_running_per_user;
+                if let Some((id, slot)) = scheduler::next_start(&jobs, &busy, &cap, max) {
+                    start(&core, &tracker, id, slot).await;
+                    continue;
                 }
-                Err(e) => tracing::error!(error = %e, "cannot read the queue"),
+                waiting = jobs.iter().any(|j| j.state == JobState::Queued);
             }
+            Err(e) => tracing::error!(error = %e, "cannot read the queue"),
         }
+        // Free memory changes without an event (other processes): a job waiting for it is looked at
+        // again every few seconds; otherwise the loop sleeps until kicked.
+        let recheck = std::time::Duration::from_secs(if waiting { 5 } else { 3600 });
         tokio::select! {
             _ = core.kick.notified() => {}
+            _ = tokio::time::sleep(recheck) => {}
             _ = core.shutdown.cancelled() => break,
         }
     }
@@ -61,15 +69,48 @@ pub async fn run(core: Arc<Core>) {
     }
 }
 
-async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId) {
+/// What the devices offer now: CPU slots and the memory available to a new job (MemAvailable), each
+/// GPU with its free memory.
+async fn capacity(core: &Arc<Core>) -> scheduler::Capacity {
+    let c = core.clone();
+    tokio::task::spawn_blocking(move || scheduler::Capacity {
+        cpu_slots: c.config.cpu_slots,
+        cpu_free: mem_available(),
+        gpus: c
+            .devices
+            .gpus
+            .iter()
+            .map(|g| (g.index, c.devices.free_memory(g.index)))
+            .collect(),
+        auto_cpu: c.config.auto_cpu,
+    })
+    .await
+    .unwrap_or(scheduler::Capacity {
+        cpu_slots: core.config.cpu_slots,
+        cpu_free: None,
+        gpus: Vec::new(),
+        auto_cpu: core.config.auto_cpu,
+    })
+}
+
+/// MemAvailable from /proc/meminfo, bytes.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId, slot: Slot) {
     // Why the job was queued (resumed, retried, crashed, daemon restarted), for the log's separator.
     let why = match core.read(move |j| j.job(id)).await {
         Ok(job) => job.reason.unwrap_or_else(|| "fresh start".into()),
         Err(_) => "fresh start".into(),
     };
     let job = match core
-        .transition(id, JobState::Initializing, None, |job| {
+        .transition(id, JobState::Initializing, None, move |job| {
             job.requeued = false;
+            job.progress.device = Some(slot.device());
         })
         .await
     {
@@ -84,7 +125,7 @@ async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId) {
             return;
         }
     };
-    match attempt::spawn(core, &job, &why).await {
+    match attempt::spawn(core, &job, &why, slot).await {
         Ok(running) => {
             // A cancel that committed before the worker was registered found nothing to stop: look again.
             if let Ok(job) = core.read(move |j| j.job(id)).await {

@@ -2,9 +2,12 @@
 //! checkpoints, the start of training and the end it says it came to.
 use crate::channel::FromWorker;
 use crate::core::Core;
+use crate::energy::Meter;
 use crate::journal::JournalError;
+use crate::scheduler::Slot;
 use crate::worker::{Phase, TrainEvent};
 use lorad_schema::{EventBody, JobId, JobRecord, JobState, MetricPoint};
+use std::sync::Arc;
 
 /// Why a worker gave up, as it reported.
 pub(super) enum Failure {
@@ -19,6 +22,30 @@ pub(super) enum Failure {
     },
 }
 
+/// What an attempt measures besides the worker's own reports: its device's telemetry and its energy.
+#[derive(Clone)]
+pub(super) struct Attempt {
+    slot: Slot,
+    meter: Meter,
+}
+
+impl Attempt {
+    /// Starts metering job `id`'s attempt on `slot` (its energy so far counts on).
+    pub(super) async fn start(core: &Arc<Core>, id: JobId, slot: Slot) -> Attempt {
+        let before = core
+            .read(move |j| j.job(id))
+            .await
+            .ok()
+            .and_then(|job| job.progress.energy_j);
+        let c = core.clone();
+        let meter = tokio::task::spawn_blocking(move || Meter::start(&c, slot, before))
+            .await
+            .unwrap_or_else(|e| Meter::not_measured(format!("meter did not start: {e}")));
+        tracing::info!(job = %id, device = %slot.device(), energy = %meter.source, "attempt metered");
+        Attempt { slot, meter }
+    }
+}
+
 /// What the worker's reports said about how the attempt ends.
 #[derive(Default)]
 pub(super) struct Seen {
@@ -30,7 +57,14 @@ pub(super) struct Seen {
 
 /// Records one report of the worker `pid` (the process the supervisor started: what a worker says
 /// about itself, it runs as the job's owner, is not trusted for anything the daemon acts on as root).
-pub(super) async fn handle(core: &Core, id: JobId, pid: u32, msg: FromWorker, seen: &mut Seen) {
+pub(super) async fn handle(
+    core: &Arc<Core>,
+    id: JobId,
+    pid: u32,
+    msg: FromWorker,
+    seen: &mut Seen,
+    attempt: &Attempt,
+) {
     let result = match msg {
         FromWorker::Ready { pid: said } => {
             tracing::debug!(job = %id, pid, said, "worker ready");
@@ -38,7 +72,7 @@ pub(super) async fn handle(core: &Core, id: JobId, pid: u32, msg: FromWorker, se
                 .await
                 .map(|_| ())
         }
-        FromWorker::Train { event } => train_event(core, id, event).await,
+        FromWorker::Train { event } => train_event(core, id, event, attempt).await,
         FromWorker::Finished { adapter_dir, steps } => {
             seen.finished = true;
             finished(core, id, adapter_dir, steps).await
@@ -67,7 +101,12 @@ pub(super) async fn handle(core: &Core, id: JobId, pid: u32, msg: FromWorker, se
 }
 
 /// Records one of the engine's events: the start of training, the plan, a step, a checkpoint.
-async fn train_event(core: &Core, id: JobId, event: TrainEvent) -> Result<(), JournalError> {
+async fn train_event(
+    core: &Arc<Core>,
+    id: JobId,
+    event: TrainEvent,
+    attempt: &Attempt,
+) -> Result<(), JournalError> {
     match event {
         TrainEvent::Phase {
             phase: Phase::Training,
@@ -99,16 +138,41 @@ async fn train_event(core: &Core, id: JobId, event: TrainEvent) -> Result<(), Jo
             })
             .await
             .map(|_| ()),
-        TrainEvent::Step { point } => step(core, id, point).await,
+        TrainEvent::Step { point } => step(core, id, point, attempt).await,
     }
 }
 
-/// Records a step's metrics; on a full disk, once more after the journal freed its reserve, then
-/// the job pauses.
-async fn step(core: &Core, id: JobId, point: MetricPoint) -> Result<(), JournalError> {
+/// Records a step's metrics, with its GPU's telemetry and the job's energy and cost so far; on a full
+/// disk, once more after the journal freed its reserve, then the job pauses.
+async fn step(
+    core: &Arc<Core>,
+    id: JobId,
+    mut point: MetricPoint,
+    attempt: &Attempt,
+) -> Result<(), JournalError> {
+    let (c, a) = (core.clone(), attempt.clone());
+    let measured = tokio::task::spawn_blocking(move || {
+        let gpu = match a.slot {
+            Slot::Gpu(n) => c.devices.sample(n),
+            Slot::Cpu => None,
+        };
+        (gpu, a.meter.joules(&c))
+    })
+    .await;
+    let (gpu, joules) = measured.unwrap_or((None, None));
+    point.gpu = gpu;
+    let source = attempt.meter.source.clone();
+    let (per_kwh, per_hour) = (core.config.price_per_kwh, core.config.price_per_hour);
     let record = |point: MetricPoint| {
+        let source = source.clone();
         core.write(move |j| {
-            Ok(match j.record_metric(id, point)? {
+            let usage = move |job: &mut JobRecord| {
+                let p = &mut job.progress;
+                p.energy_j = joules;
+                p.energy_source = Some(source);
+                p.cost = crate::energy::cost(joules, p.active_s, per_kwh, per_hour);
+            };
+            Ok(match j.record_metric_and(id, point, usage)? {
                 Some((_, event)) => ((), vec![event]),
                 None => ((), vec![]),
             })

@@ -146,6 +146,7 @@ async fn watch_worker(core: &Arc<Core>, id: JobId, running: &mut Running) {
 /// progress (every report from the engine is progress) for the phase's bound.
 async fn follow(core: &Arc<Core>, id: JobId, running: &mut Running) -> Followed {
     let (mut seen, mut stopped, mut stalled) = (Seen::default(), false, None);
+    let attempt = reports::Attempt::start(core, id, running.slot).await;
     let mut last_progress = tokio::time::Instant::now();
     let mut phase = Phase::Loading;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
@@ -181,7 +182,7 @@ async fn follow(core: &Arc<Core>, id: JobId, running: &mut Running) -> Followed 
         match msg {
             Ok(msg) => {
                 let pid = running.child.id().unwrap_or(0);
-                reports::handle(core, id, pid, msg, &mut seen).await
+                reports::handle(core, id, pid, msg, &mut seen, &attempt).await
             }
             Err(frame::FrameError::Closed) => break,
             Err(e) => {

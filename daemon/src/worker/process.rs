@@ -117,7 +117,19 @@ fn run_train(task: &TrainTask, dataloader: Option<&PluginRef>, send: &dyn Fn(&Fr
     install_stop_handler();
     tracing::info!(job = %task.job, model = %task.base_model.display(), data = %task.dataset.display(), "worker started");
     let hang = HangAt::from_env(task);
-    let mut on_event = |event: crate::worker::TrainEvent| {
+    // Every step's point carries the worker's own CPU figures (what it measured, nothing else).
+    let mut cpu = crate::worker::runtime::CpuMeter::default();
+    let mut on_event = |mut event: crate::worker::TrainEvent| {
+        match &mut event {
+            crate::worker::TrainEvent::Step { point } => point.cpu = cpu.sample(),
+            crate::worker::TrainEvent::Phase {
+                phase: crate::worker::Phase::Training,
+            } => {
+                // Steps are timed from the start of training, not of loading.
+                cpu = crate::worker::runtime::CpuMeter::default();
+            }
+            _ => {}
+        }
         let last = hang.after(&event);
         send(&FromWorker::Train { event });
         if last {

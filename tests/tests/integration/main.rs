@@ -3,6 +3,7 @@ mod bad_input;
 mod chaos;
 mod cli;
 mod control;
+mod devices;
 mod disk_full;
 mod export;
 mod helpers;

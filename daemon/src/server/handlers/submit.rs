@@ -84,6 +84,13 @@ fn resolve_settings(core: &Core, spec: &JobSpec) -> Result<TrainSettings, WireEr
             .map_err(|e| invalid(e.to_string()))?;
     }
     crate::worker::preflight::check_settings(&settings).map_err(|e| invalid(e.to_string()))?;
+    // A device this lorad or this machine does not have is refused now, not when the job starts.
+    if let Some(why) = core
+        .devices
+        .refuse(&settings.device, cfg!(feature = "cuda"))
+    {
+        return Err(invalid(why));
+    }
     Ok(settings)
 }
 
