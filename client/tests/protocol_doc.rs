@@ -10,9 +10,9 @@
 //!
 //! The test also checks that every request, response, event kind and error code is documented.
 use lorad_client::lorad_schema::{
-    CheckpointInfo, ClientFrame, DaemonStatus, DeviceInfo, ErrorCode, Event, EventBody, GpuSample,
-    Handshake, JobRecord, JobSpec, JobState, MetricPoint, Progress, Push, Reply, Request, Response,
-    ServerFrame, Template, TrainSettings, WireError,
+    CheckpointInfo, ClientFrame, CpuSample, DaemonStatus, DeviceInfo, ErrorCode, Event, EventBody,
+    GpuSample, Handshake, JobRecord, JobSpec, JobState, MetricPoint, Progress, Push, Reply,
+    Request, Response, ServerFrame, Template, TrainSettings, WireError,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
@@ -271,6 +271,9 @@ fn check_example(
         }
         "GpuSample" => {
             decode_as::<GpuSample>(example, lenient)?;
+        }
+        "CpuSample" => {
+            decode_as::<CpuSample>(example, lenient)?;
         }
         "TrainSettings" => {
             decode_as::<TrainSettings>(example, lenient)?;
