@@ -92,6 +92,11 @@ impl Client {
         self.rt.block_on(self.inner.submit(spec))
     }
 
+    /// See [`crate::Client::dry_run`].
+    pub fn dry_run(&self, spec: JobSpec) -> Result<lorad_schema::Estimate, ClientError> {
+        self.rt.block_on(self.inner.dry_run(spec))
+    }
+
     /// See [`crate::Client::list`].
     pub fn list(&self, state: Option<JobState>, all: bool) -> Result<Vec<JobRecord>, ClientError> {
         self.rt.block_on(self.inner.list(state, all))

@@ -7,8 +7,8 @@ use interprocess::local_socket::traits::tokio::Stream as _;
 use interprocess::local_socket::{GenericFilePath, ToFsName};
 use lorad_schema::frame::{self, FrameError};
 use lorad_schema::{
-    CheckpointInfo, DaemonStatus, ErrorCode, ExportInfo, Handshake, JobId, JobRecord, JobSpec,
-    JobState, MetricPoint, Request, Response, Template, MAX_FRAME, PROTOCOL_VERSION,
+    CheckpointInfo, DaemonStatus, ErrorCode, Estimate, ExportInfo, Handshake, JobId, JobRecord,
+    JobSpec, JobState, MetricPoint, Request, Response, Template, MAX_FRAME, PROTOCOL_VERSION,
 };
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -369,6 +369,15 @@ impl Client {
         &self.conn.shared
     }
 
+    /// Checks `spec` as `submit` does and predicts its peak memory; queues nothing.
+    pub async fn dry_run(&self, mut spec: JobSpec) -> Result<Estimate, ClientError> {
+        spec.dry_run = true;
+        match self.call(Request::Submit(spec)).await? {
+            Response::Estimate(e) => Ok(e),
+            other => Err(unexpected("estimate", &other)),
+        }
+    }
+
     async fn job_call(&self, req: Request) -> Result<JobRecord, ClientError> {
         match self.call(req).await? {
             Response::Job(record) => Ok(record),
@@ -405,6 +414,7 @@ pub(crate) fn response_kind(r: &Response) -> &'static str {
         Response::Subscribed { .. } => "subscribed",
         Response::Done => "done",
         Response::Backup { .. } => "backup",
+        Response::Estimate(_) => "estimate",
     }
 }
 

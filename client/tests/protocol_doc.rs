@@ -92,6 +92,7 @@ fn response_kind(r: &Response) -> &'static str {
         Response::Subscribed { .. } => "subscribed",
         Response::Done => "done",
         Response::Backup { .. } => "backup",
+        Response::Estimate(_) => "estimate",
     }
 }
 

@@ -85,6 +85,12 @@ pub enum FromWorker {
     Checked {
         /// Examples in the dataset (None: a plugin reads it).
         examples: Option<usize>,
+        /// The predicted peak memory, bytes.
+        #[serde(default)]
+        memory_estimate: Option<u64>,
+        /// The estimate in words.
+        #[serde(default)]
+        memory: Option<String>,
     },
     /// The submit-time check refused the job.
     Refused {

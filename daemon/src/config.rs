@@ -41,6 +41,8 @@ pub struct Config {
     pub price_per_kwh: Option<f64>,
     /// Price of an hour of training, for a job's cost.
     pub price_per_hour: Option<f64>,
+    /// Memory CPU jobs may use, bytes (None: the machine's MemTotal).
+    pub cpu_memory: Option<u64>,
 }
 
 /// The CPU package's RAPL counter, where Linux puts it.
@@ -145,6 +147,8 @@ pub struct FileConfig {
     pub price_per_kwh: Option<f64>,
     /// Price of an hour of training, for jobs' cost (default: none).
     pub price_per_hour: Option<f64>,
+    /// Memory CPU jobs may use, GB (default: the machine's memory).
+    pub cpu_memory_gb: Option<f64>,
 }
 
 /// Why the configuration could not be built.
@@ -251,6 +255,7 @@ impl Config {
             rapl_dir: PathBuf::from(RAPL_DIR),
             price_per_kwh: None,
             price_per_hour: None,
+            cpu_memory: None,
         }
     }
 
@@ -326,6 +331,7 @@ mod tests {
             "rapl_dir",
             "price_per_kwh",
             "price_per_hour",
+            "cpu_memory_gb",
         ] {
             assert!(
                 keys.iter().any(|l| l.starts_with(&format!("{key} = "))),

@@ -15,6 +15,7 @@ pub mod fingerprint;
 pub mod generate;
 pub mod gguf;
 pub mod lora;
+pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod optim;

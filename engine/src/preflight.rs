@@ -25,6 +25,24 @@ pub struct CheckTask {
     /// The dataloader plugin format that reads the dataset (None: lorad reads it as JSONL).
     #[serde(default)]
     pub plugin_format: Option<String>,
+    /// The job's resolved settings, for the memory estimate (None: not estimated).
+    #[serde(default)]
+    pub settings: Option<lorad_schema::TrainSettings>,
+    /// The most memory any device the job may use has, bytes, and those devices in words
+    /// ("cpu, 23.4 GB"): a job predicted to need more is refused with a way out.
+    #[serde(default)]
+    pub memory_limit: Option<(u64, String)>,
+}
+
+/// What a passed check found out.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Checked {
+    /// Examples in the dataset (None: a plugin reads it).
+    pub examples: Option<usize>,
+    /// The predicted peak memory, bytes (None: no settings to estimate with).
+    pub memory_estimate: Option<u64>,
+    /// The estimate in words, with its parts.
+    pub memory: Option<String>,
 }
 
 fn default_max_line() -> u64 {
@@ -92,8 +110,9 @@ fn stat(field: &str, path: &Path) -> Result<std::fs::Metadata, WireError> {
     })
 }
 
-/// Runs every check; the number of examples when lorad reads the dataset itself.
-pub fn check(task: &CheckTask) -> Result<Option<usize>, WireError> {
+/// Runs every check: the files, the model's context, the predicted memory against the devices, the
+/// dataset's lines.
+pub fn check(task: &CheckTask) -> Result<Checked, WireError> {
     let model = stat("base_model", &task.base_model)?;
     if !model.is_dir() && !model.is_file() {
         return Err(refused(
@@ -122,13 +141,51 @@ pub fn check(task: &CheckTask) -> Result<Option<usize>, WireError> {
     }
     let config = crate::source::check_model(&task.base_model).map_err(wire_error)?;
     fits_context(task.max_seq_len, &config).map_err(wire_error)?;
-    if task.plugin_format.is_some() {
+    let mut checked = match &task.settings {
+        Some(s) => fits_memory(task, &config, s)?,
+        None => Checked::default(),
+    };
+    if task.plugin_format.is_none() {
         // A plugin's format is the plugin's to check, in the training worker.
-        return Ok(None);
+        let lines =
+            crate::data::validate_jsonl_limited(&task.dataset, task.max_line_bytes as usize);
+        checked.examples = Some(lines.map_err(wire_error)?);
     }
-    crate::data::validate_jsonl_limited(&task.dataset, task.max_line_bytes as usize)
-        .map(Some)
-        .map_err(wire_error)
+    Ok(checked)
+}
+
+/// The job's predicted peak memory (`memory::estimate_with` on its real weight files), refused when
+/// it is above `task.memory_limit`, with the figure and a smaller setting that fits.
+fn fits_memory(
+    task: &CheckTask,
+    config: &crate::config::ModelConfig,
+    s: &lorad_schema::TrainSettings,
+) -> Result<Checked, WireError> {
+    use crate::memory::{advice_with, estimate_with, human, WeightFiles};
+    let source = crate::source::ModelSource::open(&task.base_model).map_err(wire_error)?;
+    let files = WeightFiles::of(&source).map_err(wire_error)?;
+    let estimate = estimate_with(config, s, &files);
+    if let Some((limit, devices)) = &task.memory_limit {
+        if estimate.total() > *limit {
+            let way_out = match advice_with(config, s, &files, *limit) {
+                Some(advice) => format!("{advice}, or use a device with more memory"),
+                None => "even batch_size=1 with a short max_seq_len does not fit: use a device with more memory or a smaller model".into(),
+            };
+            return Err(refused(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "the job needs about {} of memory at its peak ({estimate}); the most any device it may use has is {} ({devices}): {way_out}",
+                    human(estimate.total()),
+                    human(*limit)
+                ),
+            ));
+        }
+    }
+    Ok(Checked {
+        examples: None,
+        memory_estimate: Some(estimate.total()),
+        memory: Some(estimate.to_string()),
+    })
 }
 
 /// Why a dtype other than f32 is refused.
@@ -224,6 +281,8 @@ mod tests {
             max_line_bytes: 1 << 20,
             output_dir: None,
             plugin_format: None,
+            settings: None,
+            memory_limit: None,
         }
     }
 

@@ -110,6 +110,10 @@ pub struct JobSpec {
     /// `key -> value` overrides of the template's settings, type-checked at submit.
     #[serde(default)]
     pub overrides: BTreeMap<String, String>,
+    /// Check everything and predict the job's peak memory, but queue nothing: the answer is an
+    /// `estimate` instead of the job.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// How far a job got.

@@ -22,9 +22,9 @@ pub use job::{
     Progress,
 };
 pub use proto::{
-    CheckpointInfo, ClientFrame, DaemonStatus, DeviceInfo, ExportInfo, Handshake, PluginInfo,
-    PluginKind, PluginsStatus, Push, RejectedPlugin, Reply, Request, Response, ServerFrame,
-    Template, PROTOCOL_VERSION,
+    CheckpointInfo, ClientFrame, DaemonStatus, DeviceInfo, Estimate, ExportInfo, Handshake,
+    PluginInfo, PluginKind, PluginsStatus, Push, RejectedPlugin, Reply, Request, Response,
+    ServerFrame, Template, PROTOCOL_VERSION,
 };
 pub use settings::{DType, Schedule, SettingError, TrainSettings, TARGET_MODULES};
 

@@ -318,6 +318,20 @@ pub struct ExportInfo {
     pub elapsed_s: f64,
 }
 
+/// What a `submit` with `dry_run` found: the checks passed, and the job would need this much.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Estimate {
+    /// Predicted peak memory, bytes.
+    pub memory_estimate: u64,
+    /// The estimate in words, with its parts.
+    pub memory: String,
+    /// Examples in the dataset (None: a dataloader plugin reads it).
+    #[serde(default)]
+    pub examples: Option<u64>,
+    /// The devices the job may use, with their memory.
+    pub devices: String,
+}
+
 /// Successful answers.
 // Replies are short-lived and mostly job records; boxing would only complicate every match.
 #[allow(clippy::large_enum_variant)]
@@ -334,6 +348,8 @@ pub enum Response {
     /// To `submit`, `get`, `cancel`, `pause`, `resume`, `retry`, `set_priority`: the job's record after
     /// the request.
     Job(JobRecord),
+    /// To a `submit` with `dry_run`: what the job would be; nothing was queued.
+    Estimate(Estimate),
     /// To `list`.
     Jobs {
         /// Matching jobs in id order.

@@ -332,6 +332,7 @@ fn requests() -> Vec<Request> {
         output_dir: Some("/o".into()),
         priority: -3,
         overrides: [("lr".to_string(), "1e-4".to_string())].into(),
+        dry_run: true,
     };
     vec![
         Request::Status,

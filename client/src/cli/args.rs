@@ -152,6 +152,9 @@ pub struct SubmitArgs {
     /// Override a template setting; repeatable. Lists are comma-separated.
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
     pub set: Vec<(String, String)>,
+    /// Check everything and print the predicted peak memory; queue nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Parses `key=value` (the value may itself contain '=').
@@ -205,6 +208,7 @@ impl SubmitArgs {
                 .transpose()?,
             priority: self.priority,
             overrides,
+            dry_run: self.dry_run,
         })
     }
 }

@@ -56,6 +56,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let templates = ctx.connect().await?.templates().await?;
             show(&ctx, &templates, |t| output::templates(t))
         }
+        Command::Submit(args) if args.dry_run => {
+            let spec = args.to_spec(&std::env::current_dir()?)?;
+            let estimate = ctx.connect().await?.dry_run(spec).await?;
+            show(&ctx, &estimate, |e| {
+                let examples = e
+                    .examples
+                    .map(|n| format!("{n} examples; "))
+                    .unwrap_or_default();
+                format!(
+                    "dry run, nothing queued: {examples}predicted peak memory {}\ndevices it may use: {}\n",
+                    e.memory, e.devices
+                )
+            })
+        }
         Command::Submit(args) => {
             let spec = args.to_spec(&std::env::current_dir()?)?;
             let record = ctx.connect().await?.submit(spec).await?;

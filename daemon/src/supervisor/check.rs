@@ -4,7 +4,7 @@
 use super::attempt::start_worker;
 use crate::channel::{FromWorker, ToWorker};
 use crate::core::Core;
-use crate::worker::preflight::CheckTask;
+use crate::worker::preflight::{CheckTask, Checked};
 use crate::worker::process::Mode;
 use lorad_schema::{frame, ErrorCode, WireError};
 use std::collections::HashMap;
@@ -58,11 +58,7 @@ fn internal(what: &str, e: impl std::fmt::Display) -> WireError {
 }
 
 /// Checks a submit's files as `owner_uid`: the number of examples, or the refusal as the client gets it.
-pub async fn submit(
-    core: &Core,
-    owner_uid: u32,
-    task: CheckTask,
-) -> Result<Option<usize>, WireError> {
+pub async fn submit(core: &Core, owner_uid: u32, task: CheckTask) -> Result<Checked, WireError> {
     let what = format!("dataset {}", task.dataset.display());
     run(core, owner_uid, ToWorker::Check { task }, what).await
 }
@@ -80,7 +76,7 @@ async fn run(
     owner_uid: u32,
     msg: ToWorker,
     what: String,
-) -> Result<Option<usize>, WireError> {
+) -> Result<Checked, WireError> {
     let limits = &core.config.limits;
     let _mine = user_slot(core, owner_uid)?;
     // One deadline for waiting for a slot and for the check itself.
@@ -154,13 +150,23 @@ fn user_slot(core: &Core, owner_uid: u32) -> Result<UserSlot<'_>, WireError> {
 }
 
 /// Sends the check to the worker and reads its verdict.
-async fn verdict(control: &mut UnixStream, msg: &ToWorker) -> Result<Option<usize>, WireError> {
+async fn verdict(control: &mut UnixStream, msg: &ToWorker) -> Result<Checked, WireError> {
     frame::write_msg_async(control, msg)
         .await
         .map_err(|e| internal("cannot send the check", e))?;
     loop {
         match frame::read_msg_async::<FromWorker, _>(control, frame::MAX_FRAME).await {
-            Ok(FromWorker::Checked { examples }) => return Ok(examples),
+            Ok(FromWorker::Checked {
+                examples,
+                memory_estimate,
+                memory,
+            }) => {
+                return Ok(Checked {
+                    examples,
+                    memory_estimate,
+                    memory,
+                })
+            }
             Ok(FromWorker::Refused { error }) => return Err(error),
             Ok(FromWorker::Failed { message }) => {
                 return Err(WireError::new(ErrorCode::InvalidArgument, message))

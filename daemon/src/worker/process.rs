@@ -76,7 +76,14 @@ pub fn run(mode: Mode) -> Result<i32, WorkerError> {
         (ToWorker::Check { task }, Mode::Check) => {
             watch_channel(reader)?;
             match crate::worker::preflight::check(&task) {
-                Ok(examples) => reply(&send, FromWorker::Checked { examples }, 0),
+                Ok(c) => {
+                    let msg = FromWorker::Checked {
+                        examples: c.examples,
+                        memory_estimate: c.memory_estimate,
+                        memory: c.memory,
+                    };
+                    reply(&send, msg, 0)
+                }
                 Err(error) => reply(&send, FromWorker::Refused { error }, 1),
             }
         }
@@ -165,7 +172,14 @@ fn run_train(task: &TrainTask, dataloader: Option<&PluginRef>, send: &dyn Fn(&Fr
 /// Checks, as the user, that an export may be written to `out`.
 fn run_check_export_out(out: &std::path::Path, send: &dyn Fn(&FromWorker)) -> i32 {
     match check_export_out(out) {
-        Ok(()) => reply(send, FromWorker::Checked { examples: None }, 0),
+        Ok(()) => {
+            let msg = FromWorker::Checked {
+                examples: None,
+                memory_estimate: None,
+                memory: None,
+            };
+            reply(send, msg, 0)
+        }
         Err(message) => {
             let code = if message.starts_with("permission denied") {
                 lorad_schema::ErrorCode::PermissionDenied

@@ -144,3 +144,77 @@ fn two_cpu_slots_run_two_jobs_at_once() {
         c.cancel(job).expect("cancel");
     }
 }
+
+#[test]
+fn dry_run_predicts_memory_and_a_job_above_the_limit_is_refused_with_a_way_out() {
+    // The tiny model's job needs some tens of MB; give CPU jobs 40 MB.
+    let d = TestDaemon::start_with_config("cpu_memory_gb = 0.04\n");
+    let c = d.client();
+    let data = d.dir.path().join("data.jsonl");
+    write_dataset(&data, 64);
+    let small = spec(
+        tiny_model(),
+        &data,
+        &fast_with(&[("batch_size", "1"), ("max_seq_len", "32")]),
+    );
+    let estimate = c.dry_run(small.clone()).expect("dry run");
+    assert!(estimate.memory_estimate > 1_000_000, "{estimate:?}");
+    assert!(estimate.memory.contains("weights"), "{estimate:?}");
+    assert_eq!(estimate.examples, Some(64));
+    assert!(estimate.devices.starts_with("cpu "), "{estimate:?}");
+    assert!(
+        c.list(None, false).expect("list").is_empty(),
+        "a dry run queues nothing"
+    );
+
+    // A batch far too big for 40 MB: refused, with the figure and a batch that fits.
+    let big = spec(
+        tiny_model(),
+        &data,
+        &fast_with(&[("batch_size", "512"), ("max_seq_len", "512")]),
+    );
+    let err = c
+        .submit(big)
+        .expect_err("above the memory limit")
+        .to_string();
+    assert!(err.contains("the job needs about"), "{err}");
+    assert!(err.contains("(cpu 40"), "{err}");
+    assert!(
+        err.contains("batch_size=") && err.contains("needs about"),
+        "{err}"
+    );
+    assert!(
+        c.list(None, false).expect("list").is_empty(),
+        "refused means nothing queued"
+    );
+
+    // The job that fits is queued with its estimate, and `loractl submit --dry-run` says the same.
+    let job = c.submit(small).expect("submit");
+    assert_eq!(job.memory_estimate, Some(estimate.memory_estimate));
+    let out = std::process::Command::new(lorad_tests::bin("loractl"))
+        .arg("--socket")
+        .arg(d.socket())
+        .args([
+            "submit",
+            "--template",
+            "basic-fine-tune",
+            "--dry-run",
+            "--model",
+        ])
+        .arg(tiny_model())
+        .arg("--data")
+        .arg(&data)
+        .args(["--set", "batch_size=1", "--set", "max_seq_len=32"])
+        .output()
+        .expect("loractl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.starts_with("dry run, nothing queued: 64 examples; predicted peak memory"),
+        "{text}"
+    );
+}

@@ -36,10 +36,24 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
             .plugins()
             .dataloader_for(Path::new(&spec.dataset))
             .map(|d| d.format.name),
+        settings: Some(settings.clone()),
+        memory_limit: memory_limit(core, &settings.device),
     };
-    let examples = crate::supervisor::check::submit(core, peer.uid, task).await?;
+    let checked = crate::supervisor::check::submit(core, peer.uid, task).await?;
+    let examples = checked.examples;
+    if spec.dry_run {
+        return Ok(Response::Estimate(lorad_schema::Estimate {
+            memory_estimate: checked.memory_estimate.unwrap_or(0),
+            memory: checked.memory.unwrap_or_default(),
+            examples: examples.map(|n| n as u64),
+            devices: memory_limit(core, &settings.device)
+                .map(|(_, d)| d)
+                .unwrap_or_default(),
+        }));
+    }
+    let estimate = checked.memory_estimate;
 
-    let job = queue(core, peer, spec, settings).await?;
+    let job = queue(core, peer, spec, settings, estimate).await?;
     tracing::info!(job = %job.id, uid = peer.uid, examples = ?examples, template = %job.template, "job queued");
     // The job's directory exists from now on, with a copy of its record: if the journal were lost
     // before the job ever ran, `lorad recover-journal` still knows its id.
@@ -57,6 +71,55 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
     }
     core.kick.notify_one();
     Ok(Response::Job(job))
+}
+
+/// The most memory a device the job may use has (its `device` setting: `cpu`, `cuda:N`, or `auto`:
+/// any GPU, and the CPU if `auto_cpu`), with those devices in words.
+fn memory_limit(core: &Core, device: &str) -> Option<(u64, String)> {
+    let cpu = || {
+        let bytes = core.config.cpu_memory.or_else(mem_total)?;
+        Some((bytes, format!("cpu {}", lorad_engine::memory::human(bytes))))
+    };
+    let gpu = |g: &crate::devices::GpuInfo| {
+        let bytes = g.memory_total;
+        (
+            bytes,
+            format!("cuda:{} {}", g.index, lorad_engine::memory::human(bytes)),
+        )
+    };
+    let mut options: Vec<(u64, String)> = match device {
+        "cpu" => cpu().into_iter().collect(),
+        "auto" => {
+            let mut all: Vec<_> = core.devices.gpus.iter().map(gpu).collect();
+            if core.config.auto_cpu {
+                all.extend(cpu());
+            }
+            all
+        }
+        other => {
+            let index = other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<u32>().ok());
+            let index = index.or((other == "cuda").then_some(0));
+            index
+                .and_then(|n| core.devices.gpu(n))
+                .map(gpu)
+                .into_iter()
+                .collect()
+        }
+    };
+    options.sort_by_key(|(bytes, _)| std::cmp::Reverse(*bytes));
+    let most = options.first()?.0;
+    let words: Vec<String> = options.into_iter().map(|(_, w)| w).collect();
+    Some((most, words.join(", ")))
+}
+
+/// MemTotal from /proc/meminfo, bytes.
+fn mem_total() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// The template's settings with the spec's overrides, checked (`preflight::check_settings`).
@@ -101,6 +164,7 @@ async fn queue(
     peer: Peer,
     spec: JobSpec,
     settings: TrainSettings,
+    memory_estimate: Option<u64>,
 ) -> Result<JobRecord, WireError> {
     let layout = core.config.layout();
     let name = spec
@@ -142,7 +206,7 @@ async fn queue(
             worker_pid: None,
             resume_checkpoint: None,
             requeued: false,
-            memory_estimate: None,
+            memory_estimate,
         })?;
         Ok((job, vec![event]))
     })
