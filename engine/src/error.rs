@@ -88,13 +88,15 @@ pub enum EngineError {
         /// The last step done and checkpointed.
         step: u64,
     },
-    /// Training diverged: the loss is no longer a finite number.
-    #[error("training diverged at step {step}: loss is {loss}; lower lr or enable grad_clip")]
+    /// Training diverged: the loss is no longer a finite number. The job stops rather than train on.
+    #[error("loss became {} at step {step}; {}; lower lr or enable grad_clip", if loss.is_nan() { "NaN".to_string() } else { loss.to_string() }, match last_checkpoint { Some(s) => format!("last good checkpoint step-{s}"), None => "no checkpoint before it".to_string() })]
     Diverged {
         /// The optimizer step.
         step: u64,
         /// The loss seen.
         loss: f64,
+        /// The newest checkpoint on disk, from before the loss went bad.
+        last_checkpoint: Option<u64>,
     },
 }
 

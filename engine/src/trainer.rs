@@ -250,7 +250,13 @@ impl Trainer {
         let step = self.done + 1;
         let (loss, mut grads, forward_ms) = self.gradients(&batches)?;
         if !loss.is_finite() {
-            return Err(EngineError::Diverged { step, loss });
+            // Nothing of this step reached the weights: the checkpoint on disk is still good.
+            let last_checkpoint = (self.saved > 0).then_some(self.saved);
+            return Err(EngineError::Diverged {
+                step,
+                loss,
+                last_checkpoint,
+            });
         }
         let backward_ms = ms(started) - data_wait_ms - forward_ms;
         let t = Instant::now();

@@ -10,6 +10,7 @@ mod helpers;
 mod jobs;
 mod journal;
 mod plugins;
+mod progress;
 mod protocol;
 mod recovery;
 mod service;
