@@ -181,6 +181,7 @@ fn main() -> Result<()> {
         job_dir: work.join("job"),
         settings: settings.clone(),
         resume_from: None,
+        pin_resume: false,
     };
     let max_line = settings.max_line_bytes as usize;
     let open = |p: &std::path::Path| lorad_engine::data::open_jsonl(p, max_line);

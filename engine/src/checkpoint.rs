@@ -34,6 +34,9 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
 /// Version of `trainer_state.json`; a different one is refused rather than misread.
 pub const FORMAT: u32 = 1;
+/// Present in a checkpoint that pruning keeps (the one a stop wrote, one a user resumed from): it
+/// holds the reason. Such checkpoints stay until the job is deleted.
+pub const PIN_FILE: &str = "pinned";
 /// Name of the dropout generator in `TrainerState::rng`.
 pub const DROPOUT_RNG: &str = "dropout";
 const STEP_PREFIX: &str = "step-";
@@ -209,9 +212,26 @@ fn param_names(model: &Llama) -> Vec<String> {
         .collect()
 }
 
-/// Writes `snap` as `<job_dir>/checkpoints/step-<N>` atomically, then deletes all but the newest `keep`
-/// checkpoints (never the one just written). Returns the checkpoint's path.
-pub fn save(job_dir: &Path, keep: u32, snap: &Snapshot<'_>) -> Result<PathBuf, EngineError> {
+/// Whether the checkpoint in `dir` is pinned (a regular file `pinned`, not a link: the daemon asks
+/// this of directories users own).
+pub fn is_pinned(dir: &Path) -> bool {
+    std::fs::symlink_metadata(dir.join(PIN_FILE)).is_ok_and(|m| m.is_file())
+}
+
+/// Pins the checkpoint in `dir` for `reason`, so pruning keeps it.
+pub fn pin(dir: &Path, reason: &str) -> Result<(), EngineError> {
+    write_text(&dir.join(PIN_FILE), &format!("{reason}\n"))
+}
+
+/// Writes `snap` as `<job_dir>/checkpoints/step-<N>` atomically (pinned for `pin`'s reason, if
+/// given), then deletes all but the newest `keep` unpinned checkpoints (never the one just written).
+/// Returns the checkpoint's path.
+pub fn save(
+    job_dir: &Path,
+    keep: u32,
+    snap: &Snapshot<'_>,
+    pin_reason: Option<&str>,
+) -> Result<PathBuf, EngineError> {
     let root = job_dir.join(CHECKPOINTS_DIR);
     std::fs::create_dir_all(&root).map_err(|e| EngineError::io(&root, e))?;
     remove_leftovers(&root)?;
@@ -235,6 +255,9 @@ pub fn save(job_dir: &Path, keep: u32, snap: &Snapshot<'_>) -> Result<PathBuf, E
     let state = serde_json::to_string_pretty(&snap.state)
         .map_err(|e| EngineError::checkpoint(tmp.join(STATE_FILE), e.to_string()))?;
     write_text(&tmp.join(STATE_FILE), &(state + "\n"))?;
+    if let Some(reason) = pin_reason {
+        pin(&tmp, reason)?;
+    }
     sync_dir(&tmp)?;
 
     // Re-writing an existing step (a resume from an older checkpoint reached it again) swaps the old
@@ -245,7 +268,10 @@ pub fn save(job_dir: &Path, keep: u32, snap: &Snapshot<'_>) -> Result<PathBuf, E
     std::fs::rename(&tmp, &final_dir).map_err(|e| EngineError::io(&final_dir, e))?;
     sync_dir(&root)?;
 
-    let all = list_checkpoints(job_dir);
+    let all: Vec<(u64, PathBuf)> = list_checkpoints(job_dir)
+        .into_iter()
+        .filter(|(_, dir)| !is_pinned(dir))
+        .collect();
     let excess = all.len().saturating_sub(keep.max(1) as usize);
     for (_, old) in all.into_iter().take(excess).filter(|(s, _)| *s != step) {
         retire(&root, &old)?;

@@ -69,6 +69,7 @@ pub(super) fn task(root: &Path, settings: TrainSettings, job: &str) -> TrainTask
         job_dir: root.join(job),
         settings,
         resume_from: None,
+        pin_resume: false,
     }
 }
 

@@ -52,6 +52,9 @@ pub struct TrainTask {
     /// A checkpoint directory (`<job_dir>/checkpoints/step-<N>`) to continue from at step N+1.
     #[serde(default)]
     pub resume_from: Option<PathBuf>,
+    /// The user named `resume_from` (`resume --checkpoint`): pin it, so pruning keeps it.
+    #[serde(default)]
+    pub pin_resume: bool,
 }
 
 /// What the engine reports while it trains.

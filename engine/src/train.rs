@@ -46,7 +46,9 @@ pub fn train_with_source(
         // (pause, cancel, daemon shutdown); the final one comes after the loop.
         let stop = !trainer.is_done() && crate::stop_requested();
         if trainer.checkpoint_due() || stop {
-            checkpoint(&mut trainer, on_event)?;
+            // The checkpoint a stop (a pause) writes is the one a resume continues from: kept.
+            let pin = stop.then_some("written when the job was stopped");
+            checkpoint(&mut trainer, on_event, pin)?;
             if stop {
                 let step = trainer.steps_done();
                 tracing::info!(step, "stop requested: checkpoint written");
@@ -62,20 +64,22 @@ pub fn train_with_source(
             phase: Phase::Saving,
         });
     } else {
-        checkpoint(&mut trainer, on_event)?;
+        checkpoint(&mut trainer, on_event, None)?;
     }
     trainer.finish()
 }
 
-/// A checkpoint, with the Saving phase before it and a Checkpoint event once it is on disk.
+/// A checkpoint (pinned for `pin`'s reason, if given), with the Saving phase before it and a
+/// Checkpoint event once it is on disk.
 fn checkpoint(
     trainer: &mut Trainer,
     on_event: &mut dyn FnMut(TrainEvent),
+    pin: Option<&str>,
 ) -> Result<(), EngineError> {
     on_event(TrainEvent::Phase {
         phase: Phase::Saving,
     });
-    let path = trainer.checkpoint()?;
+    let path = trainer.checkpoint_pinned(pin)?;
     on_event(TrainEvent::Checkpoint {
         step: trainer.steps_done(),
         path,

@@ -84,6 +84,7 @@ impl Fixture {
             job_dir: root.join("job"),
             settings,
             resume_from: None,
+            pin_resume: false,
         }
     }
 }
@@ -464,6 +465,7 @@ fn peft_fixture() {
         job_dir: out.join("job"),
         settings: fast_settings(),
         resume_from: None,
+        pin_resume: false,
     };
     let summary = train(&task, &mut |_| {}).unwrap();
     let cfg = check_model_dir(&model_dir).unwrap();

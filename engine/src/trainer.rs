@@ -132,6 +132,9 @@ impl Trainer {
         });
         if let Some(r) = &resumed {
             trainer.resume(r)?;
+            if task.pin_resume {
+                checkpoint::pin(&r.dir, "named by the user to resume from")?;
+            }
         }
         let p = trainer.plan;
         tracing::info!(total_steps = p.total_steps, examples = p.examples, trainable_params = p.trainable_params, device = ?device, "training plan");
@@ -341,8 +344,13 @@ impl Trainer {
     }
 
     /// Writes the state after the last step as `<job_dir>/checkpoints/step-<N>` (atomically; older
-    /// ones beyond `keep_checkpoints` are deleted) and returns its path.
+    /// unpinned ones beyond `keep_checkpoints` are deleted) and returns its path.
     pub fn checkpoint(&mut self) -> Result<PathBuf, EngineError> {
+        self.checkpoint_pinned(None)
+    }
+
+    /// [`Trainer::checkpoint`], pinned for `reason` when given: pruning keeps it.
+    pub fn checkpoint_pinned(&mut self, reason: Option<&str>) -> Result<PathBuf, EngineError> {
         let job = self.job.as_ref().ok_or_else(no_job_dir)?;
         let started = Instant::now();
         let step = self.done;
@@ -369,7 +377,7 @@ impl Trainer {
             state,
         };
         let keep = self.settings.keep_checkpoints;
-        let path = checkpoint::save(&job.task.job_dir, keep, &snap)?;
+        let path = checkpoint::save(&job.task.job_dir, keep, &snap, reason)?;
         self.saved = step;
         tracing::info!(step, path = %path.display(), ms = started.elapsed().as_millis() as u64, "checkpoint written");
         Ok(path)

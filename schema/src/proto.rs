@@ -226,6 +226,10 @@ pub struct CheckpointInfo {
     pub path: String,
     /// When it was written (ms since the epoch; the directory's modification time).
     pub created_at_ms: u64,
+    /// Kept by pruning until the job is deleted: the checkpoint a stop (pause) wrote, or one a
+    /// user resumed from by name.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 /// The daemon's state.

@@ -88,11 +88,12 @@ pub fn checkpoints_table(checkpoints: &[CheckpointInfo]) -> String {
                 c.name.clone(),
                 c.step.to_string(),
                 timestamp(c.created_at_ms),
+                if c.pinned { "kept" } else { "" }.to_string(),
                 c.path.clone(),
             ]
         })
         .collect();
-    table(&["NAME", "STEP", "CREATED", "PATH"], &rows)
+    table(&["NAME", "STEP", "CREATED", "PINNED", "PATH"], &rows)
 }
 
 /// The `list` table.

@@ -108,6 +108,7 @@ pub async fn spawn(
             device,
             ..job.settings.clone()
         },
+        pin_resume: job.resume_checkpoint.is_some() && resume_from.is_some(),
         resume_from,
     };
     let dataloader = dataloader_for(core, &task);

@@ -206,6 +206,7 @@ fn data_pipeline() {
             job_dir: dir.path().join(format!("job-{w}")),
             settings: s.clone(),
             resume_from: None,
+            pin_resume: false,
         };
         let mut points = Vec::new();
         train(&task, &mut |e| {

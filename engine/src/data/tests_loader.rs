@@ -381,6 +381,7 @@ fn training_survives_batches_with_nothing_to_learn() {
         job_dir: dir.path().join("job"),
         settings: s,
         resume_from: None,
+        pin_resume: false,
     };
     let mut losses = Vec::new();
     let summary = train(&task, &mut |e| {

@@ -53,6 +53,7 @@ fn training_on_gguf_matches_training_on_the_hf_model() {
             job_dir: root.path().join(format!("job-{out}")),
             settings: settings(),
             resume_from: None,
+            pin_resume: false,
         };
         train(&task, &mut |_| {}).unwrap()
     };

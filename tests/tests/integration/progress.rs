@@ -41,3 +41,61 @@ fn a_loss_that_becomes_nan_stops_the_job_and_names_the_last_good_checkpoint() {
     // No restart: training on would only repeat it.
     assert_eq!(done.progress.restarts, 0);
 }
+
+#[test]
+fn the_checkpoint_a_pause_wrote_survives_pruning_and_is_marked() {
+    let d = TestDaemon::start();
+    let c = d.client();
+    let data = d.dir.path().join("data.jsonl");
+    write_dataset(&data, 64);
+    // Keep one checkpoint, write one every 3 steps: without pinning the pause's would go at once.
+    let settings = fast_with(&[
+        ("max_steps", "60"),
+        ("checkpoint_every", "3"),
+        ("keep_checkpoints", "1"),
+    ]);
+    let job = c
+        .submit(spec(tiny_model(), &data, &settings))
+        .expect("submit")
+        .id;
+    let mut sub = c.subscribe(Some(job), 0).expect("subscribe");
+    // Pause once a few steps are done.
+    loop {
+        match sub.next_timeout(Duration::from_secs(60)) {
+            Ok(Some(event)) => {
+                if let EventBody::Metrics { point } = event.body {
+                    if point.step >= 4 {
+                        break;
+                    }
+                }
+            }
+            other => panic!("no step 4: {other:?}"),
+        }
+    }
+    c.pause(job).expect("pause");
+    // Paused at once; the worker then finishes its step and writes its stop checkpoint.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !c
+        .checkpoints(job)
+        .expect("checkpoints")
+        .iter()
+        .any(|k| k.pinned)
+    {
+        assert!(Instant::now() < deadline, "no stop checkpoint");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let at_pause = c.checkpoints(job).expect("checkpoints");
+    let pinned: Vec<_> = at_pause.iter().filter(|k| k.pinned).collect();
+    let log = || std::fs::read_to_string(d.state_dir().join(format!("jobs/{job}/job.log")));
+    assert_eq!(pinned.len(), 1, "{at_pause:?}\n{:?}", log());
+    let kept = pinned[0].name.clone();
+
+    c.resume(job, None).expect("resume");
+    let (done, _) = wait_for(&c, job, Duration::from_secs(120), |s| s.is_terminal());
+    assert_eq!(done.state, JobState::Completed, "{:?}", done.reason);
+    let after = c.checkpoints(job).expect("checkpoints");
+    let names: Vec<&str> = after.iter().map(|k| k.name.as_str()).collect();
+    // The pause's checkpoint, and the newest (keep_checkpoints = 1); nothing else.
+    assert_eq!(names, vec![kept.as_str(), "step-60"], "{after:?}");
+    assert!(after[0].pinned && !after[1].pinned);
+}

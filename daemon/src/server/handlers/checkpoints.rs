@@ -14,6 +14,7 @@ pub async fn handle(core: &Core, peer: Peer, id: JobId) -> Result<Response, Wire
                 name: lorad_schema::layout::checkpoint_name(step),
                 step,
                 created_at_ms: modified_ms(&path),
+                pinned: crate::worker::checkpoint::is_pinned(&path),
                 path: path.display().to_string(),
             })
             .collect::<Vec<_>>()

@@ -149,6 +149,7 @@ pub fn train_job(root: &Path, base: &Path, settings: TrainSettings) -> TrainedJo
         job_dir: job_dir.clone(),
         settings: settings.clone(),
         resume_from: None,
+        pin_resume: false,
     };
     let mut metrics = Vec::new();
     train(&task, &mut |event| {
