@@ -91,6 +91,9 @@ pub enum FromWorker {
         /// The estimate in words.
         #[serde(default)]
         memory: Option<String>,
+        /// The template's max_seq_len, lowered to the model's context.
+        #[serde(default)]
+        lowered_max_seq_len: Option<u32>,
     },
     /// The submit-time check refused the job.
     Refused {

@@ -32,6 +32,14 @@ pub struct CheckTask {
     /// ("cpu, 23.4 GB"): a job predicted to need more is refused with a way out.
     #[serde(default)]
     pub memory_limit: Option<(u64, String)>,
+    /// The user set max_seq_len: a value longer than the model's context is refused. Otherwise
+    /// (the template's value) it is lowered to the context.
+    #[serde(default = "explicit_by_default")]
+    pub max_seq_len_explicit: bool,
+}
+
+fn explicit_by_default() -> bool {
+    true
 }
 
 /// What a passed check found out.
@@ -43,6 +51,9 @@ pub struct Checked {
     pub memory_estimate: Option<u64>,
     /// The estimate in words, with its parts.
     pub memory: Option<String>,
+    /// The template's max_seq_len was longer than the model's context: lowered to this.
+    #[serde(default)]
+    pub lowered_max_seq_len: Option<u32>,
 }
 
 fn default_max_line() -> u64 {
@@ -140,11 +151,20 @@ pub fn check(task: &CheckTask) -> Result<Checked, WireError> {
         check_output_dir(out)?;
     }
     let config = crate::source::check_model(&task.base_model).map_err(wire_error)?;
-    fits_context(task.max_seq_len, &config).map_err(wire_error)?;
+    let context = u32::try_from(config.max_position_embeddings).unwrap_or(u32::MAX);
+    let lowered = (!task.max_seq_len_explicit && task.max_seq_len > context).then_some(context);
+    fits_context(lowered.unwrap_or(task.max_seq_len), &config).map_err(wire_error)?;
     let mut checked = match &task.settings {
-        Some(s) => fits_memory(task, &config, s)?,
+        Some(s) => {
+            let s = lorad_schema::TrainSettings {
+                max_seq_len: lowered.unwrap_or(s.max_seq_len),
+                ..s.clone()
+            };
+            fits_memory(task, &config, &s)?
+        }
         None => Checked::default(),
     };
+    checked.lowered_max_seq_len = lowered;
     if task.plugin_format.is_none() {
         // A plugin's format is the plugin's to check, in the training worker.
         let lines =
@@ -185,6 +205,7 @@ fn fits_memory(
         examples: None,
         memory_estimate: Some(estimate.total()),
         memory: Some(estimate.to_string()),
+        lowered_max_seq_len: None,
     })
 }
 
@@ -283,6 +304,7 @@ mod tests {
             plugin_format: None,
             settings: None,
             memory_limit: None,
+            max_seq_len_explicit: true,
         }
     }
 

@@ -160,11 +160,13 @@ async fn verdict(control: &mut UnixStream, msg: &ToWorker) -> Result<Checked, Wi
                 examples,
                 memory_estimate,
                 memory,
+                lowered_max_seq_len,
             }) => {
                 return Ok(Checked {
                     examples,
                     memory_estimate,
                     memory,
+                    lowered_max_seq_len,
                 })
             }
             Ok(FromWorker::Refused { error }) => return Err(error),

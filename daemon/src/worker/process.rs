@@ -81,6 +81,7 @@ pub fn run(mode: Mode) -> Result<i32, WorkerError> {
                         examples: c.examples,
                         memory_estimate: c.memory_estimate,
                         memory: c.memory,
+                        lowered_max_seq_len: c.lowered_max_seq_len,
                     };
                     reply(&send, msg, 0)
                 }
@@ -177,6 +178,7 @@ fn run_check_export_out(out: &std::path::Path, send: &dyn Fn(&FromWorker)) -> i3
                 examples: None,
                 memory_estimate: None,
                 memory: None,
+                lowered_max_seq_len: None,
             };
             reply(send, msg, 0)
         }

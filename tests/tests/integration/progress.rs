@@ -99,3 +99,44 @@ fn the_checkpoint_a_pause_wrote_survives_pruning_and_is_marked() {
     assert_eq!(names, vec![kept.as_str(), "step-60"], "{after:?}");
     assert!(after[0].pinned && !after[1].pinned);
 }
+
+#[test]
+fn every_template_submits_on_a_model_with_a_short_context() {
+    // The tiny model's context is 512 tokens; several templates ask for 1024 or 2048.
+    let d = TestDaemon::start();
+    let c = d.client();
+    let data = d.dir.path().join("data.jsonl");
+    write_dataset(&data, 8);
+    let templates = c.templates().expect("templates");
+    assert!(templates.len() >= 8, "{templates:?}");
+    let mut lowered = 0;
+    for t in &templates {
+        let job = JobSpec {
+            template: t.name.clone(),
+            ..spec(tiny_model(), &data, &[])
+        };
+        let record = c
+            .submit(job)
+            .unwrap_or_else(|e| panic!("template {}: {e}", t.name));
+        assert!(record.settings.max_seq_len <= 512, "{}", t.name);
+        if t.settings.max_seq_len > 512 {
+            lowered += 1;
+            let reason = record.reason.clone().unwrap_or_default();
+            assert_eq!(
+                reason,
+                format!(
+                    "max_seq_len lowered from the template's {} to 512, the model's context",
+                    t.settings.max_seq_len
+                )
+            );
+        }
+        c.cancel(record.id).expect("cancel");
+    }
+    assert!(lowered > 0, "no template above the tiny model's context");
+    // Asked for explicitly, a length past the context is still refused.
+    let explicit = spec(tiny_model(), &data, &[("max_seq_len", "1024")]);
+    let err = c
+        .submit(explicit)
+        .expect_err("explicit max_seq_len past the context");
+    assert!(err.to_string().contains("max_seq_len"), "{err}");
+}

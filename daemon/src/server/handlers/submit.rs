@@ -38,6 +38,7 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
             .map(|d| d.format.name),
         settings: Some(settings.clone()),
         memory_limit: memory_limit(core, &settings.device),
+        max_seq_len_explicit: spec.overrides.contains_key("max_seq_len"),
     };
     let checked = crate::supervisor::check::submit(core, peer.uid, task).await?;
     let examples = checked.examples;
@@ -52,9 +53,15 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
         }));
     }
     let estimate = checked.memory_estimate;
+    // The template's sequence length is longer than the model's context: lowered, and said so.
+    let mut settings = settings;
+    let notice = checked.lowered_max_seq_len.map(|n| {
+        let was = std::mem::replace(&mut settings.max_seq_len, n);
+        format!("max_seq_len lowered from the template's {was} to {n}, the model's context")
+    });
 
-    let job = queue(core, peer, spec, settings, estimate).await?;
-    tracing::info!(job = %job.id, uid = peer.uid, examples = ?examples, template = %job.template, "job queued");
+    let job = queue(core, peer, spec, settings, estimate, notice).await?;
+    tracing::info!(job = %job.id, uid = peer.uid, examples = ?examples, template = %job.template, notice = ?job.reason, "job queued");
     // The job's directory exists from now on, with a copy of its record: if the journal were lost
     // before the job ever ran, `lorad recover-journal` still knows its id.
     let (dir, owner) = (core.config.job_dir(job.id), job.owner_uid);
@@ -165,6 +172,7 @@ async fn queue(
     spec: JobSpec,
     settings: TrainSettings,
     memory_estimate: Option<u64>,
+    notice: Option<String>,
 ) -> Result<JobRecord, WireError> {
     let layout = core.config.layout();
     let name = spec
@@ -187,7 +195,7 @@ async fn queue(
             id,
             name,
             state: lorad_schema::JobState::Queued,
-            reason: None,
+            reason: notice,
             owner_uid: peer.uid,
             priority: spec.priority,
             template: spec.template,
