@@ -9,8 +9,9 @@
 //! The run is the worker's: the allocator tuned as the worker tunes it, `Trainer::open` on a task
 //! (the model, and a JSONL dataset written here of `batch * steps` `{"text"}` examples longer than
 //! `seq` tokens, so every micro-batch is `batch x seq`), then `steps` optimizer steps and `finish`
-//! (checkpoint and adapter). LoRA r 16, alpha 32 on q,k,v,o; f32; CPU; threads from
-//! RAYON_NUM_THREADS; the loader's default workers and prefetch.
+//! (checkpoint and adapter). LoRA r 16 (`--r`), alpha 2r on q,k,v,o (`--targets`); f32; CPU;
+//! threads from RAYON_NUM_THREADS; the loader's default workers and prefetch. `--dataset` trains on
+//! a given JSONL file instead (to compare with a job the daemon ran on it).
 //!
 //! Measured (decimal MB, from /proc/self/status): the resident size at start; the growth of opening
 //! the model and building its tokenizer once (the tokenizer's part); the high-water mark (VmHWM) once
@@ -23,7 +24,7 @@ use lorad_engine::memory::{estimate_with, WeightFiles};
 use lorad_engine::source::ModelSource;
 use lorad_engine::trainer::Trainer;
 use lorad_engine::TrainTask;
-use lorad_schema::{JobId, Schedule, TrainSettings, TARGET_MODULES};
+use lorad_schema::{JobId, Schedule, TrainSettings};
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
@@ -49,6 +50,17 @@ struct Args {
     /// LoRA dropout.
     #[arg(long, default_value_t = 0.0)]
     dropout: f64,
+    /// Adapted modules, comma-separated.
+    #[arg(
+        long,
+        default_value = "q_proj,k_proj,v_proj,o_proj",
+        value_delimiter = ','
+    )]
+    targets: Vec<String>,
+    /// Train on this JSONL dataset instead of generated rows of `seq` tokens (to compare with a job
+    /// the daemon ran on it).
+    #[arg(long)]
+    dataset: Option<PathBuf>,
     /// Write the tiny fixture model (`lorad make-tiny-model`, seed 0) at `--model` first, unless
     /// it is there.
     #[arg(long)]
@@ -140,17 +152,20 @@ fn main() -> Result<()> {
         .clone()
         .unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&work)?;
-    let dataset = work.join("data.jsonl");
-    write_dataset(
-        &dataset,
-        (args.batch as u64 * args.steps) as usize,
-        2 * args.seq as usize,
-    )?;
+    let dataset = match &args.dataset {
+        Some(path) => path.clone(),
+        None => {
+            let path = work.join("data.jsonl");
+            let examples = (args.batch as u64 * args.steps) as usize;
+            write_dataset(&path, examples, 2 * args.seq as usize)?;
+            path
+        }
+    };
     let settings = TrainSettings {
         lora_r: args.r,
         lora_alpha: 2.0 * args.r as f64,
         lora_dropout: args.dropout,
-        target_modules: TARGET_MODULES[..4].iter().map(|m| m.to_string()).collect(),
+        target_modules: args.targets.clone(),
         max_seq_len: args.seq,
         batch_size: args.batch,
         grad_accum: 1,

@@ -10,7 +10,8 @@
 //! Where the peak is. A job's resident memory has two high points:
 //! - at load, when safetensors files are read whole into memory next to the tensors made from them
 //!   (`candle_core::safetensors::load` is `std::fs::read` plus a copy of every tensor, not an mmap: the
-//!   file's bytes are anonymous heap memory while a file is converted, and count in RSS). GGUF tensors
+//!   file's bytes are the process's anonymous memory while a file is converted, and count in RSS;
+//!   no file-backed pages stay mapped). GGUF tensors
 //!   are read with `read(2)` one at a time and dequantized: the file stays in the page cache, which is
 //!   not the process's RSS, and only one tensor is held twice at a time;
 //! - at the end of a micro-batch's forward pass and through its backward, when every activation the
@@ -38,11 +39,13 @@ use std::fmt;
 /// Bytes of one f32: the engine trains in f32 (base weights are widened on load).
 const F32: u64 = 4;
 
-/// The process itself: the binary's and libraries' touched pages (about 9 MB once a step has run),
-/// the threads' stacks and the rayon and loader threads' malloc arenas. Measured by
-/// `examples/peak.rs` (LORAD_PEAK_SMAPS=1) as everything resident outside the main heap and the
-/// model's own large buffers: 12.6 MB with the tiny model after its steps, 4.7 MB at start.
-pub const PROCESS_BYTES: u64 = 12_000_000;
+/// The process itself: the binary's and libraries' touched pages, the threads' stacks and the rayon
+/// and loader threads' malloc arenas. Measured by `examples/peak.rs` (LORAD_PEAK_SMAPS=1) as
+/// everything resident outside the main heap and the model's own large buffers: 12.6 MB with the tiny
+/// model after its steps (4.7 MB at start), of which the binary about 8.6 MB. The `lorad` worker is a
+/// larger binary with a control channel and tracing: on the same job (`lorad demo`'s) it peaked 2.5 MB
+/// above the example (43.9 against 41.4 MB), hence 15.
+pub const PROCESS_BYTES: u64 = 15_000_000;
 
 /// Resident bytes per vocabulary entry of the tokenizer (token strings both ways, merges, added
 /// tokens) together with what opening the model leaves in the heap (the tokenizer.json text, a GGUF
@@ -94,9 +97,10 @@ pub struct MemoryEstimate {
     /// activations left, and the next step's largest heap buffers partly come from fresh memory:
     /// the second step peaks higher than the first, then stays (measured over 5 steps). Counted as
     /// four of a layer's widest activation buffer (`[n, intermediate]`), at most the mmap threshold
-    /// each: the second step's growth measured 59 MB on the 162M model at 8x128 (50 by this), 29 at
-    /// 4x128 (25), 23 MB on SmolLM2 at 4x256 (25), 40 MB on the 1.1B shape at 4x512 (134). With every buffer mmap'd instead (`MALLOC_MMAP_THRESHOLD_=65536`, no
-    /// tuning) the 162M model's 8x128 step peaks at 1752 MB, which the other parts predict to 1%.
+    /// each: the second step's growth measured 52-59 MB on the 162M model at 8x128 (50 by this),
+    /// 29 at 4x128 (25), 23-24 MB on SmolLM2 at 4x256 (25), 1-40 MB on the 1.1B shape at 4x512
+    /// (134). With every buffer mmap'd instead (`MALLOC_MMAP_THRESHOLD_=65536`, no tuning) the 162M
+    /// model's 8x128 step peaks at 1752 MB, which the other parts predict to 1% (1767 MB).
     pub fragmentation: u64,
     /// How far loading the weights goes above the step's own extra (`lora + optimizer +
     /// activations + workspace + fragmentation`); 0 when the step is the higher peak. An f32
@@ -214,8 +218,8 @@ impl WeightFiles {
                 // the heap keeps it (no trimming). The f32 copies under the threshold take their
                 // size of it back, and larger ones (which may be served from freed heap before a
                 // mapping is made) about half of the rest: measured on the 1.1B shape in bf16, load
-                // peaks of 4857-5075 MB in four runs (the order of widening is a HashMap's), 5115 by
-                // this. Nothing for f32 files, which are not widened.
+                // peaks of 4857-5075 MB over nine loads (the order of widening is a HashMap's), 5118
+                // by this. Nothing for f32 files, which are not widened.
                 let heap = |w: f64| -> u64 {
                     tensors
                         .iter()
