@@ -4,13 +4,15 @@
 at the model's shapes, with the modules and functions transformers' Llama uses.
 
     python torch_speed.py --model PATH --ids IDS.json --json OUT.json [--steps 5] [--warmup 2]
-                          [--reps 5] [--threads 2]
+                          [--reps 5] [--threads 2] [--device cpu]
 
 PATH is an HF directory or a GGUF file (transformers' GGUF loader, dequantized to f32). LoRA r 16,
 alpha 32, dropout 0 on q,k,v,o (PEFT), SDPA attention, f32, AdamW over the LoRA parameters with the
 gradient norm clipped to 1 (lorad's defaults: lr 2e-4, betas 0.9/0.999, eps 1e-8, no weight decay).
 The loss is transformers' own (labels = ids: every position but the last predicts the next token).
-Writes JSON with the same keys as lorad's `daemon/examples/speed.rs`.
+Writes JSON with the same keys as lorad's `daemon/examples/speed.rs`. `--device cuda` (or cuda:N) runs
+on a GPU (bench/gpu/check.sh): every timer then waits for the GPU (torch.cuda.synchronize), and the JSON
+adds `peak_gpu_mb` (torch.cuda.max_memory_allocated).
 """
 import argparse
 import sys
@@ -24,6 +26,15 @@ import torch
 import torch.nn.functional as F
 
 CLASSES = ["matmul", "attention", "norms", "elementwise", "cross_entropy"]
+
+
+DEVICE = torch.device("cpu")
+
+
+def sync():
+    """Waits for the GPU's queued work, so that a timer reads the work's end (a no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def peak_rss_mb():
@@ -45,15 +56,18 @@ def run_steps(model, ids, warmup, steps, lr, clip):
     phases = {"fwd": [], "bwd": [], "opt": [], "step": []}
     losses = []
     for step in range(warmup + steps):
+        sync()
         t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         value = loss.item()
         t1 = time.perf_counter()
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         t3 = time.perf_counter()
         del loss
         ms = {"fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2, "step": t3 - t0}
@@ -81,7 +95,7 @@ def cases(model, ids):
     heads, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
 
     def act(width):
-        return torch.randn(b, t, width, requires_grad=True)
+        return torch.randn(b, t, width, device=DEVICE, requires_grad=True)
 
     out = []
     for module, width in [(attn.q_proj, h), (attn.k_proj, h), (attn.v_proj, h), (attn.o_proj, heads * d),
@@ -91,9 +105,9 @@ def cases(model, ids):
 
     # LlamaAttention.forward between the q/k/v and o projections, with the interface the model uses.
     interface = ALL_ATTENTION_FUNCTIONS[cfg._attn_implementation]
-    positions = torch.arange(t).unsqueeze(0).expand(b, t)
+    positions = torch.arange(t, device=DEVICE).unsqueeze(0).expand(b, t)
     with torch.no_grad():
-        cos, sin = lm.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+        cos, sin = lm.model.rotary_emb(torch.zeros(1, dtype=torch.float32, device=DEVICE), positions)
 
     def attention(q, k, v):
         shape = (b, t, -1, d)
@@ -127,10 +141,13 @@ def time_case(model, inputs, fn, reps):
     for rep in range(51):
         if rep > reps and time.perf_counter() - started > 0.25:
             break
+        sync()
         t0 = time.perf_counter()
         y = fn(*inputs)
+        sync()
         t1 = time.perf_counter()
         y.backward(torch.ones_like(y))
+        sync()
         t2 = time.perf_counter()
         del y
         for x in inputs:
@@ -153,7 +170,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: this PyTorch ({torch.__version__}) sees no CUDA GPU")
 
     import peft
     import transformers
@@ -162,19 +184,20 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = load(args.model, args.attn)
+    model = load(args.model, args.attn).to(DEVICE)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     model.train()
     load_s = time.perf_counter() - t0
-    ids = torch.tensor(json.loads(args.ids.read_text())["ids"], dtype=torch.long)
+    ids = torch.tensor(json.loads(args.ids.read_text())["ids"], dtype=torch.long, device=DEVICE)
     b, t = ids.shape
     params = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     phases, losses = run_steps(model, ids, args.warmup, args.steps, lr=2e-4, clip=1.0)
     rss_train = peak_rss_mb()
+    gpu_train = torch.cuda.max_memory_allocated(DEVICE) / 2**20 if DEVICE.type == "cuda" else None
     step_ms = statistics.median(phases["step"])
 
     ops, classes = [], {c: {"fwd": 0.0, "bwd": 0.0} for c in CLASSES}
@@ -188,6 +211,7 @@ def main():
 
     out = {
         "engine": "pytorch",
+        "device": str(DEVICE),
         "version": f"PyTorch {torch.__version__} + PEFT {peft.__version__} (transformers {transformers.__version__})",
         "model": str(args.model),
         "params": params,
@@ -203,6 +227,7 @@ def main():
         "tokens_per_s": b * t / (step_ms / 1000),
         "peak_rss_mb": rss_train,
         "peak_rss_mb_after_ops": peak_rss_mb(),
+        "peak_gpu_mb": gpu_train,
         "losses": losses,
         "op_reps": args.reps,
         "ops": ops,
