@@ -6,6 +6,14 @@
 use lorad_schema::GpuSample;
 use std::ffi::OsStr;
 
+/// A field of /proc/meminfo (`MemTotal`, `MemAvailable`), bytes.
+pub fn meminfo(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.split(':').next() == Some(field))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// A GPU as discovered at start.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuInfo {

@@ -75,7 +75,7 @@ async fn capacity(core: &Arc<Core>) -> scheduler::Capacity {
     let c = core.clone();
     tokio::task::spawn_blocking(move || scheduler::Capacity {
         cpu_slots: c.config.cpu_slots,
-        cpu_free: mem_available(),
+        cpu_free: crate::devices::meminfo("MemAvailable"),
         gpus: c
             .devices
             .gpus
@@ -91,14 +91,6 @@ async fn capacity(core: &Arc<Core>) -> scheduler::Capacity {
         gpus: Vec::new(),
         auto_cpu: core.config.auto_cpu,
     })
-}
-
-/// MemAvailable from /proc/meminfo, bytes.
-fn mem_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId, slot: Slot) {

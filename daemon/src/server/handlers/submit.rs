@@ -84,7 +84,10 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
 /// any GPU, and the CPU if `auto_cpu`), with those devices in words.
 fn memory_limit(core: &Core, device: &str) -> Option<(u64, String)> {
     let cpu = || {
-        let bytes = core.config.cpu_memory.or_else(mem_total)?;
+        let bytes = core
+            .config
+            .cpu_memory
+            .or_else(|| crate::devices::meminfo("MemTotal"))?;
         Some((bytes, format!("cpu {}", lorad_engine::memory::human(bytes))))
     };
     let gpu = |g: &crate::devices::GpuInfo| {
@@ -119,14 +122,6 @@ fn memory_limit(core: &Core, device: &str) -> Option<(u64, String)> {
     let most = options.first()?.0;
     let words: Vec<String> = options.into_iter().map(|(_, w)| w).collect();
     Some((most, words.join(", ")))
-}
-
-/// MemTotal from /proc/meminfo, bytes.
-fn mem_total() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 /// The template's settings with the spec's overrides, checked (`preflight::check_settings`).
