@@ -186,6 +186,25 @@ impl Client {
         self.rt.block_on(self.inner.unsubscribe(sub))
     }
 
+    /// See [`crate::Client::hold`].
+    pub fn hold(&self, job: JobId) -> Result<JobRecord, ClientError> {
+        self.rt.block_on(self.inner.hold(job))
+    }
+
+    /// See [`crate::Client::release`].
+    pub fn release(&self, job: JobId) -> Result<JobRecord, ClientError> {
+        self.rt.block_on(self.inner.release(job))
+    }
+
+    /// See [`crate::Client::delete`].
+    pub fn delete(
+        &self,
+        job: JobId,
+        keep_record: bool,
+    ) -> Result<(Vec<String>, bool), ClientError> {
+        self.rt.block_on(self.inner.delete(job, keep_record))
+    }
+
     /// See [`crate::Client::shutdown`].
     pub fn shutdown(&self) -> Result<(), ClientError> {
         self.rt.block_on(self.inner.shutdown())

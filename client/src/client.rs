@@ -351,6 +351,34 @@ impl Client {
         }
     }
 
+    /// Holds a queued job (it becomes `paused`, reason "held") so it does not start; refused once
+    /// the job has started (use [`Client::pause`] for that).
+    pub async fn hold(&self, job: JobId) -> Result<JobRecord, ClientError> {
+        self.job_call(Request::Hold { job }).await
+    }
+
+    /// Puts a held (paused) job back in the queue.
+    pub async fn release(&self, job: JobId) -> Result<JobRecord, ClientError> {
+        self.job_call(Request::Release { job }).await
+    }
+
+    /// Removes a job that has ended: its files under the state directory and, unless `keep_record`,
+    /// its record, metrics and events. Returns the paths removed and whether the record went too.
+    pub async fn delete(
+        &self,
+        job: JobId,
+        keep_record: bool,
+    ) -> Result<(Vec<String>, bool), ClientError> {
+        match self.call(Request::Delete { job, keep_record }).await? {
+            Response::Deleted {
+                removed,
+                record_removed,
+                ..
+            } => Ok((removed, record_removed)),
+            other => Err(unexpected("deleted", &other)),
+        }
+    }
+
     /// Asks the daemon to stop (admin only).
     pub async fn shutdown(&self) -> Result<(), ClientError> {
         self.done_call(Request::Shutdown).await
@@ -415,6 +443,7 @@ pub(crate) fn response_kind(r: &Response) -> &'static str {
         Response::Done => "done",
         Response::Backup { .. } => "backup",
         Response::Estimate(_) => "estimate",
+        Response::Deleted { .. } => "deleted",
     }
 }
 

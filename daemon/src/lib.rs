@@ -15,6 +15,8 @@ pub mod journal;
 pub mod logging;
 pub mod logs;
 pub mod plugins;
+pub mod progress;
+pub mod queue;
 pub mod quota;
 pub mod reserve;
 pub mod scheduler;

@@ -3,8 +3,14 @@ use lorad_schema::{JobId, JobRecord, JobState};
 
 /// Queued jobs in the order they start: highest priority first, then jobs put back by recovery (they
 /// were already running), then the oldest (lowest id). A job whose owner already has
-/// `max_running_per_user` jobs initializing or running is left out: it waits.
-fn queue<'a>(jobs: &[&'a JobRecord], max_running_per_user: usize) -> Vec<&'a JobRecord> {
+/// `max_running_per_user` jobs initializing or running is left out: it waits; so does a job whose
+/// prerequisites have not completed or whose start time is ahead (`queue::may_start` at `now_ms`).
+fn queue<'a>(
+    jobs: &[&'a JobRecord],
+    max_running_per_user: usize,
+    now_ms: u64,
+) -> Vec<&'a JobRecord> {
+    let states = crate::queue::states(jobs.iter().copied());
     let mut running: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
     for j in jobs {
         if matches!(j.state, JobState::Initializing | JobState::Running) {
@@ -14,7 +20,7 @@ fn queue<'a>(jobs: &[&'a JobRecord], max_running_per_user: usize) -> Vec<&'a Job
     let mut queued: Vec<&JobRecord> = jobs
         .iter()
         .copied()
-        .filter(|j| j.state == JobState::Queued)
+        .filter(|j| crate::queue::may_start(j, &states, now_ms))
         .filter(|j| running.get(&j.owner_uid).copied().unwrap_or(0) < max_running_per_user)
         .collect();
     queued.sort_by_key(|j| (std::cmp::Reverse(j.priority), !j.requeued, j.id));
@@ -25,9 +31,12 @@ fn queue<'a>(jobs: &[&'a JobRecord], max_running_per_user: usize) -> Vec<&'a Job
 pub fn next_job<'a>(
     jobs: impl IntoIterator<Item = &'a JobRecord>,
     max_running_per_user: usize,
+    now_ms: u64,
 ) -> Option<JobId> {
     let jobs: Vec<&JobRecord> = jobs.into_iter().collect();
-    queue(&jobs, max_running_per_user).first().map(|j| j.id)
+    queue(&jobs, max_running_per_user, now_ms)
+        .first()
+        .map(|j| j.id)
 }
 
 /// Where a job runs: one of the CPU's slots, or a whole GPU.
@@ -72,6 +81,7 @@ pub fn next_start(
     busy: &[Slot],
     cap: &Capacity,
     max_running_per_user: usize,
+    now_ms: u64,
 ) -> Option<(JobId, Slot)> {
     let refs: Vec<&JobRecord> = jobs.iter().collect();
     let cpu_busy = busy.iter().filter(|s| **s == Slot::Cpu).count();
@@ -89,7 +99,7 @@ pub fn next_start(
             .filter(|(i, free)| !busy.contains(&Slot::Gpu(*i)) && fits(*free, job))
             .map(|(i, _)| Slot::Gpu(*i))
     };
-    queue(&refs, max_running_per_user)
+    queue(&refs, max_running_per_user, now_ms)
         .into_iter()
         .find_map(|job| {
             let slot = match job.settings.device.as_str() {
@@ -193,6 +203,10 @@ pub(crate) mod tests {
             resume_checkpoint: None,
             requeued: false,
             memory_estimate: None,
+            first_started_at_ms: None,
+            after: Vec::new(),
+            not_before_ms: None,
+            on_finish: None,
         }
     }
 
@@ -221,33 +235,33 @@ pub(crate) mod tests {
         ];
         let c = cap(0, &[(0, None), (1, None)]);
         assert_eq!(
-            next_start(&jobs, &[], &c, 9),
+            next_start(&jobs, &[], &c, 9, 0),
             Some((JobId(1), Slot::Gpu(0)))
         );
         // Job 1 started on GPU 0: job 2 takes GPU 1; with both busy and no CPU slot, job 3 waits.
         let mut jobs = jobs;
         jobs[0].state = JobState::Running;
         assert_eq!(
-            next_start(&jobs, &[Slot::Gpu(0)], &c, 9),
+            next_start(&jobs, &[Slot::Gpu(0)], &c, 9, 0),
             Some((JobId(2), Slot::Gpu(1)))
         );
         jobs[1].state = JobState::Running;
         assert_eq!(
-            next_start(&jobs, &[Slot::Gpu(0), Slot::Gpu(1)], &c, 9),
+            next_start(&jobs, &[Slot::Gpu(0), Slot::Gpu(1)], &c, 9, 0),
             None
         );
         // With a CPU slot, auto falls back to it, unless that is not allowed.
         let c1 = cap(1, &[(0, None), (1, None)]);
         let busy = [Slot::Gpu(0), Slot::Gpu(1)];
         assert_eq!(
-            next_start(&jobs, &busy, &c1, 9),
+            next_start(&jobs, &busy, &c1, 9, 0),
             Some((JobId(3), Slot::Cpu))
         );
         let strict = Capacity {
             auto_cpu: false,
             ..c1
         };
-        assert_eq!(next_start(&jobs, &busy, &strict, 9), None);
+        assert_eq!(next_start(&jobs, &busy, &strict, 9, 0), None);
     }
 
     #[test]
@@ -260,18 +274,18 @@ pub(crate) mod tests {
         ];
         let c = cap(1, &[(0, None), (1, None)]);
         assert_eq!(
-            next_start(&jobs, &[Slot::Gpu(0)], &c, 9),
+            next_start(&jobs, &[Slot::Gpu(0)], &c, 9, 0),
             Some((JobId(2), Slot::Cpu))
         );
         // Priorities hold on a free device.
         assert_eq!(
-            next_start(&jobs, &[], &c, 9),
+            next_start(&jobs, &[], &c, 9, 0),
             Some((JobId(1), Slot::Gpu(0)))
         );
         // A GPU that disappeared (1): its job waits, the others go on.
         let gone = cap(0, &[(0, None)]);
-        assert_eq!(next_start(&jobs, &[Slot::Gpu(0)], &gone, 9), None);
-        assert_eq!(next_start(&jobs[2..], &[], &gone, 9), None);
+        assert_eq!(next_start(&jobs, &[Slot::Gpu(0)], &gone, 9, 0), None);
+        assert_eq!(next_start(&jobs[2..], &[], &gone, 9, 0), None);
     }
 
     #[test]
@@ -285,21 +299,27 @@ pub(crate) mod tests {
             ..cap(2, &[])
         };
         // Job 1 needs 8 GiB of the 4 free: it waits, job 2 fits and starts.
-        assert_eq!(next_start(&jobs, &[], &c, 9), Some((JobId(2), Slot::Cpu)));
+        assert_eq!(
+            next_start(&jobs, &[], &c, 9, 0),
+            Some((JobId(2), Slot::Cpu))
+        );
         // Two slots, one busy: one more CPU job; both busy: none.
         let small = [on(3, "cpu", 0, None), on(4, "cpu", 0, None)];
         assert_eq!(
-            next_start(&small, &[Slot::Cpu], &c, 9),
+            next_start(&small, &[Slot::Cpu], &c, 9, 0),
             Some((JobId(3), Slot::Cpu))
         );
-        assert_eq!(next_start(&small, &[Slot::Cpu, Slot::Cpu], &c, 9), None);
+        assert_eq!(next_start(&small, &[Slot::Cpu, Slot::Cpu], &c, 9, 0), None);
         // A GPU whose free memory is short keeps a big job waiting; a job that fits takes it.
         let g = cap(0, &[(0, Some(20 << 30))]);
         let big = [
             on(5, "cuda:0", 5, Some(31 << 30)),
             on(6, "auto", 0, Some(17 << 30)),
         ];
-        assert_eq!(next_start(&big, &[], &g, 9), Some((JobId(6), Slot::Gpu(0))));
+        assert_eq!(
+            next_start(&big, &[], &g, 9, 0),
+            Some((JobId(6), Slot::Gpu(0)))
+        );
         assert_eq!(Slot::Gpu(3).device(), "cuda:3");
     }
 
@@ -310,7 +330,7 @@ pub(crate) mod tests {
             job(2, JobState::Queued, 5),
             job(3, JobState::Queued, 5),
         ];
-        assert_eq!(next_job(&jobs, 4), Some(JobId(2)));
+        assert_eq!(next_job(&jobs, 4, 0), Some(JobId(2)));
     }
 
     #[test]
@@ -322,8 +342,8 @@ pub(crate) mod tests {
             back,
             job(3, JobState::Queued, 1),
         ];
-        assert_eq!(next_job(&jobs, 4), Some(JobId(3)));
-        assert_eq!(next_job(&jobs[..2], 4), Some(JobId(9)));
+        assert_eq!(next_job(&jobs, 4, 0), Some(JobId(3)));
+        assert_eq!(next_job(&jobs[..2], 4, 0), Some(JobId(9)));
     }
 
     #[test]
@@ -335,9 +355,9 @@ pub(crate) mod tests {
         let mut other = job(3, JobState::Queued, 0);
         other.owner_uid = 8;
         let jobs = [mine, next, other];
-        assert_eq!(next_job(&jobs, 1), Some(JobId(3)));
-        assert_eq!(next_job(&jobs, 2), Some(JobId(2)));
-        assert_eq!(next_job(&jobs[..2], 1), None);
+        assert_eq!(next_job(&jobs, 1, 0), Some(JobId(3)));
+        assert_eq!(next_job(&jobs, 2, 0), Some(JobId(2)));
+        assert_eq!(next_job(&jobs[..2], 1, 0), None);
     }
 
     #[test]
@@ -390,6 +410,6 @@ pub(crate) mod tests {
             job(2, JobState::Paused, 9),
             job(3, JobState::Running, 0),
         ];
-        assert_eq!(next_job(&jobs, 4), None);
+        assert_eq!(next_job(&jobs, 4, 0), None);
     }
 }

@@ -114,6 +114,17 @@ pub struct JobSpec {
     /// `estimate` instead of the job.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// Start only once these jobs have completed; if one of them fails or is cancelled, this job is
+    /// cancelled with that reason. They must be the submitter's own jobs and not have failed already.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<JobId>,
+    /// Do not start before this time (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<u64>,
+    /// A shell command run (as the job's owner) when the job completes, fails or is cancelled, with the
+    /// job's id, name, state, reason and adapter path in `LORAD_*` environment variables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_finish: Option<String>,
 }
 
 /// How far a job got.
@@ -128,12 +139,30 @@ pub struct Progress {
     /// Loss of the last step.
     #[serde(default)]
     pub loss: Option<f64>,
-    /// Estimated seconds to completion from the current throughput.
+    /// Estimated seconds to completion when the last step ended, from the smoothed step and
+    /// checkpoint times over active time (pauses, restarts and loading left out).
     #[serde(default)]
     pub eta_s: Option<f64>,
-    /// Seconds the job spent training (queued and paused time excluded).
+    /// Seconds the job spent training: the time between its steps within each attempt (checkpoints and
+    /// data waits included; queued, paused, restart and model-loading time excluded).
     #[serde(default)]
     pub active_s: f64,
+    /// Seconds from the job's first start to its last step (or its end): `active_s` plus everything else.
+    #[serde(default)]
+    pub wall_s: f64,
+    /// Smoothed seconds per step over active time, checkpoints left out (an EMA over ~20 steps).
+    #[serde(default)]
+    pub step_time_s: Option<f64>,
+    /// Smoothed seconds a periodic checkpoint adds to the step it follows (None: none written yet).
+    /// The ETA is steps left x `step_time_s` + checkpoints left x `checkpoint_s`.
+    #[serde(default)]
+    pub checkpoint_s: Option<f64>,
+    /// The loss smoothed over ~20 steps (EMA, see `lorad_schema::trend`).
+    #[serde(default)]
+    pub loss_ema: Option<f64>,
+    /// How fast the smoothed loss moves: its change per 100 steps (negative: still learning).
+    #[serde(default)]
+    pub loss_slope_per_100: Option<f64>,
     /// Worker restarts so far.
     #[serde(default)]
     pub restarts: u32,
@@ -208,6 +237,18 @@ pub struct JobRecord {
     /// much free. None: not estimated (a job from an older lorad).
     #[serde(default)]
     pub memory_estimate: Option<u64>,
+    /// When the job's first attempt started (ms since the epoch); `wall_s` counts from here.
+    #[serde(default)]
+    pub first_started_at_ms: Option<u64>,
+    /// Jobs that must complete before this one starts (`submit --after`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<JobId>,
+    /// The job does not start before this time (ms since the epoch; `submit --not-before`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<u64>,
+    /// The job's own hook (`submit --on-finish`), run when it completes, fails or is cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_finish: Option<String>,
 }
 
 /// GPU telemetry at the time of a metric point.

@@ -14,6 +14,7 @@ pub mod layout;
 pub mod paths;
 pub mod proto;
 pub mod settings;
+pub mod trend;
 
 pub use error::{ErrorCode, WireError};
 pub use frame::{FrameError, MAX_FRAME};

@@ -153,6 +153,27 @@ pub enum Request {
         /// The subscription id from `subscribed`.
         sub: u64,
     },
+    /// Keep a queued job from starting (it becomes `paused` with the reason "held"); `release` lets it go.
+    /// Unlike `pause`, refused for a job that has started.
+    Hold {
+        /// The job.
+        job: JobId,
+    },
+    /// Put a held (paused) job back in the queue; the same as `resume` without a checkpoint.
+    Release {
+        /// The job.
+        job: JobId,
+    },
+    /// Remove a completed, failed or cancelled job: its directory under the state directory (log,
+    /// checkpoints, the adapter if it is there) and its journal record, metrics and events. An
+    /// `output_dir` the user chose is the user's and stays. Refused for a job that has not ended.
+    Delete {
+        /// The job.
+        job: JobId,
+        /// Keep the job's record, metrics and events (the history row); remove only its files.
+        #[serde(default)]
+        keep_record: bool,
+    },
     /// Admin only: stop the daemon.
     Shutdown,
     /// Admin only: write a consistent copy of the journal into `<state_dir>/backups/` (taken from one
@@ -180,6 +201,9 @@ impl Request {
             Request::Logs { .. } => "logs",
             Request::Subscribe { .. } => "subscribe",
             Request::Unsubscribe { .. } => "unsubscribe",
+            Request::Hold { .. } => "hold",
+            Request::Release { .. } => "release",
+            Request::Delete { .. } => "delete",
             Request::Shutdown => "shutdown",
             Request::Backup => "backup",
         }
@@ -349,7 +373,7 @@ pub enum Response {
         /// All templates.
         templates: Vec<Template>,
     },
-    /// To `submit`, `get`, `cancel`, `pause`, `resume`, `retry`, `set_priority`: the job's record after
+    /// To `submit`, `get`, `cancel`, `pause`, `resume`, `retry`, `set_priority`, `hold`, `release`: the job's record after
     /// the request.
     Job(JobRecord),
     /// To a `submit` with `dry_run`: what the job would be; nothing was queued.
@@ -396,6 +420,16 @@ pub enum Response {
         sub: u64,
         /// The journal's last seq when the subscription started.
         last_seq: u64,
+    },
+    /// To `delete`.
+    Deleted {
+        /// The job.
+        job: JobId,
+        /// The paths removed: the job's directory (with the adapter when it was written there). Never
+        /// an `output_dir` the user chose.
+        removed: Vec<String>,
+        /// The job's record, metrics and events were removed too (false with `keep_record`).
+        record_removed: bool,
     },
     /// To requests with nothing to return.
     Done,

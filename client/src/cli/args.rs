@@ -126,6 +126,27 @@ pub enum Command {
         /// Job id.
         job: u64,
     },
+    /// Keep a queued job from starting until `release` (it shows as paused, "held").
+    Hold {
+        /// Job id.
+        job: u64,
+    },
+    /// Let a held job start: it goes back to the queue.
+    Release {
+        /// Job id.
+        job: u64,
+    },
+    /// Remove a job that has ended: its files in the state directory, and its record unless
+    /// --keep-record. An adapter written to a directory you chose (--out) is kept.
+    Delete {
+        /// Job id.
+        job: u64,
+        /// Keep the job's history row (record, metrics, events); remove only its files.
+        #[arg(long)]
+        keep_record: bool,
+    },
+    /// Stop the daemon (admin only); running jobs checkpoint and resume at its next start.
+    Shutdown,
 }
 
 /// Arguments of `submit`.
@@ -155,6 +176,19 @@ pub struct SubmitArgs {
     /// Check everything and print the predicted peak memory; queue nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Start only after these jobs complete (comma-separated ids); if one fails or is cancelled,
+    /// this job is cancelled too.
+    #[arg(long, value_name = "ID[,ID]", value_delimiter = ',')]
+    pub after: Vec<u64>,
+    /// Do not start before TIME: `2026-12-24T06:00:00Z` or with an offset (`+01:00`), a local
+    /// `2026-12-24 06:00` or `06:00` (the next one), or a delay (`+90m`, `+2h 30m`).
+    #[arg(long, value_name = "TIME", value_parser = crate::cli::when::parse_time)]
+    pub not_before: Option<u64>,
+    /// Run this shell command, as you, when the job completes, fails or is cancelled; the job's
+    /// LORAD_JOB_ID, LORAD_JOB_NAME, LORAD_JOB_STATE, LORAD_JOB_REASON and LORAD_ADAPTER_DIR are in
+    /// its environment and its output goes to the job's log.
+    #[arg(long, value_name = "CMD")]
+    pub on_finish: Option<String>,
 }
 
 /// Parses `key=value` (the value may itself contain '=').
@@ -209,6 +243,13 @@ impl SubmitArgs {
             priority: self.priority,
             overrides,
             dry_run: self.dry_run,
+            after: self
+                .after
+                .iter()
+                .map(|&id| lorad_schema::JobId(id))
+                .collect(),
+            not_before_ms: self.not_before,
+            on_finish: self.on_finish.clone(),
         })
     }
 }

@@ -5,6 +5,7 @@ mod export;
 mod follow;
 mod output;
 mod watch;
+pub mod when;
 
 pub use args::Cli;
 use args::Command;
@@ -133,6 +134,37 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logs { job, follow } => follow::logs(&ctx, JobId(job), follow).await,
         Command::Wait { job, timeout } => follow::wait(&ctx, JobId(job), timeout).await,
         Command::Watch { job } => watch::watch(&ctx, JobId(job)).await,
+        Command::Hold { job } => {
+            let record = ctx.connect().await?.hold(JobId(job)).await?;
+            show(&ctx, &record, |r| format!("job {} held\n", r.id))
+        }
+        Command::Release { job } => {
+            let record = ctx.connect().await?.release(JobId(job)).await?;
+            show(&ctx, &record, |r| format!("job {} {}\n", r.id, r.state))
+        }
+        Command::Delete { job, keep_record } => {
+            let (removed, record_removed) =
+                ctx.connect().await?.delete(JobId(job), keep_record).await?;
+            let answer = serde_json::json!({
+                "job": job, "removed": removed, "record_removed": record_removed,
+            });
+            show(&ctx, &answer, |_| {
+                let mut text = format!("job {job} deleted");
+                if !record_removed {
+                    text.push_str(" (record kept)");
+                }
+                for path in &removed {
+                    text.push_str(&format!("\nremoved {path}"));
+                }
+                text + "\n"
+            })
+        }
+        Command::Shutdown => {
+            ctx.connect().await?.shutdown().await?;
+            show(&ctx, &serde_json::json!({"shutdown": true}), |_| {
+                "the daemon is stopping\n".to_string()
+            })
+        }
     }
 }
 

@@ -332,13 +332,20 @@ impl Effect {
 }
 
 // What the journal takes from the clock (event and job times) and its progress arithmetic
-// (`active_s`, `eta_s`) are not modelled: predictions leave them blank and are compared with them
+// (`active_s`, `eta_s`, the smoothed times and loss) are not modelled: predictions leave them blank and are compared with them
 // blanked. Everything else is predicted exactly.
 fn scrub_job(mut job: JobRecord) -> JobRecord {
     job.started_at_ms = job.started_at_ms.map(|_| 0);
     job.finished_at_ms = job.finished_at_ms.map(|_| 0);
-    job.progress.active_s = 0.0;
-    job.progress.eta_s = None;
+    job.first_started_at_ms = job.first_started_at_ms.map(|_| 0);
+    let p = &mut job.progress;
+    p.active_s = 0.0;
+    p.eta_s = None;
+    p.wall_s = 0.0;
+    p.step_time_s = None;
+    p.checkpoint_s = None;
+    p.loss_ema = None;
+    p.loss_slope_per_100 = None;
     job
 }
 
@@ -440,6 +447,10 @@ fn new_job(id: JobId, priority: i32, total_steps: u64) -> JobRecord {
         resume_checkpoint: None,
         requeued: false,
         memory_estimate: None,
+        first_started_at_ms: None,
+        after: Vec::new(),
+        not_before_ms: None,
+        on_finish: None,
     }
 }
 
@@ -501,6 +512,7 @@ fn predict(s: &State, op: &Op) -> Answer {
             record.reason = reason.clone();
             if *to == JobState::Initializing {
                 record.started_at_ms = Some(0);
+                record.first_started_at_ms = Some(0);
             } else if to.is_terminal() {
                 record.finished_at_ms = Some(0);
             }

@@ -392,9 +392,17 @@ impl Journal {
         job.state = to;
         job.reason = reason.clone();
         match to {
-            JobState::Initializing => job.started_at_ms = Some(now),
+            JobState::Initializing => {
+                job.started_at_ms = Some(now);
+                job.first_started_at_ms.get_or_insert(now);
+            }
             s if s.is_terminal() => job.finished_at_ms = Some(now),
             _ => {}
+        }
+        if let Some(first) = job.first_started_at_ms {
+            if from.is_active() || to.is_terminal() {
+                job.progress.wall_s = now.saturating_sub(first) as f64 / 1000.0;
+            }
         }
         edit(&mut job);
         write_job(&txn, &job)?;
@@ -444,23 +452,37 @@ impl Journal {
         if job.state.is_terminal() {
             return Ok(None);
         }
-        {
+        let prev = {
             let mut metrics = txn.open_table(METRICS)?;
             if metrics.get((id.0, point.step))?.is_some() {
                 return Ok(None);
             }
             metrics.insert((id.0, point.step), encode(&point)?.as_slice())?;
-        }
-        let p = &mut job.progress;
-        p.step = point.step;
-        p.epoch = point.epoch;
-        p.loss = Some(point.loss);
-        p.active_s += point.step_ms / 1000.0;
-        if p.total_steps > p.step && point.step_ms > 0.0 {
-            p.eta_s = Some((p.total_steps - p.step) as f64 * point.step_ms / 1000.0);
-        } else {
-            p.eta_s = Some(0.0);
-        }
+            // The step before, if stored: the gap since it is active time when the same attempt
+            // reported both (it ended after this attempt started).
+            let before = match point.step.checked_sub(1) {
+                Some(s) => metrics.get((id.0, s))?.map(|b| b.value().to_vec()),
+                None => None,
+            };
+            match before {
+                Some(bytes) => {
+                    let q: MetricPoint = decode(|| format!("job {id} metric"), &bytes)?;
+                    Some(crate::progress::Previous {
+                        step: q.step,
+                        at_ms: q.at_ms,
+                        same_attempt: job.started_at_ms.is_some_and(|t| q.at_ms >= t),
+                    })
+                }
+                None => None,
+            }
+        };
+        crate::progress::advance(
+            &mut job.progress,
+            &point,
+            prev,
+            job.settings.checkpoint_every,
+            job.first_started_at_ms,
+        );
         also(&mut job);
         write_job(&txn, &job)?;
         let event = append_event(&txn, Some(id), EventBody::Metrics { point })?;
@@ -482,6 +504,46 @@ impl Journal {
         let jobs = txn.open_table(JOBS)?;
         let bytes = jobs.get(id.0)?.ok_or(JournalError::NotFound(id))?;
         decode(|| format!("job {id}"), bytes.value())
+    }
+
+    /// Removes a job that has ended: its record, its metric points and its events. Returns how many
+    /// events went. Refused (invalid state) for a job that has not ended.
+    pub fn delete_job(&self, id: JobId) -> Result<u64, JournalError> {
+        let txn = self.db.begin_write()?;
+        let job = read_job(&txn, id)?;
+        if !job.state.is_terminal() {
+            return Err(JournalError::Refused(lorad_schema::WireError::new(
+                lorad_schema::ErrorCode::InvalidState,
+                format!(
+                    "job {id} is {}; only completed, failed or cancelled jobs can be deleted",
+                    job.state
+                ),
+            )));
+        }
+        txn.open_table(JOBS)?.remove(id.0)?;
+        {
+            let mut metrics = txn.open_table(METRICS)?;
+            metrics.retain_in((id.0, 0)..=(id.0, u64::MAX), |_, _| false)?;
+        }
+        let mut removed = 0u64;
+        {
+            let mut events = txn.open_table(EVENTS)?;
+            // The events of one job are scattered among everyone's: one pass over the table. Deletes
+            // are rare and the table holds what the journal holds, so this stays a short write.
+            // Only the `job` field is read off each event (the other fields are skipped, not built).
+            #[derive(serde::Deserialize)]
+            struct Whose {
+                #[serde(default)]
+                job: Option<JobId>,
+            }
+            events.retain(|_, bytes| {
+                let mine = frame::decode::<Whose>(bytes).is_ok_and(|e| e.job == Some(id));
+                removed += u64::from(mine);
+                !mine
+            })?;
+        }
+        txn.commit()?;
+        Ok(removed)
     }
 
     /// All jobs in id order.

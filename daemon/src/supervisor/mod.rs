@@ -27,21 +27,36 @@ pub async fn run(core: Arc<Core>) {
             .map(|w| w.values().map(|h| h.slot).collect())
             .unwrap_or_default();
         let mut waiting = false;
+        let mut wake = None;
         match core.read(|j| j.jobs()).await {
             Ok(jobs) => {
+                let doomed = crate::queue::doomed(&jobs);
+                if !doomed.is_empty() {
+                    cancel_dependants(&core, doomed).await;
+                    continue;
+                }
                 let cap = capacity(&core).await;
                 let max = core.config.limits.max_running_per_user;
-                if let Some((id, slot)) = scheduler::next_start(&jobs, &busy, &cap, max) {
+                let now = lorad_schema::now_ms();
+                if let Some((id, slot)) = scheduler::next_start(&jobs, &busy, &cap, max, now) {
                     start(&core, &tracker, id, slot).await;
                     continue;
                 }
-                waiting = jobs.iter().any(|j| j.state == JobState::Queued);
+                let states = crate::queue::states(&jobs);
+                waiting = jobs
+                    .iter()
+                    .any(|j| crate::queue::may_start(j, &states, now));
+                wake = crate::queue::next_wake(&jobs, now).map(|t| t.saturating_sub(now));
             }
             Err(e) => tracing::error!(error = %e, "cannot read the queue"),
         }
         // Free memory changes without an event (other processes): a job waiting for it is looked at
-        // again every few seconds; otherwise the loop sleeps until kicked.
+        // again every few seconds; a job with a start time is looked at when it comes; otherwise the
+        // loop sleeps until kicked (a submit, a worker's end, a prerequisite's end).
         let recheck = std::time::Duration::from_secs(if waiting { 5 } else { 3600 });
+        let recheck = wake
+            .map(|ms| std::time::Duration::from_millis(ms + 1).min(recheck))
+            .unwrap_or(recheck);
         tokio::select! {
             _ = core.kick.notified() => {}
             _ = tokio::time::sleep(recheck) => {}
@@ -152,6 +167,23 @@ async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId, slot: Slot) {
                 tracing::error!(job = %id, error = %e, "cannot record why the job did not start");
             }
             core.kick.notify_one();
+        }
+    }
+}
+
+/// Cancels jobs whose prerequisites will never complete (`queue::doomed`), each with its reason. A job
+/// that moved meanwhile (released, cancelled by its owner) is left alone: the next round looks again.
+async fn cancel_dependants(core: &Arc<Core>, doomed: Vec<(JobId, String)>) {
+    for (id, reason) in doomed {
+        tracing::info!(job = %id, %reason, "cancelling a dependant");
+        if let Err(e) = core
+            .transition(id, JobState::Cancelled, Some(reason), |_| {})
+            .await
+        {
+            tracing::warn!(job = %id, error = %e, "cannot cancel a dependant");
+            if crate::journal::is_storage_error(&e) {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
         }
     }
 }

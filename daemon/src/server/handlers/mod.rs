@@ -2,8 +2,10 @@
 mod backup;
 mod cancel;
 mod checkpoints;
+mod delete;
 mod export;
 mod get;
+mod hold;
 mod list;
 mod logs;
 mod metrics;
@@ -82,6 +84,11 @@ pub async fn dispatch(core: &std::sync::Arc<Core>, conn: &mut Conn, req: Request
             subscribe::subscribe(core, conn, job, since_seq).await
         }
         Request::Unsubscribe { sub } => subscribe::unsubscribe(conn, sub),
+        Request::Hold { job } => hold::hold(core, conn.peer, job).await,
+        Request::Release { job } => hold::release(core, conn.peer, job).await,
+        Request::Delete { job, keep_record } => {
+            delete::handle(core, conn.peer, job, keep_record).await
+        }
         Request::Shutdown => shutdown::handle(core, conn.peer),
         Request::Backup => backup::handle(core, conn.peer).await,
     };

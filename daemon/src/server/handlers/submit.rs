@@ -182,10 +182,14 @@ async fn queue(
         });
     let (limits, admin) = (core.config.limits.clone(), peer.is_admin());
     core.write(move |j| {
+        let jobs = j.jobs()?;
         if !admin {
-            crate::quota::may_queue(&j.jobs()?, peer.uid, &limits)
+            crate::quota::may_queue(&jobs, peer.uid, &limits)
                 .map_err(crate::journal::JournalError::Refused)?;
         }
+        // Under the write lock: a prerequisite cannot fail between this check and the insert.
+        crate::queue::check_after(&spec.after, &jobs, peer.uid, admin)
+            .map_err(crate::journal::JournalError::Refused)?;
         let (job, event) = j.insert_job(|id| JobRecord {
             id,
             name,
@@ -210,6 +214,10 @@ async fn queue(
             resume_checkpoint: None,
             requeued: false,
             memory_estimate,
+            first_started_at_ms: None,
+            after: spec.after,
+            not_before_ms: spec.not_before_ms,
+            on_finish: spec.on_finish,
         })?;
         Ok((job, vec![event]))
     })
