@@ -121,10 +121,31 @@ pub enum Command {
         #[arg(long)]
         checkpoint: Option<String>,
     },
-    /// Follow a job with a progress bar until it ends.
+    /// Follow jobs as they train: a progress bar with the ETA, the loss, its trend and a sparkline on a
+    /// terminal; one plain line per step or state change otherwise (--json: one event per line).
+    ///
+    /// With no job id, follows every job that is initializing or running (admin: everyone's; jobs that
+    /// start while watching join in). Returns when every followed job has ended, or, when stdout is
+    /// not a terminal, has ended or been paused (a terminal keeps waiting for a paused job to resume).
+    ///
+    /// Exit codes: 0 completed; 1 failed or cancelled (or an error); 4 paused. With several jobs, the
+    /// worst of them: failed or cancelled, then paused, then completed.
     Watch {
-        /// Job id.
-        job: u64,
+        /// Job ids [default: every active job].
+        jobs: Vec<u64>,
+    },
+    /// Draw jobs' loss curves (raw and smoothed) and learning rate over steps into an SVG or PNG file;
+    /// several jobs are overlaid to compare runs.
+    Plot {
+        /// Job ids.
+        #[arg(required = true)]
+        jobs: Vec<u64>,
+        /// The image to write: FILE.svg or FILE.png (the extension picks the format).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// The image's size in pixels.
+        #[arg(long, value_name = "WxH", default_value = "1000x600", value_parser = crate::cli::plot::parse_size)]
+        size: (u32, u32),
     },
     /// Keep a queued job from starting until `release` (it shows as paused, "held").
     Hold {
@@ -390,6 +411,32 @@ mod tests {
                 follow: true
             }
         ));
+    }
+
+    #[test]
+    fn watch_takes_any_number_of_jobs_and_plot_at_least_one() {
+        assert!(
+            matches!(parse(&["watch"]).unwrap().command, Command::Watch { jobs } if jobs.is_empty())
+        );
+        assert!(
+            matches!(parse(&["watch", "3", "4"]).unwrap().command, Command::Watch { jobs } if jobs == [3, 4])
+        );
+        let Command::Plot { jobs, out, size } =
+            parse(&["plot", "1", "2", "--out", "l.png", "--size", "640x480"])
+                .unwrap()
+                .command
+        else {
+            panic!("not plot")
+        };
+        assert_eq!(
+            (jobs, out, size),
+            (vec![1, 2], PathBuf::from("l.png"), (640, 480))
+        );
+        assert_eq!(
+            parse(&["plot", "--out", "l.svg"]).unwrap_err().exit_code(),
+            2
+        );
+        assert_eq!(parse(&["plot", "1"]).unwrap_err().exit_code(), 2);
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod args;
 mod export;
 mod follow;
 mod output;
+mod plot;
 mod watch;
 pub mod when;
 
@@ -19,6 +20,8 @@ use std::process::ExitCode;
 pub const EXIT_FAILURE: u8 = 1;
 /// `wait --timeout` ran out.
 pub const EXIT_TIMEOUT: u8 = 3;
+/// `watch` returned on a paused job.
+pub const EXIT_PAUSED: u8 = 4;
 
 /// The name sent in `hello`.
 const CLIENT_NAME: &str = concat!("loractl/", env!("CARGO_PKG_VERSION"));
@@ -133,7 +136,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => export::export(&ctx, JobId(job), &format, &out, checkpoint).await,
         Command::Logs { job, follow } => follow::logs(&ctx, JobId(job), follow).await,
         Command::Wait { job, timeout } => follow::wait(&ctx, JobId(job), timeout).await,
-        Command::Watch { job } => watch::watch(&ctx, JobId(job)).await,
+        Command::Watch { jobs } => watch::watch(&ctx, jobs.into_iter().map(JobId).collect()).await,
+        Command::Plot { jobs, out, size } => {
+            let jobs: Vec<JobId> = jobs.into_iter().map(JobId).collect();
+            plot::plot(&ctx, &jobs, &out, size).await
+        }
         Command::Hold { job } => {
             let record = ctx.connect().await?.hold(JobId(job)).await?;
             show(&ctx, &record, |r| format!("job {} held\n", r.id))
