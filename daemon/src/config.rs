@@ -43,6 +43,8 @@ pub struct Config {
     pub price_per_hour: Option<f64>,
     /// Memory CPU jobs may use, bytes (None: the machine's MemTotal).
     pub cpu_memory: Option<u64>,
+    /// Commands run when jobs complete, fail, are cancelled, paused or restarted.
+    pub hooks: Vec<crate::hooks::HookConfig>,
 }
 
 /// The CPU package's RAPL counter, where Linux puts it.
@@ -149,6 +151,8 @@ pub struct FileConfig {
     pub price_per_hour: Option<f64>,
     /// Memory CPU jobs may use, GB (default: the machine's memory).
     pub cpu_memory_gb: Option<f64>,
+    /// `[[hooks]]`: commands run as the job's owner on job events.
+    pub hooks: Option<Vec<crate::hooks::HookConfig>>,
 }
 
 /// Why the configuration could not be built.
@@ -256,6 +260,7 @@ impl Config {
             price_per_kwh: None,
             price_per_hour: None,
             cpu_memory: None,
+            hooks: Vec::new(),
         }
     }
 
@@ -332,6 +337,9 @@ mod tests {
             "price_per_kwh",
             "price_per_hour",
             "cpu_memory_gb",
+            "events",
+            "command",
+            "timeout_s",
         ] {
             assert!(
                 keys.iter().any(|l| l.starts_with(&format!("{key} = "))),

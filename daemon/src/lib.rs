@@ -10,6 +10,7 @@ pub mod core;
 pub mod demo;
 pub mod devices;
 pub mod energy;
+pub mod hooks;
 pub mod identity;
 pub mod journal;
 pub mod logging;
@@ -113,6 +114,7 @@ pub async fn run_with(
     tokio::spawn(systemd::keep_status(core.clone()));
     tokio::spawn(systemd::keep_watchdog(core.clone()));
 
+    tokio::spawn(hooks::run(core.clone()));
     let supervisor = tokio::spawn(supervisor::run(core.clone()));
     server::serve(core.clone(), listener).await;
     let _ = supervisor.await;

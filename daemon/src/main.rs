@@ -282,6 +282,7 @@ fn setup(cli: &Cli) -> anyhow::Result<Setup> {
     config.price_per_kwh = file.price_per_kwh;
     config.price_per_hour = file.price_per_hour;
     config.cpu_memory = file.cpu_memory_gb.map(|gb| (gb * 1e9) as u64);
+    config.hooks = file.hooks.unwrap_or_default();
     let socket_gid = match &config.socket_group {
         Some(name) => Some(lorad::config::group_id(name)?),
         None => None,

@@ -43,6 +43,17 @@ pub fn check_spec(spec: &JobSpec) -> Result<(), WireError> {
             check_path(field, path)?;
         }
     }
+    if let Some(cmd) = &spec.on_finish {
+        if cmd.len() > MAX_VALUE {
+            return Err(too_large("on_finish", cmd.len(), MAX_VALUE));
+        }
+        if cmd.contains('\0') || cmd.trim().is_empty() {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                "on_finish must be a non-empty shell command without NUL bytes",
+            ));
+        }
+    }
     if spec.overrides.len() > MAX_OVERRIDES {
         return Err(too_large("overrides", spec.overrides.len(), MAX_OVERRIDES));
     }

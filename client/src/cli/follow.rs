@@ -183,11 +183,125 @@ pub fn finish(ctx: &Ctx, record: &JobRecord, jsonl: bool) -> anyhow::Result<Exit
     })
 }
 
+/// One line of job.log as `logs --json` prints it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LogLine {
+    /// The worker attempt it belongs to: 1 for the first, +1 at each "worker started" separator (0:
+    /// before any worker started).
+    pub attempt: u32,
+    /// Who wrote it: `worker` (training output), `export` or `hook` (their sections of the log), or
+    /// `lorad` (the separators and the daemon's own lines).
+    pub source: &'static str,
+    /// The line, without its newline.
+    pub text: String,
+}
+
+/// Splits job.log into [`LogLine`]s as it arrives in chunks: a line cut by a chunk's end waits for the
+/// rest; the attempt and section follow the daemon's separators (`===== lorad: worker started ...`,
+/// `===== lorad: export ...`, `===== lorad: hook ...`).
+#[derive(Debug, Default)]
+pub struct LogLines {
+    attempt: u32,
+    section: &'static str,
+    partial: String,
+}
+
+impl LogLines {
+    /// The complete lines in `text` (with what was left over before it).
+    pub fn feed(&mut self, text: &str) -> Vec<LogLine> {
+        self.partial.push_str(text);
+        let mut out = Vec::new();
+        while let Some(i) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=i).collect();
+            out.push(self.line(line.trim_end_matches('\n').to_string()));
+        }
+        out
+    }
+
+    /// What is left: a last line without a newline.
+    pub fn finish(&mut self) -> Option<LogLine> {
+        let rest = std::mem::take(&mut self.partial);
+        (!rest.is_empty()).then(|| self.line(rest))
+    }
+
+    fn line(&mut self, text: String) -> LogLine {
+        let source = if let Some(sep) = text.strip_prefix("===== lorad: ") {
+            if sep.starts_with("worker started") {
+                self.attempt += 1;
+                self.section = "worker";
+            } else if sep.starts_with("export") {
+                self.section = "export";
+            } else if sep.starts_with("hook") {
+                self.section = "hook";
+            }
+            "lorad"
+        } else if text.starts_with("lorad: ") {
+            "lorad"
+        } else if self.section.is_empty() {
+            "lorad"
+        } else {
+            self.section
+        };
+        LogLine {
+            attempt: self.attempt,
+            source,
+            text,
+        }
+    }
+}
+
+/// How `logs` prints what it reads.
+enum Printer {
+    /// The text as it is.
+    Text,
+    /// `--json` without `--follow`: one array of every line, at the end.
+    Array(LogLines, Vec<LogLine>),
+    /// `--json --follow`: one JSON object per line, as lines arrive.
+    Lines(LogLines),
+}
+
+impl Printer {
+    fn print(&mut self, text: &str) -> anyhow::Result<()> {
+        match self {
+            Printer::Text => Ok(write_out(text)?),
+            Printer::Array(split, all) => {
+                all.extend(split.feed(text));
+                Ok(())
+            }
+            Printer::Lines(split) => {
+                for line in split.feed(text) {
+                    super::print_json_line(&line)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        match self {
+            Printer::Text => Ok(()),
+            Printer::Array(mut split, mut all) => {
+                all.extend(split.finish());
+                super::print_json(&all)
+            }
+            Printer::Lines(mut split) => match split.finish() {
+                Some(line) => super::print_json_line(&line),
+                None => Ok(()),
+            },
+        }
+    }
+}
+
 /// Prints the log from `offset` up to its current end; returns the new offset.
-async fn page(client: &Client, job: JobId, mut offset: u64) -> anyhow::Result<u64> {
+async fn page(
+    client: &Client,
+    job: JobId,
+    mut offset: u64,
+    out: &mut Printer,
+) -> anyhow::Result<u64> {
     loop {
         let chunk = client.logs(job, offset, None).await?;
-        write_out(&chunk.text)?;
+        out.print(&chunk.text)?;
         let caught_up =
             chunk.text.is_empty() || chunk.next_offset >= chunk.size || chunk.next_offset <= offset;
         offset = chunk.next_offset.max(offset);
@@ -199,9 +313,15 @@ async fn page(client: &Client, job: JobId, mut offset: u64) -> anyhow::Result<u6
 
 /// `logs JOB [-f]`.
 pub async fn logs(ctx: &Ctx, job: JobId, follow_on: bool) -> anyhow::Result<ExitCode> {
+    let mut out = match (ctx.json, follow_on) {
+        (false, _) => Printer::Text,
+        (true, false) => Printer::Array(LogLines::default(), Vec::new()),
+        (true, true) => Printer::Lines(LogLines::default()),
+    };
     let client = ctx.connect().await?;
-    let mut offset = page(&client, job, 0).await?;
+    let mut offset = page(&client, job, 0, &mut out).await?;
     if !follow_on {
+        out.finish()?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut follow = Follow::new(ctx, job, |m| eprintln!("loractl: {m}")).with_client(client);
@@ -209,12 +329,13 @@ pub async fn logs(ctx: &Ctx, job: JobId, follow_on: bool) -> anyhow::Result<Exit
         let mut a = follow.attach().await?;
         let mut ended = a.record.state.is_terminal();
         loop {
-            match page(&a.client, job, offset).await {
+            match page(&a.client, job, offset, &mut out).await {
                 Ok(next) => offset = next,
                 Err(e) if is_disconnect(&e) => break,
                 Err(e) => return Err(e),
             }
             if ended {
+                out.finish()?;
                 return Ok(ExitCode::SUCCESS);
             }
             tokio::select! {
@@ -235,5 +356,39 @@ pub async fn logs(ctx: &Ctx, job: JobId, follow_on: bool) -> anyhow::Result<Exit
                 _ = tokio::time::sleep(LOG_POLL) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::*;
+
+    #[test]
+    fn lines_carry_their_attempt_and_source_across_chunks() {
+        let mut split = LogLines::default();
+        let log = "\n===== lorad: worker started 2026-12-07T10:00:00Z: fresh start; from the start; on cpu =====\n\
+                   step 1\nstep 2\n\n===== lorad: worker started 2026-12-07T10:01:00Z: resumed; resuming from step-2; on cpu =====\n\
+                   step 3\n\n===== lorad: hook (on_finish) for completed started 2026-12-07T10:02:00Z: echo hi =====\nhi\n\
+                   lorad: hook (on_finish) for completed exited with code 0 after 0.0 s: echo hi\npart";
+        let mut lines = Vec::new();
+        // Cut in awkward places: mid-line, mid-separator.
+        for chunk in [&log[..30], &log[30..95], &log[95..]] {
+            lines.extend(split.feed(chunk));
+        }
+        lines.extend(split.finish());
+        let got: Vec<(u32, &str, &str)> = lines
+            .iter()
+            .filter(|l| !l.text.is_empty())
+            .map(|l| (l.attempt, l.source, l.text.as_str()))
+            .collect();
+        assert_eq!(got[0].0, 1);
+        assert_eq!(got[0].1, "lorad");
+        assert_eq!(got[1], (1, "worker", "step 1"));
+        assert_eq!(got[2], (1, "worker", "step 2"));
+        assert_eq!(got[3].0, 2);
+        assert_eq!(got[4], (2, "worker", "step 3"));
+        assert_eq!(got[6], (2, "hook", "hi"));
+        assert_eq!(got[7].1, "lorad");
+        assert_eq!(got[8], (2, "hook", "part"));
     }
 }

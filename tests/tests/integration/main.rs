@@ -12,9 +12,11 @@ mod journal;
 mod plugins;
 mod progress;
 mod protocol;
+mod queue;
 mod recovery;
 mod service;
 mod third_party;
+mod watch_plot;
 
 pub use helpers::*;
 pub use lorad_client::blocking::Client;
