@@ -33,9 +33,10 @@ pub fn advance(
 ) {
     let own = point.step_ms.max(0.0) / 1000.0;
     let between = match prev {
-        Some(q) if q.same_attempt && point.at_ms >= q.at_ms && point.step == q.step + 1 => {
-            Some(((point.at_ms - q.at_ms) as f64 / 1000.0, saves(q.step, checkpoint_every)))
-        }
+        Some(q) if q.same_attempt && point.at_ms >= q.at_ms && point.step == q.step + 1 => Some((
+            (point.at_ms - q.at_ms) as f64 / 1000.0,
+            saves(q.step, checkpoint_every),
+        )),
         _ => None,
     };
     let step_alpha = trend::alpha(trend::STEP_TIME_WINDOW);
