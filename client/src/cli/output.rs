@@ -149,6 +149,14 @@ pub fn energy(j: f64) -> String {
     }
 }
 
+/// The smoothed loss and where it is heading: `2.3456 (-0.0312 per 100 steps)`.
+pub fn trend(ema: f64, slope_per_100: Option<f64>) -> String {
+    match slope_per_100 {
+        Some(s) => format!("{ema:.4} ({s:+.4} per 100 steps)"),
+        None => format!("{ema:.4}"),
+    }
+}
+
 /// The `show` lines: `key: value`, keys named like the JSON fields.
 pub fn job_details(j: &JobRecord) -> String {
     let p = &j.progress;
@@ -171,10 +179,23 @@ pub fn job_details(j: &JobRecord) -> String {
         ("epoch", format!("{:.2}", p.epoch)),
         ("loss", loss(p.loss)),
     ]);
+    if let Some(ema) = p.loss_ema {
+        lines.push(("loss_ema", trend(ema, p.loss_slope_per_100)));
+    }
     if let Some(eta) = p.eta_s.filter(|_| !j.state.is_terminal()) {
         lines.push(("eta", duration(eta)));
     }
+    if let Some(t) = p.step_time_s {
+        let per_step = match p.checkpoint_s {
+            Some(c) => format!("{:.3} s/step, {c:.2} s/checkpoint", t),
+            None => format!("{t:.3} s/step"),
+        };
+        lines.push(("step_time", per_step));
+    }
     lines.push(("active", duration(p.active_s)));
+    if p.wall_s > 0.0 {
+        lines.push(("wall", duration(p.wall_s)));
+    }
     lines.push(("restarts", p.restarts.to_string()));
     if let Some(device) = &p.device {
         lines.push(("device", device.clone()));
@@ -194,6 +215,16 @@ pub fn job_details(j: &JobRecord) -> String {
     ));
     if let Some(cost) = p.cost {
         lines.push(("cost", format!("{cost:.4}")));
+    }
+    if !j.after.is_empty() {
+        let ids: Vec<String> = j.after.iter().map(|id| id.to_string()).collect();
+        lines.push(("after", ids.join(",")));
+    }
+    if let Some(t) = j.not_before_ms {
+        lines.push(("not_before", timestamp(t)));
+    }
+    if let Some(cmd) = &j.on_finish {
+        lines.push(("on_finish", cmd.clone()));
     }
     lines.push(("created", timestamp(j.created_at_ms)));
     if let Some(t) = j.started_at_ms {
