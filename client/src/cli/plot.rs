@@ -10,6 +10,7 @@ use lorad_client::lorad_schema::trend::{smooth, LOSS_WINDOW};
 use lorad_client::lorad_schema::{JobId, MetricPoint};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 // Not BackendStyle: its `stroke_width` would clash with plotters' `Color::stroke_width`.
 use plotters_backend::{BackendColor, BackendCoord, BackendTextStyle, DrawingErrorKind};
 use std::path::{Path, PathBuf};
@@ -216,12 +217,7 @@ where
     for (i, s) in series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
         chart.draw_series(LineSeries::new(s.raw(), colour.mix(0.3).stroke_width(1)))?;
-        chart
-            .draw_series(LineSeries::new(s.smoothed(), colour.stroke_width(2)))?
-            .label(s.label())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-            });
+        chart.draw_series(LineSeries::new(s.smoothed(), colour.stroke_width(2)))?;
         chart.draw_secondary_series(DashedLineSeries::new(
             s.lr_points(),
             4,
@@ -229,13 +225,52 @@ where
             colour.mix(0.6).stroke_width(1),
         ))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK.mix(0.4))
-        .draw()?;
+    // Our own legend, not plotters' series labels: those measure text with the font itself, which
+    // fails without one; this goes through the backend (see `Fontless`).
+    legend(&chart.plotting_area().strip_coord_spec(), series)?;
     root.present()?;
+    Ok(())
+}
+
+/// The legend in the upper right corner of `area`: a line in each job's colour and "job N: name".
+fn legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    series: &[Series],
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    const PAD: i32 = 8;
+    const LINE: i32 = 20;
+    const ROW: i32 = 20;
+    let style = TextStyle::from(("sans-serif", 14).into_font())
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Left, VPos::Center));
+    let mut width = 0;
+    for s in series {
+        width = width.max(area.estimate_text_size(&s.label(), &style)?.0 as i32);
+    }
+    let (w, h) = (width + LINE + 3 * PAD, series.len() as i32 * ROW + 2 * PAD);
+    let (area_w, _) = area.dim_in_pixel();
+    let (x0, y0) = ((area_w as i32 - w - PAD).max(0), PAD);
+    area.draw(&Rectangle::new(
+        [(x0, y0), (x0 + w, y0 + h)],
+        WHITE.mix(0.85).filled(),
+    ))?;
+    area.draw(&Rectangle::new(
+        [(x0, y0), (x0 + w, y0 + h)],
+        BLACK.mix(0.4),
+    ))?;
+    for (i, s) in series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        let y = y0 + PAD + i as i32 * ROW + ROW / 2;
+        let x = x0 + PAD;
+        area.draw(&PathElement::new(
+            vec![(x, y), (x + LINE, y)],
+            colour.stroke_width(2),
+        ))?;
+        area.draw(&Text::new(s.label(), (x + LINE + PAD, y), style.clone()))?;
+    }
     Ok(())
 }
 

@@ -17,6 +17,7 @@ mod recovery;
 mod service;
 mod third_party;
 mod watch_plot;
+mod watch_plot;
 
 pub use helpers::*;
 pub use lorad_client::blocking::Client;
