@@ -17,7 +17,6 @@ mod recovery;
 mod service;
 mod third_party;
 mod watch_plot;
-mod watch_plot;
 
 pub use helpers::*;
 pub use lorad_client::blocking::Client;
