@@ -689,3 +689,65 @@ fn a_ten_megabyte_job_name_is_refused_and_the_daemon_keeps_answering() {
     c.status().expect("status after the refusal");
     assert!(jobs_of_all(&c).is_empty(), "the job was queued");
 }
+
+/// A job's hooks (the admin's `[[hooks]]` and the user's `--on-finish`) run as the job's owner: what
+/// they write is the owner's, and they cannot write where the owner cannot.
+#[test]
+fn hooks_run_as_the_jobs_owner() {
+    if !root_or_skip() {
+        return;
+    }
+    let _serial = serial();
+    let group = TestGroup::new();
+    let alice = TestUser::new(&[&group]);
+    let mut opts = SystemOptions::new(&group);
+    let root_only = tempfile::tempdir().expect("tempdir");
+    let forbidden = root_only.path().join("written-by-hook");
+    opts.config = Some(format!(
+        "[[hooks]]\nevents = [\"completed\"]\ncommand = 'id -u > {} 2>&1 || echo refused'\n",
+        forbidden.display()
+    ));
+    let d = SystemDaemon::started(&opts);
+    let c = d.client();
+    let home = d.home(&alice);
+    let mine = home.join("hook-uid");
+    let (model, data) = (d.model(), d.dataset("data.jsonl", 64));
+    let on_finish = format!("id -u > {}; id -g >> {}", mine.display(), mine.display());
+    let out = alice.loractl(
+        &d.socket(),
+        &strs(&submit_args(
+            &model,
+            &data,
+            &["--set", "max_steps=3", "--on-finish", &on_finish],
+        )),
+    );
+    let id = JobId(submitted(&out));
+    let (done, _) = wait_for(&c, id, Duration::from_secs(120), |s| s.is_terminal());
+    assert_eq!(done.state, JobState::Completed, "{:?}", done.reason);
+    // Two hooks: wait for both notices.
+    let mut sub = c.subscribe(Some(id), 0).expect("subscribe");
+    let mut notices = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while notices.len() < 2 && Instant::now() < deadline {
+        if let Ok(Some(e)) = sub.next_timeout(Duration::from_secs(1)) {
+            if let EventBody::Notice { text, .. } = e.body {
+                if text.starts_with("hook") {
+                    notices.push(text);
+                }
+            }
+        }
+    }
+    assert_eq!(notices.len(), 2, "{notices:?}");
+    let written = std::fs::read_to_string(&mine).expect("the on_finish hook wrote");
+    assert_eq!(
+        written.split_whitespace().collect::<Vec<_>>(),
+        vec![alice.uid.to_string(), alice.gid.to_string()],
+        "the hook ran as alice"
+    );
+    let meta = std::fs::metadata(&mine).expect("stat");
+    assert_eq!((meta.uid(), meta.gid()), (alice.uid, alice.gid));
+    // The admin's hook ran as alice too, so the root-only directory stayed closed to it.
+    assert!(!forbidden.exists(), "a hook wrote where only root may");
+    let log = std::fs::read_to_string(d.job_dir(id).join("job.log")).expect("job.log");
+    assert!(log.contains("refused") || log.contains("Permission denied"), "{log}");
+}
