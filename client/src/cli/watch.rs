@@ -494,17 +494,8 @@ async fn watch_local(ctx: &Ctx, jobs: Vec<JobId>) -> anyhow::Result<ExitCode> {
             }
         }
         Screen::Lines => {}
-        Screen::Bars { multi, .. } => {
-            multi.clear()?;
-            for v in views.values() {
-                if let Some(state) = v.state {
-                    write_out(&format!(
-                        "{}\n",
-                        state_line(v.job, state, v.reason.as_deref())
-                    ))?;
-                }
-            }
-        }
+        // The state lines are above the bars already; the bars stay as they were last drawn.
+        Screen::Bars { bars, .. } => bars.values().for_each(ProgressBar::abandon),
     }
     let code = exit_code(views.values().filter_map(|v| v.state));
     Ok(ExitCode::from(code))
