@@ -18,7 +18,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 use std::collections::BTreeSet;
 
-const REQUESTS: [&str; 18] = [
+const REQUESTS: [&str; 21] = [
     "status",
     "templates",
     "submit",
@@ -35,10 +35,13 @@ const REQUESTS: [&str; 18] = [
     "logs",
     "subscribe",
     "unsubscribe",
+    "hold",
+    "release",
+    "delete",
     "shutdown",
     "backup",
 ];
-const RESPONSES: [&str; 11] = [
+const RESPONSES: [&str; 12] = [
     "status",
     "templates",
     "job",
@@ -50,6 +53,7 @@ const RESPONSES: [&str; 11] = [
     "subscribed",
     "done",
     "backup",
+    "deleted",
 ];
 const EVENTS: [&str; 5] = ["state_changed", "metrics", "log", "export", "notice"];
 const HANDSHAKES: [&str; 3] = ["hello", "welcome", "error"];
@@ -74,6 +78,9 @@ fn request_kind(r: &Request) -> &'static str {
         Request::Logs { .. } => "logs",
         Request::Subscribe { .. } => "subscribe",
         Request::Unsubscribe { .. } => "unsubscribe",
+        Request::Hold { .. } => "hold",
+        Request::Release { .. } => "release",
+        Request::Delete { .. } => "delete",
         Request::Shutdown => "shutdown",
         Request::Backup => "backup",
     }
@@ -93,6 +100,7 @@ fn response_kind(r: &Response) -> &'static str {
         Response::Done => "done",
         Response::Backup { .. } => "backup",
         Response::Estimate(_) => "estimate",
+        Response::Deleted { .. } => "deleted",
     }
 }
 

@@ -129,6 +129,10 @@ fn record(id: u64) -> JobRecord {
         resume_checkpoint: None,
         requeued: false,
         memory_estimate: None,
+        first_started_at_ms: None,
+        after: Vec::new(),
+        not_before_ms: None,
+        on_finish: None,
     }
 }
 

@@ -333,6 +333,9 @@ fn requests() -> Vec<Request> {
         priority: -3,
         overrides: [("lr".to_string(), "1e-4".to_string())].into(),
         dry_run: true,
+        after: vec![JobId(1), JobId(u64::MAX)],
+        not_before_ms: Some(u64::MAX),
+        on_finish: Some("echo $LORAD_JOB_ID".into()),
     };
     vec![
         Request::Status,
@@ -376,6 +379,12 @@ fn requests() -> Vec<Request> {
             since_seq: 0,
         },
         Request::Unsubscribe { sub: 4 },
+        Request::Hold { job },
+        Request::Release { job },
+        Request::Delete {
+            job,
+            keep_record: true,
+        },
         Request::Shutdown,
         Request::Backup,
     ]
@@ -401,6 +410,9 @@ fn kind_is_covered(r: &Request) {
         | Request::Logs { .. }
         | Request::Subscribe { .. }
         | Request::Unsubscribe { .. }
+        | Request::Hold { .. }
+        | Request::Release { .. }
+        | Request::Delete { .. }
         | Request::Shutdown
         | Request::Backup => {}
     }
@@ -451,6 +463,10 @@ fn valid_payloads() -> Vec<Vec<u8>> {
         resume_checkpoint: None,
         requeued: false,
         memory_estimate: None,
+        first_started_at_ms: None,
+        after: Vec::new(),
+        not_before_ms: None,
+        on_finish: None,
     };
     let server = [
         ServerFrame::Reply(Reply {

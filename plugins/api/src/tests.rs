@@ -85,6 +85,10 @@ fn job_record() -> lorad_schema::JobRecord {
         resume_checkpoint: None,
         requeued: false,
         memory_estimate: None,
+        first_started_at_ms: None,
+        after: Vec::new(),
+        not_before_ms: None,
+        on_finish: None,
     }
 }
 

@@ -163,6 +163,10 @@ mod tests {
             resume_checkpoint: None,
             requeued: false,
             memory_estimate: None,
+            first_started_at_ms: None,
+            after: Vec::new(),
+            not_before_ms: None,
+            on_finish: None,
         };
         let point = |step: u64, loss: f64| MetricPoint {
             step,

@@ -198,6 +198,10 @@ pub fn job_record(job: &TrainedJob, base: &Path) -> JobRecord {
         resume_checkpoint: None,
         requeued: false,
         memory_estimate: None,
+        first_started_at_ms: None,
+        after: Vec::new(),
+        not_before_ms: None,
+        on_finish: None,
     }
 }
 
