@@ -2,6 +2,7 @@
 mod bad_input;
 mod chaos;
 mod cli;
+mod cli_json;
 mod control;
 mod devices;
 mod disk_full;
