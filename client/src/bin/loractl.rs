@@ -1,6 +1,7 @@
 //! `loractl`: control lorad from the command line. See `loractl --help` and DESIGN.md section 8.
 //!
-//! Exit codes: 0 ok, 1 failure (including any error from the daemon), 2 usage, 3 `wait` timeout.
+//! Exit codes: 0 ok, 1 failure (including any error from the daemon), 2 usage, 3 `wait` timeout,
+//! 4 `watch` returned because a job was paused.
 #[path = "../cli/mod.rs"]
 mod cli;
 

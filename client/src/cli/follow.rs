@@ -254,7 +254,8 @@ impl LogLines {
 enum Printer {
     /// The text as it is.
     Text,
-    /// `--json` without `--follow`: one array of every line, at the end.
+    /// `--json` without `--follow`: one array of every line, at the end. Blank lines are left out
+    /// (the daemon writes one before each separator).
     Array(LogLines, Vec<LogLine>),
     /// `--json --follow`: one JSON object per line, as lines arrive.
     Lines(LogLines),
@@ -265,11 +266,11 @@ impl Printer {
         match self {
             Printer::Text => Ok(write_out(text)?),
             Printer::Array(split, all) => {
-                all.extend(split.feed(text));
+                all.extend(split.feed(text).into_iter().filter(|l| !l.text.is_empty()));
                 Ok(())
             }
             Printer::Lines(split) => {
-                for line in split.feed(text) {
+                for line in split.feed(text).into_iter().filter(|l| !l.text.is_empty()) {
                     super::print_json_line(&line)?;
                 }
                 Ok(())

@@ -456,6 +456,8 @@ pub async fn plot(
     size: (u32, u32),
 ) -> anyhow::Result<ExitCode> {
     let format = Format::of(out)?;
+    // Said back as an absolute path, as `export` does: scripts need not know the cwd.
+    let out = &super::args::absolutize(out, &std::env::current_dir()?);
     let client = ctx.connect().await?;
     let mut series = Vec::with_capacity(jobs.len());
     for &job in jobs {
