@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 /// and prefetch (the order is deterministic), checkpoint cadence and retention, supervision limits, and
 /// the device (a job may be resumed on another GPU; results then agree to float tolerance, not bits).
 /// Every other field, including ones added later, counts as math: the safe default.
-pub const NON_MATH_SETTINGS: [&str; 8] = [
+pub const NON_MATH_SETTINGS: [&str; 10] = [
     "workers",
     "prefetch",
     "checkpoint_every",
@@ -27,6 +27,9 @@ pub const NON_MATH_SETTINGS: [&str; 8] = [
     "max_restarts",
     "device",
     "max_line_bytes",
+    // Memory strategies with the same results: a job may resume with another.
+    "base_weights",
+    "gradient_checkpointing",
 ];
 
 /// What a run's numbers depend on.

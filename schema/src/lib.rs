@@ -27,7 +27,10 @@ pub use proto::{
     PluginInfo, PluginKind, PluginsStatus, Push, RejectedPlugin, Reply, Request, Response,
     ServerFrame, Template, PROTOCOL_VERSION,
 };
-pub use settings::{DType, Schedule, SettingError, TrainSettings, TARGET_MODULES};
+pub use settings::{
+    BaseWeights, DType, GradientCheckpointing, Schedule, SettingError, TrainSettings,
+    GRADIENT_CHECKPOINTING_AUTO_PARAMS, TARGET_MODULES,
+};
 
 /// Milliseconds since the Unix epoch, the time unit of every timestamp on the wire.
 pub fn now_ms() -> u64 {

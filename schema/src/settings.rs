@@ -25,6 +25,33 @@ pub enum DType {
     F16,
 }
 
+/// How the frozen base weights are held while training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseWeights {
+    /// As the file stores them (bf16, f16, or GGUF-quantized blocks), widened to f32 one layer at a time
+    /// when a product needs them: a 4-bit base takes ~1/7 of the memory. The results equal `f32`'s.
+    Stored,
+    /// Widened to f32 once, at load (4 bytes per parameter).
+    F32,
+}
+
+/// Gradient checkpointing: keep only each decoder layer's input and recompute the layer in backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GradientCheckpointing {
+    /// On for models of at least `GRADIENT_CHECKPOINTING_AUTO_PARAMS` parameters.
+    Auto,
+    /// Always (least memory, ~1/3 more compute).
+    On,
+    /// Never (fastest, activations of every layer kept).
+    Off,
+}
+
+/// `gradient_checkpointing=auto` turns checkpointing on from this many base parameters (1B: where
+/// the activations of a batch of 4 x 512 start to outweigh a stored-form base).
+pub const GRADIENT_CHECKPOINTING_AUTO_PARAMS: u64 = 1_000_000_000;
+
 /// The LoRA modules lorad knows how to adapt.
 pub const TARGET_MODULES: [&str; 7] = [
     "q_proj",
@@ -104,6 +131,12 @@ pub struct TrainSettings {
     /// number, at submit and in the worker. Default 8 MiB: far above any SFT example (a 128k-token
     /// example is ~0.5 MiB), small enough that a runaway line costs little memory.
     pub max_line_bytes: u64,
+    /// How the frozen base weights are held: `stored` (as the file has them, widened per layer when
+    /// used) or `f32` (widened at load). Memory only: the losses are the same.
+    pub base_weights: BaseWeights,
+    /// `auto`, `on` or `off`: recompute each decoder layer in backward instead of keeping its
+    /// activations. Memory and time only: the losses are the same.
+    pub gradient_checkpointing: GradientCheckpointing,
 }
 
 impl Default for TrainSettings {
@@ -139,6 +172,8 @@ impl Default for TrainSettings {
             stall_timeout: 180,
             max_restarts: 3,
             max_line_bytes: 8 << 20,
+            base_weights: BaseWeights::Stored,
+            gradient_checkpointing: GradientCheckpointing::Auto,
         }
     }
 }
