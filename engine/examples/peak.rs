@@ -3,13 +3,16 @@
 //!
 //! ```text
 //! cargo run --release -p lorad-engine --example peak -- --model PATH --batch 1 --seq 128 \
-//!     [--steps 2] [--r 16] [--dropout 0.0] --json OUT.json
+//!     [--steps 2] [--r 16] [--dropout 0.0] [--base-weights stored|f32] \
+//!     [--gradient-checkpointing auto|on|off] --json OUT.json
 //! ```
 //!
 //! The run is the worker's: the allocator tuned as the worker tunes it, `Trainer::open` on a task
 //! (the model, and a JSONL dataset written here of `batch * steps` `{"text"}` examples longer than
 //! `seq` tokens, so every micro-batch is `batch x seq`), then `steps` optimizer steps and `finish`
-//! (checkpoint and adapter). LoRA r 16 (`--r`), alpha 2r on q,k,v,o (`--targets`); f32; CPU;
+//! (checkpoint and adapter). LoRA r 16 (`--r`), alpha 2r on q,k,v,o (`--targets`); f32 math; the
+//! frozen base held as `--base-weights` says and `--gradient-checkpointing` as given (each absent:
+//! `TrainSettings`' default, what a job gets); CPU;
 //! threads from RAYON_NUM_THREADS; the loader's default workers and prefetch. `--dataset` trains on
 //! a given JSONL file instead (to compare with a job the daemon ran on it).
 //!
@@ -17,14 +20,16 @@
 //! the model and building its tokenizer once (the tokenizer's part); the high-water mark (VmHWM) once
 //! the trainer is open (the load's peak); then, the mark reset each time (`/proc/self/clear_refs`),
 //! its value after each step and after `finish`. The run's peak is the largest of them: what
-//! getrusage's `ru_maxrss` (a job's `peak_rss_mb`) would say without the resets. The diagnostics flags
+//! getrusage's `ru_maxrss` (a job's `peak_rss_mb`) would say without the resets. Step times too
+//! (`bench/scale.sh`): each step's `step_ms`, and `s_per_step`, their median leaving out the first
+//! step (the warm-up) when there are several, with `tokens_per_s` = batch x seq / `s_per_step`. The diagnostics flags
 //! (`--no-tune`, LORAD_PEAK_SMAPS=1) show where the memory is: see `smaps` and `--no-tune`.
 use anyhow::{Context, Result};
 use lorad_engine::memory::{estimate_with, WeightFiles};
 use lorad_engine::source::ModelSource;
 use lorad_engine::trainer::Trainer;
 use lorad_engine::TrainTask;
-use lorad_schema::{JobId, Schedule, TrainSettings};
+use lorad_schema::{BaseWeights, GradientCheckpointing, JobId, Schedule, TrainSettings};
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
@@ -61,10 +66,21 @@ struct Args {
     /// the daemon ran on it).
     #[arg(long)]
     dataset: Option<PathBuf>,
+    /// How the frozen base is held: `stored` (as the file stores it, widened a layer at a time) or
+    /// `f32` (widened at load). Absent: the settings' default.
+    #[arg(long, value_parser = parse_base_weights)]
+    base_weights: Option<BaseWeights>,
+    /// Gradient checkpointing: `auto`, `on` or `off`. Absent: the settings' default.
+    #[arg(long, value_parser = parse_checkpointing)]
+    gradient_checkpointing: Option<GradientCheckpointing>,
     /// Write the tiny fixture model (`lorad make-tiny-model`, seed 0) at `--model` first, unless
     /// it is there.
     #[arg(long)]
     make_tiny_model: bool,
+    /// Only write the memory estimate (`estimate_mb`, `estimate`) and stop before loading the
+    /// model: what bench/scale.sh checks against the machine's memory before a run.
+    #[arg(long)]
+    estimate_only: bool,
     /// Leave glibc's allocator as it is (diagnostics: with MALLOC_MMAP_THRESHOLD_ set low, every
     /// activation is its own mapping and the peak is the live memory, without heap fragmentation).
     #[arg(long)]
@@ -75,6 +91,59 @@ struct Args {
     /// Where the results go.
     #[arg(long)]
     json: PathBuf,
+}
+
+/// A settings enum from its wire spelling (`stored`, `on`, ...), as a job's settings file writes it.
+fn parse_setting<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|e| e.to_string())
+}
+
+fn parse_base_weights(s: &str) -> Result<BaseWeights, String> {
+    parse_setting(s)
+}
+
+fn parse_checkpointing(s: &str) -> Result<GradientCheckpointing, String> {
+    parse_setting(s)
+}
+
+/// The wire spelling of a settings enum.
+fn spelling<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_default()
+}
+
+/// The median of the step times, leaving out the first (warm-up) step when there are several.
+fn median_step_ms(steps: &[f64]) -> f64 {
+    let mut timed: Vec<f64> = match steps {
+        [] => return f64::NAN,
+        [one] => vec![*one],
+        [_, rest @ ..] => rest.to_vec(),
+    };
+    timed.sort_by(f64::total_cmp);
+    let n = timed.len();
+    if n % 2 == 1 {
+        timed[n / 2]
+    } else {
+        (timed[n / 2 - 1] + timed[n / 2]) / 2.0
+    }
+}
+
+/// The estimate's parts in decimal MB.
+fn estimate_parts(e: &lorad_engine::memory::MemoryEstimate) -> serde_json::Value {
+    let mb = |b: u64| b as f64 / 1e6;
+    json!({
+        "baseline": mb(e.baseline), "weights": mb(e.weights), "lora": mb(e.lora),
+        "optimizer": mb(e.optimizer), "activations": mb(e.activations),
+        "workspace": mb(e.workspace), "fragmentation": mb(e.fragmentation),
+        "loading": mb(e.loading), "total": mb(e.total()),
+    })
+}
+
+fn write_json(path: &std::path::Path, out: &serde_json::Value) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(out)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// A field of /proc/self/status in MB (the kernel reports kB).
@@ -161,7 +230,12 @@ fn main() -> Result<()> {
             path
         }
     };
+    let defaults = TrainSettings::default();
     let settings = TrainSettings {
+        base_weights: args.base_weights.unwrap_or(defaults.base_weights),
+        gradient_checkpointing: args
+            .gradient_checkpointing
+            .unwrap_or(defaults.gradient_checkpointing),
         lora_r: args.r,
         lora_alpha: 2.0 * args.r as f64,
         lora_dropout: args.dropout,
@@ -172,7 +246,7 @@ fn main() -> Result<()> {
         schedule: Schedule::Constant,
         max_steps: Some(args.steps),
         device: "cpu".into(),
-        ..TrainSettings::default()
+        ..defaults
     };
 
     // The tokenizer's part: the resident growth of opening the model and building its tokenizer
@@ -187,6 +261,20 @@ fn main() -> Result<()> {
     let cfg = source.config().clone();
     let files = WeightFiles::of(&source)?;
     drop(source);
+
+    if args.estimate_only {
+        let e = estimate_with(&cfg, &settings, &files);
+        let out = json!({
+            "model": args.model.display().to_string(),
+            "batch": args.batch,
+            "seq": args.seq,
+            "base_weights": spelling(&settings.base_weights),
+            "gradient_checkpointing": spelling(&settings.gradient_checkpointing),
+            "estimate_mb": estimate_parts(&e),
+            "estimate": e.to_string(),
+        });
+        return write_json(&args.json, &out);
+    }
 
     let task = TrainTask {
         job: JobId(1),
@@ -206,10 +294,12 @@ fn main() -> Result<()> {
     eprintln!("opened: rss {open_rss_mb:.1} MB, load peak {load_peak_mb:.1} MB");
 
     reset_hwm()?;
-    let mut step_peaks = Vec::new();
+    let (mut step_peaks, mut step_ms, mut losses) = (Vec::new(), Vec::new(), Vec::new());
     while !trainer.is_done() {
         let p = trainer.step()?;
         step_peaks.push(status_mb("VmHWM"));
+        step_ms.push(p.step_ms);
+        losses.push(p.loss);
         eprintln!(
             "step {}: loss {:.4}, {:.0} ms, peak {:.1} MB",
             p.step,
@@ -227,6 +317,8 @@ fn main() -> Result<()> {
     let e = estimate_with(&cfg, &settings, &files);
     let mb = |b: u64| b as f64 / 1e6;
     let measured = load_peak_mb.max(step_peak_mb).max(finish_peak_mb);
+    let s_per_step = median_step_ms(&step_ms) / 1000.0;
+    let tokens_per_s = (args.batch as f64 * args.seq as f64) / s_per_step;
     let out = json!({
         "model": args.model.display().to_string(),
         "batch": args.batch,
@@ -234,15 +326,16 @@ fn main() -> Result<()> {
         "steps": args.steps,
         "r": args.r,
         "dropout": args.dropout,
+        "base_weights": spelling(&settings.base_weights),
+        "gradient_checkpointing": spelling(&settings.gradient_checkpointing),
+        "step_ms": step_ms,
+        "s_per_step": s_per_step,
+        "tokens_per_s": tokens_per_s,
+        "losses": losses,
         "threads": rayon::current_num_threads(),
         "vocab": vocab,
         "weight_files": format!("{files:?}"),
-        "estimate_mb": {
-            "baseline": mb(e.baseline), "weights": mb(e.weights), "lora": mb(e.lora),
-            "optimizer": mb(e.optimizer), "activations": mb(e.activations),
-            "workspace": mb(e.workspace), "fragmentation": mb(e.fragmentation),
-            "loading": mb(e.loading), "total": mb(e.total()),
-        },
+        "estimate_mb": estimate_parts(&e),
         "estimate": e.to_string(),
         "measured_mb": {
             "start_rss": start_mb,
@@ -256,11 +349,9 @@ fn main() -> Result<()> {
         },
         "ratio": mb(e.total()) / measured,
     });
-    if let Some(dir) = args.json.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.json, serde_json::to_string_pretty(&out)? + "\n")
-        .with_context(|| format!("cannot write {}", args.json.display()))?;
-    eprintln!("estimate {e}; measured peak {measured:.1} MB");
+    write_json(&args.json, &out)?;
+    eprintln!(
+        "estimate {e}; measured peak {measured:.1} MB; {s_per_step:.2} s/step, {tokens_per_s:.1} tokens/s"
+    );
     Ok(())
 }
