@@ -13,6 +13,9 @@ load), SDPA attention, then wrapped by PEFT: LoRA r 16, alpha 32, dropout 0 on q
 token ids (seeded). `warmup` steps first, untimed; then `steps` timed ones, whose median is `s_per_step`,
 and tokens/s = B x S / s_per_step. The peak is getrusage's ru_maxrss (the process's high-water mark over
 loading and the steps, as lorad's peak.rs reports it), in decimal MB.
+
+`--estimate-only` writes a rough predicted peak (`estimate_mb.total`) from config.json alone and stops:
+what bench/scale.sh checks against the machine's memory before a run. See `estimate_mb`.
 """
 import argparse
 import json
@@ -27,6 +30,25 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # Linux: KiB
 
 
+def estimate_mb(cfg, dtype, batch, seq, checkpointing):
+    """A rough peak for PEFT on the CPU, in MB: torch and transformers (~0.6 GB), the weights at `dtype`
+    (+5% for loading), and the saved activations (+20%): per layer and token ~10 hidden-wide and 5
+    MLP-wide tensors at `dtype` (only the layer's input with checkpointing, plus one layer recomputed),
+    and the logits (at `dtype`, their f32 copy, its softmax and gradient: dtype + 12 bytes per entry).
+    Checked against measured runs of the 1B shape at 1 x 512 (5.3 GB bf16, 8.8 GB f32)."""
+    w = {"bf16": 2, "f32": 4}[dtype]
+    h, i, n, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // heads
+    layer = h * (heads * d + 2 * kv * d) + heads * d * h + 3 * h * i + 2 * h
+    params = v * h * (1 if cfg.get("tie_word_embeddings") else 2) + n * layer + h
+    tokens = batch * seq
+    per_layer = tokens * (10 * h + 5 * i) * w
+    acts = (n * tokens * h * w + per_layer) if checkpointing else n * per_layer
+    logits = tokens * v * (w + 12)
+    return (0.6e9 + 1.05 * params * w + 1.2 * (acts + logits)) / 1e6
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, required=True)
@@ -39,7 +61,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--estimate-only", action="store_true")
     args = ap.parse_args()
+    if args.estimate_only:
+        cfg = json.loads((args.model / "config.json").read_text())
+        total = estimate_mb(cfg, args.dtype, args.batch, args.seq, args.checkpointing)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"estimate_mb": {"total": total}}) + "\n")
+        return
 
     import torch
 
