@@ -175,7 +175,7 @@ fn cases(model: &Llama, b: &Batch) -> Result<Vec<Case>> {
     let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
     let (mut base, mut lora) = (HashMap::new(), HashMap::new());
     for (name, w) in model.base_tensors() {
-        base.insert(name, w.clone());
+        base.insert(name, w.to_f32(&dev)?);
     }
     for (name, pair) in model.lora_modules() {
         lora.insert(name, pair.clone());
@@ -192,7 +192,11 @@ fn cases(model: &Llama, b: &Batch) -> Result<Vec<Case>> {
         let bias = base.get(&format!("{path}.bias")).cloned();
         let (weight, lora) = (weight(&format!("{path}.weight"))?, lora.get(&path).cloned());
         let x = vec![act(weight.dim(1)?)?];
-        let lin = LoraLinear { weight, bias, lora };
+        let lin = LoraLinear {
+            weight: weight.into(),
+            bias,
+            lora,
+        };
         let run = Box::new(move |x: &[Var]| impls::projection(&lin, &x[0]));
         add("matmul", module, layers, x, run);
     }
@@ -233,7 +237,7 @@ fn cases(model: &Llama, b: &Batch) -> Result<Vec<Case>> {
     let (positions, labels) = (b.positions.clone(), b.labels.clone());
     let ce = Box::new(move |x: &[Var]| {
         let rows = x[0].reshape(((), h))?.index_select(&positions, 0)?;
-        impls::cross_entropy(&rows, &head, &labels)
+        impls::cross_entropy(&rows, &head.clone().into(), &labels)
     });
     add("cross_entropy", "lm_head_nll_sum", 1, vec![act(h)?], ce);
     Ok(out)

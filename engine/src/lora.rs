@@ -2,7 +2,7 @@
 //!
 //! Initialisation and dropout draw from our own seeded ChaCha generator, because candle's CPU RNG
 //! cannot be seeded; that makes runs reproducible and (later) resumable from a saved RNG state.
-use super::ops::{frozen_linear, lora_linear};
+use super::ops::{frozen_linear, lora_linear, Frozen};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use lorad_schema::TrainSettings;
 use rand::Rng;
@@ -102,8 +102,8 @@ impl LoraPair {
 /// frozen bias, and an optional LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
-    /// Frozen base weight `[out, in]`.
-    pub weight: Tensor,
+    /// Frozen base weight `[out, in]`, as stored (f32, bf16/f16, or quantized blocks).
+    pub weight: Frozen,
     /// Frozen bias `[out]` (Qwen2's q/k/v).
     pub bias: Option<Tensor>,
     /// The adapter, when this module is a target.
@@ -134,7 +134,7 @@ impl LoraLinear {
         };
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
-            *last = self.weight.dim(0)?;
+            *last = self.weight.dims2()?.0;
         }
         y.reshape(out_dims)
     }
@@ -224,7 +224,7 @@ mod tests {
         let a = Tensor::from_slice(&[1f32, 2.0], (1, 2), &dev).unwrap();
         let b = Tensor::from_slice(&[1f32, 0.0, -1.0], (3, 1), &dev).unwrap();
         let lin = LoraLinear {
-            weight: w,
+            weight: w.into(),
             bias: None,
             lora: Some(LoraPair::from_weights(&a, &b, 0.5, 0.0).unwrap()),
         };

@@ -6,7 +6,9 @@
 pub use super::config::{check_model_dir, ModelConfig};
 use super::error::EngineError;
 use super::lora::{LoraConfig, LoraLinear, LoraPair};
-use super::ops::{apply_rope, causal_attention, frozen_linear, lm_head_nll_sum, rms_norm, swiglu};
+use super::ops::{
+    apply_rope, causal_attention, frozen_linear, lm_head_nll_sum, rms_norm, swiglu, Frozen,
+};
 pub use super::rope::Rope;
 pub use super::source::check_model;
 use super::source::ModelSource;
@@ -73,10 +75,10 @@ struct Block {
 #[derive(Debug, Clone)]
 pub struct Llama {
     cfg: ModelConfig,
-    embed: Tensor,
+    embed: Frozen,
     blocks: Vec<Block>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Frozen,
     rope: Rope,
     max_len: usize,
     device: Device,
@@ -84,12 +86,20 @@ pub struct Llama {
 
 /// Pulls named tensors out of a loaded checkpoint, checking shapes; errors name the tensor.
 struct Weights<'a> {
-    map: HashMap<String, Tensor>,
+    map: HashMap<String, Frozen>,
     path: &'a Path,
+    device: &'a Device,
 }
 
 impl Weights<'_> {
-    fn take(&mut self, name: &str, dims: &[usize]) -> std::result::Result<Tensor, EngineError> {
+    /// A vector (norm, bias) as an f32 tensor.
+    fn take_f32(&mut self, name: &str, dims: &[usize]) -> std::result::Result<Tensor, EngineError> {
+        let t = self.take(name, dims)?;
+        t.to_f32(self.device)
+            .map_err(|e| EngineError::model(self.path, format!("tensor {name}: {e}")))
+    }
+
+    fn take(&mut self, name: &str, dims: &[usize]) -> std::result::Result<Frozen, EngineError> {
         let t = self
             .map
             .remove(name)
@@ -120,6 +130,21 @@ impl Llama {
         Self::from_source(&ModelSource::open(path)?, lora, init_rng, max_len, device)
     }
 
+    /// [`Llama::from_source`] with the frozen base held as `base` says: f32, or the matrices in their
+    /// stored form (bf16/f16; GGUF blocks on the CPU), widened per product.
+    pub fn from_source_with(
+        source: &ModelSource,
+        lora: &LoraConfig,
+        init_rng: &mut ChaCha8Rng,
+        max_len: usize,
+        device: &Device,
+        base: lorad_schema::BaseWeights,
+    ) -> std::result::Result<Self, EngineError> {
+        let tensors = source.frozen_tensors(device, base)?;
+        let cfg = source.config().clone();
+        Self::from_frozen(cfg, tensors, source.path(), lora, init_rng, max_len, device)
+    }
+
     /// Loads the weights of an opened model source (see `load`).
     pub fn from_source(
         source: &ModelSource,
@@ -143,7 +168,28 @@ impl Llama {
         max_len: usize,
         device: &Device,
     ) -> std::result::Result<Self, EngineError> {
-        let mut w = Weights { map: tensors, path };
+        let frozen = tensors
+            .into_iter()
+            .map(|(k, t)| (k, Frozen::Dense(t)))
+            .collect();
+        Self::from_frozen(cfg, frozen, path, lora, init_rng, max_len, device)
+    }
+
+    /// Builds the model from loaded frozen tensors (HF names); `path` is used in error messages.
+    pub fn from_frozen(
+        cfg: ModelConfig,
+        tensors: HashMap<String, Frozen>,
+        path: &Path,
+        lora: &LoraConfig,
+        init_rng: &mut ChaCha8Rng,
+        max_len: usize,
+        device: &Device,
+    ) -> std::result::Result<Self, EngineError> {
+        let mut w = Weights {
+            map: tensors,
+            path,
+            device,
+        };
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let embed = w.take("model.embed_tokens.weight", &[v, h])?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
@@ -154,7 +200,7 @@ impl Llama {
                     let prefix = format!("model.layers.{i}.{group}.{module}");
                     let weight = w.take(&format!("{prefix}.weight"), &[dout, din])?;
                     let bias = match w.map.contains_key(&format!("{prefix}.bias")) {
-                        true => Some(w.take(&format!("{prefix}.bias"), &[dout])?),
+                        true => Some(w.take_f32(&format!("{prefix}.bias"), &[dout])?),
                         false => None,
                     };
                     let lora = match lora.targets(module) {
@@ -177,8 +223,9 @@ impl Llama {
                 up: lin("mlp", "up_proj")?,
                 down: lin("mlp", "down_proj")?,
             };
-            let input_norm = w.take(&format!("model.layers.{i}.input_layernorm.weight"), &[h])?;
-            let post_norm = w.take(
+            let input_norm =
+                w.take_f32(&format!("model.layers.{i}.input_layernorm.weight"), &[h])?;
+            let post_norm = w.take_f32(
                 &format!("model.layers.{i}.post_attention_layernorm.weight"),
                 &[h],
             )?;
@@ -189,7 +236,7 @@ impl Llama {
                 mlp,
             });
         }
-        let norm = w.take("model.norm.weight", &[h])?;
+        let norm = w.take_f32("model.norm.weight", &[h])?;
         let lm_head = if cfg.tie_word_embeddings {
             embed.clone()
         } else if w.map.contains_key("lm_head.weight") {
@@ -233,11 +280,10 @@ impl Llama {
                 self.max_len
             );
         }
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            b,
-            t,
-            self.cfg.hidden_size,
-        ))?;
+        let mut x = self
+            .embed
+            .rows(&ids.flatten_all()?)?
+            .reshape((b, t, self.cfg.hidden_size))?;
         let cos = self.rope.cos.narrow(0, 0, t)?;
         let sin = self.rope.sin.narrow(0, 0, t)?;
         let window = self.cfg.window();
@@ -330,29 +376,30 @@ impl Llama {
             .collect()
     }
 
-    /// Every frozen base tensor by HF name (the LM head only when untied): for checks that training
-    /// never touches them, and for merging an adapter later.
-    pub fn base_tensors(&self) -> Vec<(String, &Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed)];
+    /// Every frozen base tensor by HF name (the LM head only when untied), as held (matrices possibly
+    /// in their stored form): for checks that training never touches them, and for merging an
+    /// adapter later.
+    pub fn base_tensors(&self) -> Vec<(String, Frozen)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
         for (name, lin) in self.linears() {
             if let Some(bias) = &lin.bias {
-                out.push((format!("{name}.bias"), bias));
+                out.push((format!("{name}.bias"), bias.clone().into()));
             }
-            out.push((format!("{name}.weight"), &lin.weight));
+            out.push((format!("{name}.weight"), lin.weight.clone()));
         }
         for (i, b) in self.blocks.iter().enumerate() {
             out.push((
                 format!("model.layers.{i}.input_layernorm.weight"),
-                &b.input_norm,
+                b.input_norm.clone().into(),
             ));
             out.push((
                 format!("model.layers.{i}.post_attention_layernorm.weight"),
-                &b.post_norm,
+                b.post_norm.clone().into(),
             ));
         }
-        out.push(("model.norm.weight".to_string(), &self.norm));
+        out.push(("model.norm.weight".to_string(), self.norm.clone().into()));
         if !self.cfg.tie_word_embeddings {
-            out.push(("lm_head.weight".to_string(), &self.lm_head));
+            out.push(("lm_head.weight".to_string(), self.lm_head.clone()));
         }
         out
     }

@@ -6,6 +6,7 @@
 //! frozen weight whose backward returns only the input's gradient, because candle's matmul backward
 //! would also compute (and store) the gradient of every frozen base weight, which LoRA never uses.
 use candle_core::{Result, Tensor, D};
+pub use lorad_kernels::frozen::Frozen;
 
 /// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension (HF `LlamaRMSNorm`); `weight` frozen.
 /// A fused kernel on the CPU (one pass each way), the composition elsewhere.
@@ -39,9 +40,12 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// Summed next-token NLL of `labels` under the logits `h @ lm_head^T` (`h` `[n, hidden]`, `lm_head`
 /// `[vocab, hidden]` frozen): the LM head and the loss together, a chunk of rows at a time, so the
 /// `[n, vocab]` logits never exist at once and the frozen head gets no gradient.
-pub fn lm_head_nll_sum(h: &Tensor, lm_head: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let chunk = lorad_kernels::ce::default_chunk(lm_head.dim(0)?);
-    lorad_kernels::ce::linear_cross_entropy_sum(h, lm_head, labels, chunk)
+///
+/// A head kept in its stored form is widened to f32 for the step (it is needed forward and backward).
+pub fn lm_head_nll_sum(h: &Tensor, lm_head: &Frozen, labels: &Tensor) -> Result<Tensor> {
+    let chunk = lorad_kernels::ce::default_chunk(lm_head.dims2()?.0);
+    let head = lm_head.to_f32(h.device())?;
+    lorad_kernels::ce::linear_cross_entropy_sum(h, &head, labels, chunk)
 }
 
 /// Causal (and, with `window`, sliding-window) attention with grouped KV heads: `q` `[b, h, t, d]`,
@@ -129,7 +133,7 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// The gradient reaches `x` (and the LoRA weights below it), while no gradient of `weight` is ever
 /// computed (`lorad_kernels::linear::frozen_linear`: gemm into the op's output on the CPU, an identity
 /// op over candle's product elsewhere).
-pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+pub fn frozen_linear(x: &Tensor, weight: &Frozen, bias: Option<&Tensor>) -> Result<Tensor> {
     let y = lorad_kernels::linear::frozen_linear(x, weight)?;
     match bias {
         Some(b) => y.broadcast_add(b),
@@ -144,7 +148,7 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
 /// dropout one product for the output and one for the input gradient).
 pub fn lora_linear(
     x: &Tensor,
-    weight: &Tensor,
+    weight: &Frozen,
     bias: Option<&Tensor>,
     (a, b, scale): (&Tensor, &Tensor, f64),
     mask: Option<&Tensor>,
@@ -226,7 +230,7 @@ mod tests {
         let w = t(&[0.1, -0.2, 0.3, 0.4, 0.5, -0.6], &[2, 3]);
         let xv = t(&[1.0, 2.0, 3.0, -1.0, 0.0, 1.0], &[2, 3]);
         let x = Var::from_tensor(&xv).unwrap();
-        let y = frozen_linear(&x, &w, None).unwrap();
+        let y = frozen_linear(&x, &w.clone().into(), None).unwrap();
         let reference = xv.matmul(&w.t().unwrap()).unwrap();
         assert_eq!(
             y.to_vec2::<f32>().unwrap(),

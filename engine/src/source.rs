@@ -10,6 +10,7 @@ use super::error::EngineError;
 use super::gguf::{self, GgufModel};
 use super::weights;
 use candle_core::{DType, Device, Tensor};
+use lorad_kernels::frozen::Frozen;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
@@ -120,6 +121,26 @@ impl ModelSource {
         match self {
             ModelSource::HfDir { dir, .. } => weights::load_weights(dir, device, DType::F32),
             ModelSource::Gguf(g) => g.load_tensors(device),
+        }
+    }
+
+    /// Every base tensor by HF name as training holds it: with `BaseWeights::Stored`, matrices in
+    /// their stored form (bf16/f16, GGUF blocks on the CPU) and everything else f32; with
+    /// `BaseWeights::F32`, all f32 (as [`ModelSource::tensors`]).
+    pub fn frozen_tensors(
+        &self,
+        device: &Device,
+        base: lorad_schema::BaseWeights,
+    ) -> Result<HashMap<String, Frozen>, EngineError> {
+        let widen = |m: HashMap<String, Tensor>| {
+            m.into_iter().map(|(k, t)| (k, Frozen::Dense(t))).collect()
+        };
+        match (self, base) {
+            (_, lorad_schema::BaseWeights::F32) => Ok(widen(self.tensors(device)?)),
+            (ModelSource::HfDir { dir, .. }, _) => weights::load_weights_stored(dir, device),
+            // Quantized blocks are widened on the CPU; another device gets f32 at load.
+            (ModelSource::Gguf(g), _) if device.is_cpu() => g.load_frozen(),
+            (ModelSource::Gguf(g), _) => Ok(widen(g.load_tensors(device)?)),
         }
     }
 

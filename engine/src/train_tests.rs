@@ -367,7 +367,7 @@ fn same_seed_same_losses_and_base_weights_untouched() {
         crate::weights::load_weights(&task.base_model, &Device::Cpu, candle_core::DType::F32)
             .unwrap();
     for (name, t) in model.base_tensors() {
-        let same = (t - &on_disk[&name])
+        let same = (t.to_f32(&Device::Cpu).unwrap() - &on_disk[&name])
             .unwrap()
             .abs()
             .unwrap()
@@ -397,7 +397,14 @@ fn base_weights_are_bit_identical_after_training_steps() {
     let before: Vec<Vec<f32>> = model
         .base_tensors()
         .iter()
-        .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .map(|(_, t)| {
+            t.to_f32(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
         .collect();
     let examples = read_jsonl(&task.dataset).unwrap();
     let tokenized = Encoder::load_hf(&task.base_model, &cfg, 64)
@@ -420,7 +427,14 @@ fn base_weights_are_bit_identical_after_training_steps() {
     let after: Vec<Vec<f32>> = model
         .base_tensors()
         .iter()
-        .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .map(|(_, t)| {
+            t.to_f32(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
         .collect();
     assert!(before == after, "base weights changed");
     assert!(model.base_tensors().iter().all(|(_, t)| !t.is_variable()));

@@ -124,7 +124,14 @@ impl Trainer {
         let lora = LoraConfig::from_settings(s);
         let mut init = rng_for(s.seed, INIT_STREAM);
         let max_len = s.max_seq_len as usize;
-        let model = Llama::from_source(&source, &lora, &mut init, max_len, &device)?;
+        let model = Llama::from_source_with(
+            &source,
+            &lora,
+            &mut init,
+            max_len,
+            &device,
+            task.settings.base_weights,
+        )?;
         let mut trainer = Trainer::new(model, lora, loader, s)?;
         trainer.job = Some(JobFiles {
             task: task.clone(),

@@ -83,6 +83,29 @@ pub fn load_weights(
     Ok(all)
 }
 
+/// Like [`load_weights`] with f32, but matrices stored in bf16 or f16 stay so (frozen weights widened
+/// per use, see `lorad_kernels::frozen`); vectors and other dtypes become f32.
+pub fn load_weights_stored(
+    dir: &Path,
+    device: &Device,
+) -> Result<HashMap<String, lorad_kernels::frozen::Frozen>, EngineError> {
+    let mut all = HashMap::new();
+    for file in weight_files(dir)? {
+        let tensors = candle_core::safetensors::load(&file, device)
+            .map_err(|e| EngineError::model(&file, format!("cannot read safetensors: {e}")))?;
+        for (name, t) in tensors {
+            let keep = t.rank() == 2 && matches!(t.dtype(), DType::BF16 | DType::F16);
+            let t = if keep || t.dtype() == DType::F32 {
+                t
+            } else {
+                t.to_dtype(DType::F32)?
+            };
+            all.insert(name, lorad_kernels::frozen::Frozen::Dense(t));
+        }
+    }
+    Ok(all)
+}
+
 /// A tensor's bytes prepared for writing (little-endian f32 on the CPU), so that serialization cannot
 /// fail half-way through a file.
 struct F32View {

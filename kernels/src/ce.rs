@@ -248,7 +248,7 @@ impl CustomOp2 for InputGrad<'_> {
 /// The unfused composition for non-CPU devices: `linear::frozen_linear` (no head gradient) followed by
 /// the engine's `nll_sum` (max-subtracted logsumexp minus the gathered logit).
 fn unfused(h: &Tensor, weight: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let logits = crate::linear::frozen_linear(h, weight)?;
+    let logits = crate::linear::frozen_linear_f32(h, weight)?;
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;

@@ -19,6 +19,7 @@
 pub mod attention;
 pub mod ce;
 mod cpu;
+pub mod frozen;
 pub mod linear;
 pub mod norm;
 pub mod rope;

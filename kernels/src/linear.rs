@@ -11,10 +11,11 @@
 //! detached input and attaches it through an identity op with the same backward (so the CUDA build
 //! computes no weight gradient either), and `lora_linear` is the candle composition.
 use crate::cpu::{contiguous_f32, gemm_add, gemm_new, Operand, Read};
+use crate::frozen::Frozen;
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, MetalStorage, Result,
-    Shape, Tensor,
+    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, MetalStorage,
+    Result, Shape, Tensor,
 };
 use rayon::prelude::*;
 
@@ -25,8 +26,24 @@ pub fn supported(ts: &[&Tensor]) -> bool {
 }
 
 /// `x @ weight^T` (`x` `[n, in]`, `weight` `[out, in]` frozen) -> `[n, out]`; `x` gets a gradient,
-/// `weight` never does.
-pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+/// `weight` never does. A weight kept in its stored form (bf16, f16, quantized) is widened for each
+/// product on the CPU; elsewhere it is widened once here and kept for backward.
+pub fn frozen_linear(x: &Tensor, weight: &Frozen) -> Result<Tensor> {
+    match weight {
+        Frozen::Dense(w) if w.dtype() == x.dtype() => frozen_linear_f32(x, w),
+        _ if supported(&[x]) && weight.device().is_cpu() => {
+            x.contiguous()?.apply_op1(StoredLinear {
+                weight: weight.clone(),
+            })
+        }
+        _ => {
+            let w = weight.to_f32(x.device())?;
+            frozen_linear_f32(x, &w.to_dtype(x.dtype())?)
+        }
+    }
+}
+
+pub(crate) fn frozen_linear_f32(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if supported(&[x, weight]) {
         return x
             .contiguous()?
@@ -52,17 +69,21 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// Elsewhere this is the candle composition (`frozen_linear` plus the adapter's products).
 pub fn lora_linear(
     x: &Tensor,
-    weight: &Tensor,
+    weight: &Frozen,
     a: &Tensor,
     b: &Tensor,
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let mut all = vec![x, weight, a, b];
+    let mut all = vec![x, a, b];
     all.extend(mask);
-    if supported(&all) {
+    if supported(&all) && weight.device().is_cpu() {
+        let weight = match weight {
+            Frozen::Dense(w) => Frozen::Dense(w.detach().contiguous()?),
+            q => q.clone(),
+        };
         let op = LoraLinear {
-            weight: weight.detach().contiguous()?,
+            weight,
             mask: mask.map(|m| m.detach().contiguous()).transpose()?,
             scale: scale as f32,
             x_grad: x.track_op(),
@@ -108,6 +129,46 @@ fn dims2(l: &Layout, what: &str) -> Result<(usize, usize)> {
 }
 
 struct FrozenLinear;
+
+/// [`FrozenLinear`] for a weight in its stored form: the weight is the op's own (not an input), widened
+/// into a scratch buffer for the forward product and again for backward's.
+struct StoredLinear {
+    weight: Frozen,
+}
+
+impl CustomOp1 for StoredLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear-stored"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = dims2(l1, "frozen-linear")?;
+        let (out, k2) = self.weight.dims2()?;
+        if k != k2 {
+            bail!("frozen-linear: x has {k} columns, the weight {k2}");
+        }
+        let x = contiguous_f32("frozen-linear", s1, l1)?;
+        let y = self
+            .weight
+            .with_f32(|w| gemm_new(Operand::plain(x), Operand::t(w), (n, out, k), 1.0))?;
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let (n, out) = grad.dims2()?;
+        let (wo, k) = self.weight.dims2()?;
+        if wo != out {
+            bail!("frozen-linear backward: gradient [{n}, {out}] for a weight [{wo}, {k}]");
+        }
+        let rg = Read::new(&grad);
+        let g = rg.f32("frozen-linear backward")?;
+        let dx = self
+            .weight
+            .with_f32(|w| gemm_new(Operand::plain(g), Operand::plain(w), (n, k, out), 1.0))?;
+        Tensor::from_vec(dx, (n, k), grad.device()).map(Some)
+    }
+}
 
 impl CustomOp2 for FrozenLinear {
     fn name(&self) -> &'static str {
@@ -243,7 +304,7 @@ impl CustomOp2 for Product {
 
 /// See [`lora_linear`].
 struct LoraLinear {
-    weight: Tensor,
+    weight: Frozen,
     mask: Option<Tensor>,
     scale: f32,
     /// Whether `x` needs a gradient (not the first layer's input, which comes from frozen weights):
@@ -278,12 +339,19 @@ impl LoraLinear {
         Ok(LoraDims { n, k, out, r })
     }
 
-    /// `weight + scale * b @ a`, `[out, in]`.
-    fn merged(&self, w: &[f32], a: &[f32], b: &[f32], d: &LoraDims) -> Result<Vec<f32>> {
-        let mut merged = w.to_vec();
-        let (b, a) = (Operand::plain(b), Operand::plain(a));
-        gemm_add(&mut merged, b, a, (d.out, d.k, d.r), self.scale)?;
-        Ok(merged)
+    /// Calls `f` with `weight + scale * b @ a`, `[out, in]`, built in a scratch buffer.
+    fn with_merged<R>(
+        &self,
+        a: &[f32],
+        b: &[f32],
+        d: &LoraDims,
+        f: impl FnOnce(&[f32]) -> Result<R>,
+    ) -> Result<R> {
+        self.weight.with_f32_mut(|merged| {
+            let (b, a) = (Operand::plain(b), Operand::plain(a));
+            gemm_add(merged, b, a, (d.out, d.k, d.r), self.scale)?;
+            f(merged)
+        })
     }
 }
 
@@ -338,22 +406,21 @@ impl CustomOp3 for LoraLinear {
         let x = contiguous_f32("lora-linear", s1, l1)?;
         let a = contiguous_f32("lora-linear", s2, l2)?;
         let b = contiguous_f32("lora-linear", s3, l3)?;
-        let weight = Read::new(&self.weight);
-        let w = weight.f32("lora-linear weight")?;
         let y = match &self.mask {
-            None => {
-                let merged = self.merged(w, a, b, &d)?;
+            None => self.with_merged(a, b, &d, |merged| {
                 gemm_new(
                     Operand::plain(x),
-                    Operand::t(&merged),
+                    Operand::t(merged),
                     (d.n, d.out, d.k),
                     1.0,
-                )?
-            }
+                )
+            })?,
             Some(mask) => {
                 let mask = Read::new(mask);
                 let xin = masked(x, mask.f32("lora-linear mask")?);
-                let mut y = gemm_new(Operand::plain(x), Operand::t(w), (d.n, d.out, d.k), 1.0)?;
+                let mut y = self.weight.with_f32(|w| {
+                    gemm_new(Operand::plain(x), Operand::t(w), (d.n, d.out, d.k), 1.0)
+                })?;
                 let u = gemm_new(Operand::plain(&xin), Operand::t(a), (d.n, d.r, d.k), 1.0)?;
                 let (u, b) = (Operand::plain(&u), Operand::t(b));
                 gemm_add(&mut y, u, b, (d.n, d.out, d.r), self.scale)?;
@@ -376,8 +443,6 @@ impl CustomOp3 for LoraLinear {
         let what = "lora-linear backward";
         let (rx, ra, rb, rg) = (Read::new(x), Read::new(a), Read::new(b), Read::new(&grad));
         let (xs, a_s, bs, g) = (rx.f32(what)?, ra.f32(what)?, rb.f32(what)?, rg.f32(what)?);
-        let weight = Read::new(&self.weight);
-        let w = weight.f32(what)?;
         let (n, k, out, r, s) = (d.n, d.k, d.out, d.r, self.scale);
         // g @ b, [n, r]: the gradient at the adapter's bottleneck (before the scale).
         let gb = gemm_new(Operand::plain(g), Operand::plain(bs), (n, r, out), 1.0)?;
@@ -385,15 +450,18 @@ impl CustomOp3 for LoraLinear {
             None if !self.x_grad => (None, None),
             None => {
                 // dx = g @ (weight + s * b @ a) in one product.
-                let merged = self.merged(w, a_s, bs, &d)?;
-                let dx = gemm_new(Operand::plain(g), Operand::plain(&merged), (n, k, out), 1.0)?;
+                let dx = self.with_merged(a_s, bs, &d, |merged| {
+                    gemm_new(Operand::plain(g), Operand::plain(merged), (n, k, out), 1.0)
+                })?;
                 (Some(dx), None)
             }
             Some(mask) => {
                 let mask = Read::new(mask);
                 let mask = mask.f32(what)?;
                 let dx = if self.x_grad {
-                    let mut dx = gemm_new(Operand::plain(g), Operand::plain(w), (n, k, out), 1.0)?;
+                    let mut dx = self.weight.with_f32(|w| {
+                        gemm_new(Operand::plain(g), Operand::plain(w), (n, k, out), 1.0)
+                    })?;
                     let dxin = gemm_new(Operand::plain(&gb), Operand::plain(a_s), (n, k, r), s)?;
                     add_masked(&mut dx, &dxin, mask);
                     Some(dx)
@@ -460,7 +528,8 @@ mod tests {
                 });
                 let scale = 0.75;
 
-                let fused = lora_linear(&x, &w, &a, &b, scale, mask.as_ref()).unwrap();
+                let fused = lora_linear(&x, &Frozen::from(w.clone()), &a, &b, scale, mask.as_ref())
+                    .unwrap();
                 let xin = match &mask {
                     Some(m) => (x.as_tensor() * m).unwrap(),
                     None => x.as_tensor().clone(),
@@ -502,7 +571,7 @@ mod tests {
         let a = Var::from_tensor(&Tensor::new(&[[0.5f64, -1.0]], &d).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::new(&[[1f64], [2.0], [0.0]], &d).unwrap()).unwrap();
         let mask = Tensor::new(&[[2f64, 0.0], [0.0, 2.0]], &d).unwrap();
-        let y = lora_linear(&x, &w, &a, &b, 0.5, Some(&mask)).unwrap();
+        let y = lora_linear(&x, &Frozen::from(w.clone()), &a, &b, 0.5, Some(&mask)).unwrap();
         // Row 0: base [1, 2, 3]; x*mask = [2, 0] -> u = 1 -> + 0.5 * [1, 2, 0].
         // Row 1: base [3, -1, 2]; x*mask = [0, -2] -> u = 2 -> + 0.5 * [2, 4, 0].
         let want = vec![vec![1.5, 3.0, 3.0], vec![4.0, 1.0, 2.0]];
@@ -520,7 +589,7 @@ mod tests {
         let b = Var::from_tensor(&rand((3, 2), &mut rng)).unwrap();
         let mask = Tensor::ones((6, 4), DType::F32, &Device::Cpu).unwrap();
         for mask in [None, Some(&mask)] {
-            let y = lora_linear(&x, &w, &a, &b, 2.0, mask).unwrap();
+            let y = lora_linear(&x, &Frozen::from(w.clone()), &a, &b, 2.0, mask).unwrap();
             let g = y.sum_all().unwrap().backward().unwrap();
             assert!(g.get(&x).is_none());
             let composed = (x.matmul(&w.t().unwrap()).unwrap()
@@ -557,7 +626,7 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let x = Var::from_tensor(&rand((5, 3), &mut rng)).unwrap();
         let w = Var::from_tensor(&rand((4, 3), &mut rng)).unwrap();
-        let g = frozen_linear(&x, &w)
+        let g = frozen_linear(&x, &Frozen::from(w.as_tensor().clone()))
             .unwrap()
             .sum_all()
             .unwrap()
@@ -572,20 +641,20 @@ mod tests {
         let d = Device::Cpu;
         let x = Tensor::zeros((2, 3), DType::F32, &d).unwrap();
         let w = Tensor::zeros((4, 5), DType::F32, &d).unwrap();
-        assert!(frozen_linear(&x, &w).is_err());
+        assert!(frozen_linear(&x, &Frozen::from(w.clone())).is_err());
         let x = Tensor::zeros((2, 3), DType::F32, &d).unwrap();
         let w = Tensor::zeros((4, 3), DType::F32, &d).unwrap();
         let a = Tensor::zeros((2, 3), DType::F32, &d).unwrap();
         let b = Tensor::zeros((4, 3), DType::F32, &d).unwrap();
-        assert!(lora_linear(&x, &w, &a, &b, 1.0, None).is_err());
+        assert!(lora_linear(&x, &Frozen::from(w.clone()), &a, &b, 1.0, None).is_err());
         let b = Tensor::zeros((4, 2), DType::F32, &d).unwrap();
         let mask = Tensor::zeros((3, 3), DType::F32, &d).unwrap();
-        assert!(lora_linear(&x, &w, &a, &b, 1.0, Some(&mask)).is_err());
-        assert!(lora_linear(&x, &w, &a, &b, 1.0, None).is_ok());
+        assert!(lora_linear(&x, &Frozen::from(w.clone()), &a, &b, 1.0, Some(&mask)).is_err());
+        assert!(lora_linear(&x, &Frozen::from(w.clone()), &a, &b, 1.0, None).is_ok());
         // Off the fused path (here f64) the product still comes out, through candle's matmul.
         let x64 = Tensor::ones((2, 3), DType::F64, &d).unwrap();
         let w64 = Tensor::ones((4, 3), DType::F64, &d).unwrap();
-        let y64 = frozen_linear(&x64, &w64).unwrap();
+        let y64 = frozen_linear(&x64, &Frozen::from(w64.clone())).unwrap();
         assert_eq!(y64.to_vec2::<f64>().unwrap(), vec![vec![3.0; 4]; 2]);
     }
 }

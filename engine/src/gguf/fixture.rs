@@ -162,6 +162,14 @@ pub fn write_gguf(dir: &Path, out: &Path, fx: &Fixture) {
             (_, "token_embd.weight") => fx.embedding,
             _ => fx.matrices,
         };
+        // Rows must be whole blocks: like llama.cpp, a matrix whose rows are not (the tiny model's
+        // down_proj, 384 wide, under a 256-value K-quant) falls back to Q8_0.
+        let cols = t.dims().last().copied().unwrap_or(0);
+        let dtype = if cols % dtype.block_size() == 0 {
+            dtype
+        } else {
+            GgmlDType::Q8_0
+        };
         qtensors.insert(name, QTensor::quantize(&t, dtype).unwrap());
     }
     let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();

@@ -26,7 +26,9 @@ pub use header::{dtype_name, ggml_type_name, read_content, Meta};
 use super::config::{ModelConfig, RopeParams};
 use super::error::EngineError;
 use candle_core::quantized::gguf_file::{Content, TensorInfo};
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
+use lorad_kernels::frozen::Frozen;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -255,6 +257,56 @@ impl GgufModel {
         Ok(out)
     }
 
+    /// Like [`GgufModel::load_tensors`], but the quantized matrices stay quantized ([`Frozen::Quantized`],
+    /// Q and K rows reordered as blocks); everything else (norms, biases, F32/F16/BF16 tensors) is
+    /// f32. Quantized blocks live on the CPU: for another device, use `load_tensors`.
+    pub fn load_frozen(&self) -> Result<HashMap<String, Frozen>, EngineError> {
+        let file = std::fs::File::open(&self.path).map_err(|e| EngineError::io(&self.path, e))?;
+        let mut reader = std::io::BufReader::new(file);
+        let mut out = HashMap::new();
+        for p in self.plan()? {
+            let Some(info) = self.content.tensor_infos.get(&p.gguf) else {
+                continue;
+            };
+            let name = |e: candle_core::Error| {
+                EngineError::model(
+                    &self.path,
+                    format!(
+                        "GGUF tensor {} ({}): {e}",
+                        p.gguf,
+                        dtype_name(info.ggml_dtype)
+                    ),
+                )
+            };
+            let q = info
+                .read(&mut reader, self.content.tensor_data_offset, &Device::Cpu)
+                .map_err(name)?;
+            let keep = p.dims.len() == 2
+                && !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+            let frozen = if keep {
+                let q = match p.unpermute_heads {
+                    Some(heads) => {
+                        let order = unpermute_order(p.dims[0], heads).map_err(name)?;
+                        lorad_kernels::frozen::permute_rows(&q, &order).map_err(name)?
+                    }
+                    None => q,
+                };
+                Frozen::Quantized(std::sync::Arc::new(q))
+            } else {
+                let t = q
+                    .dequantize(&Device::Cpu)
+                    .and_then(|t| match p.unpermute_heads {
+                        Some(heads) => permute_qk(&t, heads, true),
+                        None => Ok(t),
+                    })
+                    .map_err(name)?;
+                Frozen::Dense(t)
+            };
+            out.insert(p.hf, frozen);
+        }
+        Ok(out)
+    }
+
     fn read_f32(
         &self,
         reader: &mut std::io::BufReader<std::fs::File>,
@@ -263,6 +315,19 @@ impl GgufModel {
         info.read(reader, self.content.tensor_data_offset, &Device::Cpu)?
             .dequantize(&Device::Cpu)
     }
+}
+
+/// The source row of each row after `permute_qk(.., heads, true)` on a matrix of `rows` rows.
+fn unpermute_order(rows: usize, heads: usize) -> candle_core::Result<Vec<usize>> {
+    let idx: Vec<u32> = (0..rows as u32).collect();
+    let idx = Tensor::from_vec(idx, (rows, 1), &Device::Cpu)?;
+    let moved = permute_qk(&idx, heads, true)?;
+    Ok(moved
+        .flatten_all()?
+        .to_vec1::<u32>()?
+        .into_iter()
+        .map(|i| i as usize)
+        .collect())
 }
 
 fn planned(gguf: &str, dims: Vec<usize>, required: bool, heads: Option<usize>) -> Planned {
