@@ -227,7 +227,7 @@ fn dequantize_blocks<T: k_quants::GgmlType + Send + Sync>(
     out: &mut [f32],
 ) -> Result<()> {
     let size = std::mem::size_of::<T>();
-    if size == 0 || data.len() % size != 0 || data.len() / size * T::BLCK_SIZE != out.len() {
+    if size == 0 || !data.len().is_multiple_of(size) || data.len() / size * T::BLCK_SIZE != out.len() {
         bail!(
             "frozen weight: {} bytes of {}-byte blocks for {} values",
             data.len(),
@@ -235,7 +235,7 @@ fn dequantize_blocks<T: k_quants::GgmlType + Send + Sync>(
             out.len()
         );
     }
-    if (data.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+    if !(data.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
         bail!("frozen weight: quantized blocks are not aligned");
     }
     // SAFETY: the bytes are a QTensor's CPU storage, a `Vec<T>` of these very blocks (checked:

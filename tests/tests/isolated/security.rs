@@ -749,5 +749,8 @@ fn hooks_run_as_the_jobs_owner() {
     // The admin's hook ran as alice too, so the root-only directory stayed closed to it.
     assert!(!forbidden.exists(), "a hook wrote where only root may");
     let log = std::fs::read_to_string(d.job_dir(id).join("job.log")).expect("job.log");
-    assert!(log.contains("refused") || log.contains("Permission denied"), "{log}");
+    assert!(
+        log.contains("refused") || log.contains("Permission denied"),
+        "{log}"
+    );
 }
