@@ -134,6 +134,7 @@ fn estimate_parts(e: &lorad_engine::memory::MemoryEstimate) -> serde_json::Value
         "baseline": mb(e.baseline), "weights": mb(e.weights), "lora": mb(e.lora),
         "optimizer": mb(e.optimizer), "activations": mb(e.activations),
         "workspace": mb(e.workspace), "fragmentation": mb(e.fragmentation),
+        "widening": mb(e.widening),
         "loading": mb(e.loading), "total": mb(e.total()),
     })
 }

@@ -69,9 +69,16 @@ pub struct MemoryEstimate {
     /// The process and the tokenizer ([`PROCESS_BYTES`], [`TOKENIZER_BYTES_PER_TOKEN`]): resident
     /// from before loading to the end, whatever the model's size.
     pub baseline: u64,
-    /// Base weights in f32 (the CPU engine widens bf16 and dequantizes GGUF on load), the untied LM
-    /// head, Qwen2's q/k/v biases and the RoPE tables for `max_seq_len` positions.
+    /// Base weights as held: in f32 (`base_weights=f32`, or a file that is f32 already), or with
+    /// `base_weights=stored` at the file's width (2 bytes a parameter for bf16/f16, the GGUF file's
+    /// bytes per parameter for quantized blocks); with the untied LM head, Qwen2's q/k/v biases and
+    /// the RoPE tables for `max_seq_len` positions.
     pub weights: u64,
+    /// Stored weights widened for the step: the LM head in f32 (the chunked cross-entropy reads it
+    /// forward and backward, so it lives for the step), and the pooled scratch buffers a layer's
+    /// weight is widened into for each product (two, the size of the largest layer matrix). 0 for
+    /// f32 weights.
+    pub widening: u64,
     /// The LoRA A/B matrices in f32, and two more copies of their size at the peak: the step's summed
     /// gradients (`Trainer::gradients` starts them as zeros before the first forward pass) and the
     /// gradients the backward pass is storing for every LoRA variable.
@@ -115,6 +122,7 @@ impl MemoryEstimate {
     pub fn total(&self) -> u64 {
         self.baseline
             + self.weights
+            + self.widening
             + self.lora
             + self.optimizer
             + self.activations
@@ -131,6 +139,7 @@ impl fmt::Display for MemoryEstimate {
         let parts = [
             ("process and tokenizer", self.baseline),
             ("weights", self.weights),
+            ("widening", self.widening),
             ("LoRA", self.lora),
             ("optimizer", self.optimizer),
             ("activations", self.activations),
@@ -179,6 +188,27 @@ impl WeightFiles {
                 ))
             }
             ModelSource::Gguf(g) => Ok(WeightFiles::Gguf(size(g.path())?)),
+        }
+    }
+
+    /// Bytes per base parameter as stored (4 for f32 files, ~2 for bf16/f16, less for GGUF blocks).
+    fn width(&self, cfg: &ModelConfig) -> f64 {
+        let bytes: u64 = match self {
+            WeightFiles::Gguf(b) => *b,
+            WeightFiles::Safetensors(files) => files.iter().sum(),
+        };
+        bytes as f64 / weight_elems(cfg).max(1) as f64
+    }
+
+    /// The most the loader holds beyond the stored weights it ends with (`base_weights=stored`):
+    /// a safetensors file is read whole next to its tensors, one file at a time; GGUF one tensor.
+    fn load_excess_stored(&self, cfg: &ModelConfig) -> u64 {
+        match self {
+            WeightFiles::Safetensors(files) => files.iter().copied().max().unwrap_or(0),
+            WeightFiles::Gguf(_) => {
+                let largest = tensor_sizes(cfg).iter().map(|&(e, _)| e).max().unwrap_or(0);
+                (largest as f64 * self.width(cfg)) as u64
+            }
         }
     }
 
@@ -414,9 +444,24 @@ pub fn estimate_with(cfg: &ModelConfig, s: &TrainSettings, files: &WeightFiles) 
     // picked from it and their gradient, computed in the forward pass ([rows, hidden] each, rows <= n).
     let outside = 2 * d.n * d.hidden + 2 * d.n * d.hidden;
     let activations = (d.n * d.layers * layer_floats_per_token(&d, &targets) + outside) * F32;
+    // Stored weights narrower than f32 stay so (`base_weights=stored`); see `lorad_kernels::frozen`.
+    let width = files.width(cfg);
+    let stored = s.base_weights == lorad_schema::BaseWeights::Stored && width < F32 as f64 * 0.95;
+    let (weights, widening) = if stored {
+        let head = d.vocab * d.hidden * F32;
+        let largest = [d.hidden * d.q, d.hidden * d.kv, d.hidden * d.inter]
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        let held = (weight_elems(cfg) as f64 * width) as u64 + rope * F32;
+        (held, head + 2 * largest * F32)
+    } else {
+        ((weight_elems(cfg) + rope) * F32, 0)
+    };
     let mut e = MemoryEstimate {
         baseline: PROCESS_BYTES + TOKENIZER_BYTES_PER_TOKEN * d.vocab,
-        weights: (weight_elems(cfg) + rope) * F32,
+        weights,
+        widening,
         lora: 3 * lora * F32,
         optimizer: 2 * lora * F32,
         activations,
@@ -425,7 +470,12 @@ pub fn estimate_with(cfg: &ModelConfig, s: &TrainSettings, files: &WeightFiles) 
         loading: 0,
     };
     let step_extra = e.lora + e.optimizer + e.activations + e.workspace + e.fragmentation;
-    e.loading = files.load_excess(cfg).saturating_sub(step_extra);
+    let excess = if stored {
+        files.load_excess_stored(cfg)
+    } else {
+        files.load_excess(cfg)
+    };
+    e.loading = excess.saturating_sub(step_extra + e.widening);
     e
 }
 
@@ -527,8 +577,35 @@ mod tests {
             target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"]
                 .map(String::from)
                 .to_vec(),
+            // These tests are about the f32 path; `stored_weights_...` about the other.
+            base_weights: lorad_schema::BaseWeights::F32,
             ..TrainSettings::default()
         }
+    }
+
+    #[test]
+    fn stored_weights_are_held_at_their_width_and_widened_a_layer_and_the_head_at_a_time() {
+        let cfg = llama_1b();
+        let stored = TrainSettings {
+            base_weights: lorad_schema::BaseWeights::Stored,
+            ..settings(1, 128, 16)
+        };
+        let elems = weight_elems(&cfg);
+        // bf16 safetensors: 2 bytes a parameter; the head (32000 x 2048) and two scratch buffers of
+        // the widest layer matrix (2048 x 5632) in f32 for the step.
+        let bf16 = estimate_with(&cfg, &stored, &WeightFiles::Safetensors(vec![elems * 2]));
+        assert_eq!(bf16.weights, elems * 2 + 2 * 128 * 64 * 4);
+        assert_eq!(bf16.widening, (32_000 * 2048 + 2 * 2048 * 5632) * 4);
+        // Q4_K GGUF, ~4.5 bits a parameter.
+        let q4 = estimate_with(&cfg, &stored, &WeightFiles::Gguf(elems * 9 / 16));
+        assert!(q4.weights < bf16.weights / 3);
+        let f32 = estimate_with(&cfg, &settings(1, 128, 16), &WeightFiles::Gguf(elems * 9 / 16));
+        assert!(q4.total() < f32.total() / 2, "{q4} vs {f32}");
+        assert_eq!(f32.widening, 0);
+        // An f32 file is held as it is either way.
+        let f = estimate_with(&cfg, &stored, &WeightFiles::Safetensors(vec![elems * 4]));
+        assert_eq!(f.widening, 0);
+        assert_eq!(f.weights, (elems + 2 * 128 * 64) * 4);
     }
 
     #[test]
