@@ -430,3 +430,8 @@ mod tests;
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #[path = "checkpoint_fault_tests.rs"]
 mod fault_tests;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#[path = "grad_checkpoint_tests.rs"]
+mod grad_checkpoint_tests;

@@ -443,7 +443,14 @@ pub fn estimate_with(cfg: &ModelConfig, s: &TrainSettings, files: &WeightFiles) 
     // Around the layers: the embedding lookup and the final norm ([n, hidden] each), the loss rows
     // picked from it and their gradient, computed in the forward pass ([rows, hidden] each, rows <= n).
     let outside = 2 * d.n * d.hidden + 2 * d.n * d.hidden;
-    let activations = (d.n * d.layers * layer_floats_per_token(&d, &targets) + outside) * F32;
+    // With gradient checkpointing each layer keeps only its input `[n, hidden]`, and one layer's
+    // activations live at a time (the one being recomputed), plus its output's gradient.
+    let per_layer = layer_floats_per_token(&d, &targets);
+    let activations = if checkpointing(cfg, s) {
+        (d.n * d.layers * d.hidden + d.n * per_layer + d.n * d.hidden + outside) * F32
+    } else {
+        (d.n * d.layers * per_layer + outside) * F32
+    };
     // Stored weights narrower than f32 stay so (`base_weights=stored`); see `lorad_kernels::frozen`.
     let width = files.width(cfg);
     let stored = s.base_weights == lorad_schema::BaseWeights::Stored && width < F32 as f64 * 0.95;
@@ -477,6 +484,22 @@ pub fn estimate_with(cfg: &ModelConfig, s: &TrainSettings, files: &WeightFiles) 
     };
     e.loading = excess.saturating_sub(step_extra + e.widening);
     e
+}
+
+/// Whether `s.gradient_checkpointing` is on for this model (`auto`: from
+/// `GRADIENT_CHECKPOINTING_AUTO_PARAMS` base parameters), as `Llama::checkpointing` decides it.
+pub fn checkpointing(cfg: &ModelConfig, s: &TrainSettings) -> bool {
+    checkpointing_for(cfg, s.gradient_checkpointing)
+}
+
+/// [`checkpointing`] for the setting alone.
+pub fn checkpointing_for(cfg: &ModelConfig, setting: lorad_schema::GradientCheckpointing) -> bool {
+    use lorad_schema::GradientCheckpointing::*;
+    match setting {
+        On => true,
+        Off => false,
+        Auto => weight_elems(cfg) >= lorad_schema::GRADIENT_CHECKPOINTING_AUTO_PARAMS,
+    }
 }
 
 /// A way out when `estimate(cfg, s).total() > limit`: the largest batch_size (keeping the other
@@ -579,8 +602,31 @@ mod tests {
                 .to_vec(),
             // These tests are about the f32 path; `stored_weights_...` about the other.
             base_weights: lorad_schema::BaseWeights::F32,
+            gradient_checkpointing: lorad_schema::GradientCheckpointing::Off,
             ..TrainSettings::default()
         }
+    }
+
+    #[test]
+    fn checkpointing_keeps_one_input_per_layer_and_one_layer() {
+        let cfg = llama_1b();
+        let off = estimate(&cfg, &settings(4, 512, 16));
+        let on = TrainSettings {
+            gradient_checkpointing: lorad_schema::GradientCheckpointing::On,
+            ..settings(4, 512, 16)
+        };
+        let on = estimate(&cfg, &on);
+        assert!(on.activations * 5 < off.activations, "{on} vs {off}");
+        assert_eq!(on.weights, off.weights);
+        // auto: on for this 1.1B model, off for a small one.
+        let auto = TrainSettings {
+            gradient_checkpointing: lorad_schema::GradientCheckpointing::Auto,
+            ..settings(4, 512, 16)
+        };
+        assert!(checkpointing(&cfg, &auto));
+        let mut small = cfg.clone();
+        small.num_hidden_layers = 2;
+        assert!(!checkpointing(&small, &auto));
     }
 
     #[test]
@@ -599,7 +645,11 @@ mod tests {
         // Q4_K GGUF, ~4.5 bits a parameter.
         let q4 = estimate_with(&cfg, &stored, &WeightFiles::Gguf(elems * 9 / 16));
         assert!(q4.weights < bf16.weights / 3);
-        let f32 = estimate_with(&cfg, &settings(1, 128, 16), &WeightFiles::Gguf(elems * 9 / 16));
+        let f32 = estimate_with(
+            &cfg,
+            &settings(1, 128, 16),
+            &WeightFiles::Gguf(elems * 9 / 16),
+        );
         assert!(q4.total() < f32.total() / 2, "{q4} vs {f32}");
         assert_eq!(f32.widening, 0);
         // An f32 file is held as it is either way.

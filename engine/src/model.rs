@@ -71,6 +71,51 @@ struct Block {
     mlp: Mlp,
 }
 
+/// What every decoder layer's forward pass shares: the RoPE tables for the sequence, the attention
+/// window, the norms' epsilon.
+struct LayerInputs {
+    cos: Tensor,
+    sin: Tensor,
+    window: Option<usize>,
+    eps: f64,
+}
+
+impl Block {
+    /// The layer's projections, in `TARGET_MODULES` order.
+    fn linears(&self) -> [&LoraLinear; 7] {
+        [
+            &self.attn.q,
+            &self.attn.k,
+            &self.attn.v,
+            &self.attn.o,
+            &self.mlp.gate,
+            &self.mlp.up,
+            &self.mlp.down,
+        ]
+    }
+
+    /// One decoder layer: `x + attn(norm(x))`, then `+ mlp(norm(.))`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        c: &LayerInputs,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let a = self.attn.forward(
+            &rms_norm(x, &self.input_norm, c.eps)?,
+            &c.cos,
+            &c.sin,
+            c.window,
+            rng.as_deref_mut(),
+        )?;
+        let x = (x + a)?;
+        let n = rms_norm(&x, &self.post_norm, c.eps)?;
+        let gate = self.mlp.gate.forward(&n, rng.as_deref_mut())?;
+        let up = self.mlp.up.forward(&n, rng.as_deref_mut())?;
+        x + self.mlp.down.forward(&swiglu(&gate, &up)?, rng)?
+    }
+}
+
 /// The model: frozen base weights, LoRA pairs on the target modules.
 #[derive(Debug, Clone)]
 pub struct Llama {
@@ -273,6 +318,15 @@ impl Llama {
     /// Final hidden states (after the last norm), `[b, t, hidden]`, for token ids `[b, t]` (u32).
     /// `dropout_rng` is `Some` in training (LoRA dropout on) and `None` in evaluation.
     pub fn hidden(&self, ids: &Tensor, mut dropout_rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        let (mut x, c) = self.embedded(ids)?;
+        for block in &self.blocks {
+            x = block.forward(&x, &c, dropout_rng.as_deref_mut())?;
+        }
+        rms_norm(&x, &self.norm, c.eps)
+    }
+
+    /// The embedded tokens `[b, t, hidden]` and what the layers share, for token ids `[b, t]`.
+    fn embedded(&self, ids: &Tensor) -> Result<(Tensor, LayerInputs)> {
         let (b, t) = ids.dims2()?;
         if t > self.max_len {
             candle_core::bail!(
@@ -280,32 +334,85 @@ impl Llama {
                 self.max_len
             );
         }
-        let mut x = self
+        let x = self
             .embed
             .rows(&ids.flatten_all()?)?
             .reshape((b, t, self.cfg.hidden_size))?;
-        let cos = self.rope.cos.narrow(0, 0, t)?;
-        let sin = self.rope.sin.narrow(0, 0, t)?;
-        let window = self.cfg.window();
-        let eps = self.cfg.rms_norm_eps;
+        let c = LayerInputs {
+            cos: self.rope.cos.narrow(0, 0, t)?,
+            sin: self.rope.sin.narrow(0, 0, t)?,
+            window: self.cfg.window(),
+            eps: self.cfg.rms_norm_eps,
+        };
+        Ok((x, c))
+    }
+
+    /// [`Llama::loss_sum`] and the gradients of `scale * loss` for every LoRA variable, with gradient
+    /// checkpointing: the forward pass keeps only each layer's input (and the dropout stream's
+    /// position there); backward recomputes one layer at a time from its input, with the same
+    /// dropout masks, and sends the gradient of its output through it. Peak activations are one
+    /// layer's plus one `[b, t, hidden]` per layer, instead of every layer's.
+    ///
+    /// The numbers are those of `loss_sum(..).backward()`: the same ops on the same values; a layer's
+    /// upstream gradient reaches it as `sum(y * g)`, whose gradient with respect to `y` is exactly `g`.
+    pub fn loss_and_grads_checkpointed(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        labels: &Tensor,
+        mut dropout_rng: Option<&mut ChaCha8Rng>,
+        scale: f64,
+    ) -> Result<(Tensor, candle_core::backprop::GradStore)> {
+        let (mut x, c) = self.embedded(ids)?;
+        let mut kept = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
-            let a = block.attn.forward(
-                &rms_norm(&x, &block.input_norm, eps)?,
-                &cos,
-                &sin,
-                window,
-                dropout_rng.as_deref_mut(),
-            )?;
-            x = (x + a)?;
-            let n = rms_norm(&x, &block.post_norm, eps)?;
-            let gate = block.mlp.gate.forward(&n, dropout_rng.as_deref_mut())?;
-            let up = block.mlp.up.forward(&n, dropout_rng.as_deref_mut())?;
-            x = (x + block
-                .mlp
-                .down
-                .forward(&swiglu(&gate, &up)?, dropout_rng.as_deref_mut())?)?;
+            let input = x.detach();
+            let rng_here = dropout_rng.as_deref().cloned();
+            // Built with the graph (the ops decide what to keep by whether inputs track), then cut:
+            // only the output's values survive this loop.
+            x = block
+                .forward(&input, &c, dropout_rng.as_deref_mut())?
+                .detach();
+            kept.push((input, rng_here));
         }
-        rms_norm(&x, &self.norm, eps)
+        let top = Var::from_tensor(&x)?;
+        let h = rms_norm(top.as_tensor(), &self.norm, c.eps)?;
+        let rows = h
+            .reshape(((), self.cfg.hidden_size))?
+            .index_select(positions, 0)?;
+        let loss = lm_head_nll_sum(&rows, &self.lm_head, labels)?;
+        let head = loss.affine(scale, 0.0)?.backward()?;
+        let mut grad = head
+            .get(top.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("no gradient reached the last layer".into()))?;
+        let mut all = candle_core::backprop::GradStore::default();
+        for (block, (input, rng_here)) in self.blocks.iter().zip(kept).rev() {
+            let x = Var::from_tensor(&input)?;
+            let mut rng = rng_here;
+            let y = block.forward(x.as_tensor(), &c, rng.as_mut())?;
+            let store = (y * grad.detach())?.sum_all()?.backward()?;
+            for lin in block.linears() {
+                if let Some(pair) = &lin.lora {
+                    for v in [&pair.a, &pair.b] {
+                        if let Some(g) = store.get(v.as_tensor()) {
+                            all.insert(v.as_tensor(), g.clone());
+                        }
+                    }
+                }
+            }
+            grad = match store.get(x.as_tensor()) {
+                Some(g) => g.clone(),
+                None => break,
+            };
+        }
+        Ok((loss.detach(), all))
+    }
+
+    /// Whether `gradient_checkpointing` (auto: from `GRADIENT_CHECKPOINTING_AUTO_PARAMS` base
+    /// parameters) turns checkpointing on for this model.
+    pub fn checkpointing(&self, setting: lorad_schema::GradientCheckpointing) -> bool {
+        crate::memory::checkpointing_for(&self.cfg, setting)
     }
 
     /// Logits `[b, t, vocab]` (evaluation; training uses `loss_sum`, which only computes the rows it needs).

@@ -97,6 +97,8 @@ pub struct Trainer {
     /// None for a trainer made with `new`: it has nowhere to write.
     job: Option<JobFiles>,
     times: StepTimes,
+    /// Gradient checkpointing is on (the `gradient_checkpointing` setting, `auto` resolved).
+    checkpointing: bool,
 }
 
 impl Trainer {
@@ -175,7 +177,12 @@ impl Trainer {
             total: plan.total_steps,
             kind: s.schedule,
         };
+        let checkpointing = model.checkpointing(s.gradient_checkpointing);
+        if checkpointing {
+            tracing::info!("gradient checkpointing on: each layer is recomputed in backward");
+        }
         Ok(Trainer {
+            checkpointing,
             settings: s.clone(),
             optimizer: AdamW::new(vars.clone(), adam)?,
             model,
@@ -337,10 +344,26 @@ impl Trainer {
             }
             let t = Instant::now();
             let rng = Some(&mut self.dropout_rng);
-            let loss = self.model.loss_sum(&b.ids, &b.positions, &b.labels, rng)?;
+            let (loss, store) = if self.checkpointing {
+                // Forward and backward interleave (each layer is recomputed in backward): the
+                // whole pass counts as forward time.
+                let (ids, pos, labels) = (&b.ids, &b.positions, &b.labels);
+                let (loss, store) = (self.model).loss_and_grads_checkpointed(
+                    ids,
+                    pos,
+                    labels,
+                    rng,
+                    1.0 / targets,
+                )?;
+                forward_ms += ms(t);
+                (loss, store)
+            } else {
+                let loss = self.model.loss_sum(&b.ids, &b.positions, &b.labels, rng)?;
+                forward_ms += ms(t);
+                let store = (&loss / targets)?.backward()?;
+                (loss, store)
+            };
             loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            forward_ms += ms(t);
-            let store = (loss / targets)?.backward()?;
             for (g, v) in grads.iter_mut().zip(&self.vars) {
                 if let Some(d) = store.get(v) {
                     *g = (&*g + d)?;
