@@ -227,7 +227,10 @@ fn dequantize_blocks<T: k_quants::GgmlType + Send + Sync>(
     out: &mut [f32],
 ) -> Result<()> {
     let size = std::mem::size_of::<T>();
-    if size == 0 || !data.len().is_multiple_of(size) || data.len() / size * T::BLCK_SIZE != out.len() {
+    if size == 0
+        || !data.len().is_multiple_of(size)
+        || data.len() / size * T::BLCK_SIZE != out.len()
+    {
         bail!(
             "frozen weight: {} bytes of {}-byte blocks for {} values",
             data.len(),
