@@ -396,6 +396,48 @@ else
   record "lorad training on $device" FAIL "submit refused: $(tail -3 "$work/submit.err")"
   echo '[]' > "$out/lorad-metrics.json"; echo '{}' > "$out/lorad-job.json"
 fi
+# 5b. Frozen weights kept in bf16 (issue 17) off the CPU: the same model in bf16, trained with the base
+# kept (base_weights=stored: widened per product by candle's cast on the GPU) and widened at load (f32).
+# The two jobs see the same f32 values, so their losses must agree.
+if [ -d "$model" ]; then
+  bf16="$work/model-bf16"
+  if "$PY" - "$model" "$bf16" <<'PY'
+import shutil, sys
+from pathlib import Path
+import torch
+from safetensors.torch import load_file, save_file
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors"))
+for f in src.glob("*.safetensors"):
+    w = {k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}
+    save_file(w, str(dst / f.name), metadata={"format": "pt"})
+PY
+  then
+    for bw in f32 stored; do
+      jid=$("$loractl" submit --template basic-fine-tune --model "$bf16" --data "$work/data.jsonl" \
+        --set device="$device" --set base_weights=$bw --set lora_r=16 --set lora_alpha=32 --set lora_dropout=0 \
+        --set target_modules=q_proj,k_proj,v_proj,o_proj --set batch_size="$batch" --set max_seq_len="$seq" \
+        --set max_steps=5 --set warmup_steps=0 --set schedule=constant --set lr=2e-4 2> "$work/submit-$bw.err") &&
+        "$loractl" wait "$jid" --timeout "${LORAD_GPU_TRAIN_TIMEOUT:-240}" > /dev/null &&
+        "$loractl" --json metrics "$jid" > "$out/bf16-$bw-metrics.json" 2> /dev/null ||
+        echo '[]' > "$out/bf16-$bw-metrics.json"
+    done
+    verdict="$("$PY" - "$out/bf16-f32-metrics.json" "$out/bf16-stored-metrics.json" <<'PY'
+import json, sys
+a, b = ([p["loss"] for p in json.load(open(f))] for f in sys.argv[1:3])
+if len(a) != 5 or len(b) != 5:
+    print(f"FAIL steps: {len(a)} widened at load, {len(b)} kept")
+else:
+    worst = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
+    print(("PASS" if worst <= 1e-4 else "FAIL") + f" 5 steps each; losses kept vs widened differ by {worst:.2e} relative at most")
+PY
+)"
+    record "kept-bf16 base on $device" "${verdict%% *}" "${verdict#* }"
+  else
+    record "kept-bf16 base on $device" FAIL "could not write the bf16 copy of $model"
+  fi
+fi
+
 kill "$daemon_pid" 2> /dev/null || true; wait "$daemon_pid" 2> /dev/null || true; daemon_pid=""
 
 # ---------------------------------------------------------------- 6. PyTorch + PEFT on the same GPU
