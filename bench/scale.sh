@@ -92,7 +92,11 @@ lorad() {
   local name="$shape-$base-lorad-$held-ckpt$ckpt-${batch}x$seq"
   local json="$out/$name.json" log="$out/$name.log"
   local flags=(--model "$model" --batch "$batch" --seq "$seq" --base-weights "$held" --gradient-checkpointing "$ckpt")
-  "$peak" "${flags[@]}" --steps 1 --estimate-only --json "$out/$name.estimate.json" 2> "$log"
+  if ! "$peak" "${flags[@]}" --steps 1 --estimate-only --json "$out/$name.estimate.json" 2> "$log"; then
+    tail -5 "$log" >&2
+    row "$shape" "$base" lorad "$held" "$ckpt" "$batch" "$seq" fail "$log"
+    return
+  fi
   local est; est="$(gb "$out/$name.estimate.json")"
   if over "$est"; then
     echo "== $name: skipped, predicted $est GB" >&2
@@ -116,7 +120,11 @@ peft() {
   local json="$out/$name.json" log="$out/$name.log"
   local flags=(--model "$model" --dtype "$dtype" --batch "$batch" --seq "$seq" --threads "$threads")
   [ "$ckpt" = off ] || flags+=(--checkpointing)
-  "$py" "$here/scale/peft_step.py" "${flags[@]}" --estimate-only --json "$out/$name.estimate.json" 2> "$log"
+  if ! "$py" "$here/scale/peft_step.py" "${flags[@]}" --estimate-only --json "$out/$name.estimate.json" 2> "$log"; then
+    tail -5 "$log" >&2
+    row "$shape" bf16 peft "$dtype" "$ckpt" "$batch" "$seq" fail "$log"
+    return
+  fi
   local est; est="$(gb "$out/$name.estimate.json")"
   if over "$est"; then
     echo "== $name: skipped, predicted $est GB" >&2
