@@ -1,6 +1,7 @@
 //! Tests that measure latency or hold the machine's connections: in their own test binary, which cargo
 //! runs after the others, so no training from other tests competes with them for the CPU. They start
 //! real system-mode daemons as root with users they create (skipped when not root).
+mod eta;
 mod flood;
 #[path = "../integration/helpers.rs"]
 mod helpers;
