@@ -11,16 +11,21 @@
 #   lorad (engine/examples/peak.rs, the worker's Trainer): base widened to f32 at load (from the bf16 file),
 #     kept bf16, kept Q4_K (from the GGUF); each with gradient checkpointing off and on.
 #   PyTorch + PEFT (bench/scale/peft_step.py, the bf16 file): bf16 base and f32 base (widened at load);
-#     checkpointing off, and in `full` also on.
-# quick: the 1B shape at 1 x 512 (6 lorad rows, 2 PEFT rows; ~15-20 min on 2 cores).
-# full: 1B, 3B and 8B at 1 x 512 and 4 x 512, and 1B at 1 x 2048 (sequence growth); hours on 2 cores.
+#     checkpointing off, and in `full` also on. f32 rows: one warm-up step, then the timed ones; bf16 rows
+#     no warm-up. With torch 2.15 on this CPU (no bf16 instructions) one bf16 step of the 1B shape at
+#     1 x 512 had not finished after 25 min (on a loaded machine); the suspect is the LM head's input
+#     gradient, a bf16 matmul summing over the 128256-wide vocabulary (alone at 128 x 512 tokens x hidden:
+#     68 s in bf16, 0.3 s in f32). So bf16 rows dominate the run's time; LORAD_SCALE_TIMEOUT bounds each.
+# quick: the 1B shape at 1 x 512 (6 lorad rows, 2 PEFT rows; the lorad and PEFT f32 rows ~10 min on 2
+#     cores, PEFT bf16 possibly far longer, see above).
+# full: 1B, 3B and 8B at 1 x 512 and 4 x 512, and 1B at 1 x 2048 (sequence growth); many hours.
 # A row whose predicted peak is over LORAD_SCALE_LIMIT_GB (default 21) is skipped and says so: lorad's
 # prediction is lorad_engine::memory's (peak.rs --estimate-only), PEFT's a rough count (peft_step.py
 # --estimate-only). The 8B bf16 file (16 GB) is written only with LORAD_SCALE_8B_BF16=1 and 20 GB of free
 # disk; without it the 8B rows that need it say so.
 # Runs of lorad and PEFT alternate within a shape and batch, so load drift on the machine hits both.
 # Knobs: LORAD_SCALE_THREADS (2), LORAD_SCALE_STEPS (lorad optimizer steps, the first untimed; default 3
-# in quick, 2 in full), LORAD_SCALE_PEFT_STEPS (timed PEFT steps after one warm-up; 2 quick, 1 full),
+# in quick, 2 in full), LORAD_SCALE_PEFT_STEPS (timed PEFT steps; 1),
 # LORAD_SCALE_SHAPES / LORAD_SCALE_TOKENS to override the lists (e.g. "llama3.2-3b", "1x512 4x512"),
 # LORAD_SCALE_TIMEOUT (seconds per run, 7200).
 # Needs cargo and bench/.venv (torch, transformers, peft, safetensors, gguf). Disk: 1B 2.5 + 0.7 GB,
@@ -37,7 +42,7 @@ if [ "$mode" = quick ]; then
   shapes="${LORAD_SCALE_SHAPES:-llama3.2-1b}"
   tokens="${LORAD_SCALE_TOKENS:-1x512}"
   steps="${LORAD_SCALE_STEPS:-3}"
-  peft_steps="${LORAD_SCALE_PEFT_STEPS:-2}"
+  peft_steps="${LORAD_SCALE_PEFT_STEPS:-1}"
   peft_ckpt=(off)
 else
   shapes="${LORAD_SCALE_SHAPES:-llama3.2-1b llama3.2-3b llama3.1-8b}"
@@ -104,9 +109,13 @@ lorad() {
     return
   fi
   echo "== $name (predicted $est GB; log: $log)" >&2
-  if RAYON_NUM_THREADS=$threads timeout "$run_timeout" "$peak" "${flags[@]}" --steps "$steps" --json "$json" 2>> "$log"; then
+  local rc=0
+  RAYON_NUM_THREADS=$threads timeout "$run_timeout" "$peak" "${flags[@]}" --steps "$steps" --json "$json" 2>> "$log" || rc=$?
+  if [ $rc = 0 ]; then
     tail -1 "$log" >&2
     row "$shape" "$base" lorad "$held" "$ckpt" "$batch" "$seq" ok "$json"
+  elif [ $rc = 124 ]; then
+    row "$shape" "$base" lorad "$held" "$ckpt" "$batch" "$seq" skip "timed out after $run_timeout s"
   else
     tail -5 "$log" >&2
     row "$shape" "$base" lorad "$held" "$ckpt" "$batch" "$seq" fail "$log"
@@ -132,10 +141,17 @@ peft() {
     return
   fi
   echo "== $name (predicted ~$est GB; log: $log)" >&2
-  if timeout "$run_timeout" "$py" "$here/scale/peft_step.py" "${flags[@]}" --warmup 1 --steps "$peft_steps" \
-    --json "$json" 2>> "$log"; then
+  # A bf16 step takes minutes here and its first is no slower than the next (1.2 GB test model: 66.2,
+  # 66.4, 65.6 s), so bf16 rows have no warm-up step.
+  local warmup=1 rc=0
+  [ "$dtype" = f32 ] || warmup=0
+  timeout "$run_timeout" "$py" "$here/scale/peft_step.py" "${flags[@]}" --warmup "$warmup" --steps "$peft_steps" \
+    --json "$json" 2>> "$log" || rc=$?
+  if [ $rc = 0 ]; then
     tail -1 "$log" >&2
     row "$shape" bf16 peft "$dtype" "$ckpt" "$batch" "$seq" ok "$json"
+  elif [ $rc = 124 ]; then
+    row "$shape" bf16 peft "$dtype" "$ckpt" "$batch" "$seq" skip "timed out after $run_timeout s"
   else
     tail -5 "$log" >&2
     row "$shape" bf16 peft "$dtype" "$ckpt" "$batch" "$seq" fail "$log"
