@@ -7,7 +7,8 @@
 # Each run is engine/examples/peak.rs: the worker's allocator settings, `Trainer::open` on a generated
 # JSONL dataset (every micro-batch batch x seq tokens), STEPS steps, `finish`; the peak is the high-water
 # mark of the resident size (VmHWM) over loading, the steps and finish. LoRA r 16, alpha 32 on q,k,v,o,
-# dropout 0 unless the row says; f32; CPU; RAYON_NUM_THREADS=2 (LORAD_MEMORY_THREADS).
+# dropout 0 unless the row says; f32 (base widened at load: LORAD_MEMORY_BASE=stored keeps it as
+# stored; no gradient checkpointing); CPU; RAYON_NUM_THREADS=2 (LORAD_MEMORY_THREADS).
 # core: the tiny fixture (4 x 64), a random 162M Llama in f32 safetensors (8 x 128), SmolLM2-135M-Instruct
 # from GGUF Q4_1 (4 x 256), a random Llama of TinyLlama-1.1B's shape in f32 safetensors (1 x 128).
 # all adds: the 162M model with LoRA dropout 0.05 (4 x 128), and the 1.1B shape in bf16 safetensors at
@@ -39,7 +40,8 @@ run() {
   local json="$out/$name.json"
   echo "== $name: $batch x $seq (log: $out/$name.log)" >&2
   RAYON_NUM_THREADS=$threads "$peak" --model "$model" --batch "$batch" --seq "$seq" --steps "$steps" \
-    --dropout "$dropout" --json "$json" "$@" 2> "$out/$name.log" || { tail -20 "$out/$name.log" >&2; exit 1; }
+    --dropout "$dropout" --base-weights "${LORAD_MEMORY_BASE:-f32}" --gradient-checkpointing off \
+    --json "$json" "$@" 2> "$out/$name.log" || { tail -20 "$out/$name.log" >&2; exit 1; }
   rows+=("$name" "$json")
 }
 
