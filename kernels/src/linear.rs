@@ -581,6 +581,54 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_weight_gives_the_widened_weights_results_on_and_off_the_fused_path() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let w = rand((24, 64), &mut rng);
+        let half = Frozen::Dense(w.to_dtype(DType::BF16).unwrap());
+        let widened = Frozen::Dense(
+            w.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap(),
+        );
+        // The CPU's fused path (f32 input): the same products, forward and backward, bit for bit.
+        let x = Var::from_tensor(&rand((10, 64), &mut rng)).unwrap();
+        let a = Var::from_tensor(&rand((4, 64), &mut rng)).unwrap();
+        let b = Var::from_tensor(&rand((24, 4), &mut rng)).unwrap();
+        for w in [&half, &widened] {
+            assert!(!w.is_variable());
+        }
+        let run = |w: &Frozen| {
+            let y = frozen_linear(&x, w).unwrap();
+            let z = lora_linear(&x, w, &a, &b, 0.5, None).unwrap();
+            let g = (y.sum_all().unwrap() + z.sum_all().unwrap())
+                .unwrap()
+                .backward()
+                .unwrap();
+            let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (v(&y), v(&z), v(g.get(&x).unwrap()), v(g.get(&a).unwrap()))
+        };
+        assert_eq!(run(&half), run(&widened));
+        // Off the fused path (f64 stands for another device): candle's cast, then its product.
+        let x64 = Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
+        let y = frozen_linear(&x64, &half).unwrap();
+        let want = x64
+            .matmul(
+                &widened
+                    .to_f32(&Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .t()
+                    .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(y.to_vec2::<f64>().unwrap(), want.to_vec2::<f64>().unwrap());
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x64).is_some(), "the input still gets its gradient");
+    }
+
+    #[test]
     fn an_input_without_gradient_gets_none_and_the_adapter_still_learns() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         let x = rand((6, 4), &mut rng);
