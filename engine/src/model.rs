@@ -386,6 +386,10 @@ impl Llama {
             .get(top.as_tensor())
             .cloned()
             .ok_or_else(|| candle_core::Error::Msg("no gradient reached the last layer".into()))?;
+        // The head's graph (a widened LM head among it) is done with: not alive while the layers
+        // are recomputed.
+        let value = loss.detach();
+        drop((loss, head, rows, h));
         let mut all = candle_core::backprop::GradStore::default();
         for (block, (input, rng_here)) in self.blocks.iter().zip(kept).rev() {
             let x = Var::from_tensor(&input)?;
@@ -406,7 +410,7 @@ impl Llama {
                 None => break,
             };
         }
-        Ok((loss.detach(), all))
+        Ok((value, all))
     }
 
     /// Whether `gradient_checkpointing` (auto: from `GRADIENT_CHECKPOINTING_AUTO_PARAMS` base
