@@ -234,7 +234,7 @@ pub(super) async fn record_until_written(
 /// where space ran out) and stop its worker, which checkpoints if it can. A job resumes from its
 /// newest checkpoint no later than its last recorded step, so a step whose point was lost is done
 /// again, and every step's point is recorded exactly once in the end.
-async fn pause_for_space(core: &Core, id: JobId) {
+pub(super) async fn pause_for_space(core: &Core, id: JobId) {
     let dir = core.config.state_dir.display().to_string();
     let reason = format!(
         "no space left on device in {dir}: the journal cannot record progress; free some space, then `loractl resume {id}`"

@@ -78,6 +78,13 @@ async fn tail_log(
                     ))
                 })
                 .await;
+            if let Err(e) = &published {
+                // The write gave the reserve back to record this: the disk is full. Pause as a
+                // step's lost point does, instead of training on into the reserve's space.
+                if crate::journal::is_storage_error(e) && !last {
+                    super::reports::pause_for_space(&core, id).await;
+                }
+            }
             if published.is_err() || (cut as u64) < logs::MAX_LOG_CHUNK / 2 {
                 break;
             }

@@ -134,10 +134,10 @@ fn a_full_disk_pauses_the_job_and_resume_after_freeing_space_loses_nothing() {
     );
     // Without a checkpoint, only the journal notices the full disk, and redb may commit a few dozen
     // steps into pages its file already has before it needs more: enough steps that the job cannot
-    // end first on a busy machine (300 were not enough once, in a full run of the suite).
+    // end first on a busy machine.
     full_disk_case(
         "no checkpoint due",
-        600,
-        &[("max_steps", "600"), ("checkpoint_every", "100000")],
+        300,
+        &[("max_steps", "300"), ("checkpoint_every", "100000")],
     );
 }
