@@ -81,24 +81,20 @@ pub fn advance(
 
 /// True when the worker writes a periodic checkpoint after `step`.
 fn saves(step: u64, checkpoint_every: u64) -> bool {
-    checkpoint_every > 0 && step > 0 && step % checkpoint_every == 0
+    checkpoint_every > 0 && step > 0 && step.is_multiple_of(checkpoint_every)
 }
 
-/// Seconds left: the steps after `p.step`, and the periodic checkpoints from `p.step` (written after
-/// its point was reported) up to the last step (whose save is the final adapter, not counted).
+/// Seconds left (`trend::time_left`); 0 until a step has been timed.
 fn eta(p: &Progress, checkpoint_every: u64) -> f64 {
-    let Some(per_step) = p.step_time_s else {
-        return 0.0;
-    };
-    if p.total_steps <= p.step {
-        return 0.0;
-    }
-    let steps = (p.total_steps - p.step) as f64 * per_step;
-    let checkpoints = match checkpoint_every {
-        0 => 0,
-        c => (p.total_steps - 1) / c - p.step.saturating_sub(1) / c,
-    };
-    steps + checkpoints as f64 * p.checkpoint_s.unwrap_or(0.0)
+    p.step_time_s.map_or(0.0, |per_step| {
+        trend::time_left(
+            p.step,
+            p.total_steps,
+            checkpoint_every,
+            per_step,
+            p.checkpoint_s,
+        )
+    })
 }
 
 #[cfg(test)]

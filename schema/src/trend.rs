@@ -28,6 +28,28 @@ pub fn ema(prev: Option<f64>, value: f64, alpha: f64) -> f64 {
     }
 }
 
+/// Seconds left after `step` of `total`: the steps left at `step_time_s`, and the periodic checkpoints
+/// (every `checkpoint_every` steps) from `step` (written after its point was reported) up to the last
+/// step (whose save is the final adapter, not counted) at `checkpoint_s`. The daemon's `eta_s`, and
+/// what `watch` counts down between records.
+pub fn time_left(
+    step: u64,
+    total: u64,
+    checkpoint_every: u64,
+    step_time_s: f64,
+    checkpoint_s: Option<f64>,
+) -> f64 {
+    if total <= step {
+        return 0.0;
+    }
+    let steps = (total - step) as f64 * step_time_s;
+    let checkpoints = match checkpoint_every {
+        0 => 0,
+        c => (total - 1) / c - step.saturating_sub(1) / c,
+    };
+    steps + checkpoints as f64 * checkpoint_s.unwrap_or(0.0)
+}
+
 /// A smoothed level and its slope: the loss EMA and how fast it moves, per step.
 ///
 /// The slope is an EMA (same factor) of the level's step-to-step change. On a straight line

@@ -235,9 +235,7 @@ impl LogLines {
                 self.section = "hook";
             }
             "lorad"
-        } else if text.starts_with("lorad: ") {
-            "lorad"
-        } else if self.section.is_empty() {
+        } else if text.starts_with("lorad: ") || self.section.is_empty() {
             "lorad"
         } else {
             self.section

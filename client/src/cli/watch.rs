@@ -165,20 +165,16 @@ impl View {
         self.losses.push_back(loss);
     }
 
-    /// Seconds left after `self.step`, as the daemon computes it (daemon/src/progress.rs `eta`): the
-    /// steps left at the smoothed step time, and the periodic checkpoints still to come (the last
-    /// step's save is the final adapter, not counted).
+    /// Seconds left after `self.step`, as the daemon computes it (`trend::time_left`).
     fn estimate(&self) -> Option<f64> {
         let per_step = self.step_time_s?;
-        if self.total <= self.step {
-            return Some(0.0);
-        }
-        let steps = (self.total - self.step) as f64 * per_step;
-        let checkpoints = match self.checkpoint_every {
-            0 => 0,
-            c => (self.total - 1) / c - self.step.saturating_sub(1) / c,
-        };
-        Some(steps + checkpoints as f64 * self.checkpoint_s.unwrap_or(0.0))
+        Some(lorad_client::lorad_schema::trend::time_left(
+            self.step,
+            self.total,
+            self.checkpoint_every,
+            per_step,
+            self.checkpoint_s,
+        ))
     }
 
     /// The ETA counted down since it was estimated; only while running.

@@ -195,7 +195,7 @@ pub fn local_to_utc(d: Date, t: Time) -> Option<i64> {
     tm.tm_sec = t.s as i32;
     tm.tm_isdst = -1;
     let secs = unsafe { libc::mktime(&mut tm) };
-    (secs != -1).then_some(i64::from(secs))
+    (secs != -1).then_some(secs)
 }
 
 #[cfg(test)]

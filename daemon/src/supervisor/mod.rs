@@ -30,9 +30,8 @@ pub async fn run(core: Arc<Core>) {
         let mut wake = None;
         match core.read(|j| j.jobs()).await {
             Ok(jobs) => {
-                let doomed = crate::queue::doomed(&jobs);
-                if !doomed.is_empty() {
-                    cancel_dependants(&core, doomed).await;
+                if !crate::queue::doomed(&jobs).is_empty() {
+                    cancel_dependants(&core).await;
                     continue;
                 }
                 let cap = capacity(&core).await;
@@ -171,19 +170,33 @@ async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId, slot: Slot) {
     }
 }
 
-/// Cancels jobs whose prerequisites will never complete (`queue::doomed`), each with its reason. A job
-/// that moved meanwhile (released, cancelled by its owner) is left alone: the next round looks again.
-async fn cancel_dependants(core: &Arc<Core>, doomed: Vec<(JobId, String)>) {
-    for (id, reason) in doomed {
-        tracing::info!(job = %id, %reason, "cancelling a dependant");
-        if let Err(e) = core
-            .transition(id, JobState::Cancelled, Some(reason), |_| {})
-            .await
-        {
-            tracing::warn!(job = %id, error = %e, "cannot cancel a dependant");
-            if crate::journal::is_storage_error(&e) {
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+/// Cancels jobs whose prerequisites will never complete, each with its reason. The loop's snapshot
+/// only says that there are some: which ones is decided again under the journal's write lock, so a
+/// prerequisite retried (or a dependant cancelled by its owner) since the snapshot is seen.
+async fn cancel_dependants(core: &Arc<Core>) {
+    let cancelled = core
+        .write(|j| {
+            let mut records = Vec::new();
+            let mut events = Vec::new();
+            for (id, reason) in crate::queue::doomed(&j.jobs()?) {
+                let (job, event) = j.transition(id, JobState::Cancelled, Some(reason), |_| {})?;
+                records.push(job);
+                events.push(event);
             }
+            Ok((records, events))
+        })
+        .await;
+    match cancelled {
+        Ok(records) => {
+            for job in records {
+                tracing::info!(job = %job.id, reason = job.reason.as_deref().unwrap_or(""), "dependant cancelled");
+                core.keep_record(&job).await;
+            }
+        }
+        Err(e) => {
+            // The loop comes straight back here: not in a spin.
+            tracing::warn!(error = %e, "cannot cancel dependants");
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         }
     }
 }

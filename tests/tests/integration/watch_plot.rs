@@ -338,7 +338,7 @@ fn plot_draws_one_or_two_jobs_to_svg_and_png() {
     let waiting = c
         .submit(JobSpec {
             not_before_ms: Some(in_an_hour),
-            ..spec(tiny_model(), &data, &FAST)
+            ..spec(tiny_model(), &data, FAST)
         })
         .expect("submit")
         .id;
