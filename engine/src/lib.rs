@@ -24,6 +24,7 @@ pub mod rng;
 pub mod rope;
 pub mod runtime;
 pub mod source;
+pub mod tensor_file;
 pub mod tiny;
 pub mod train;
 pub mod trainer;

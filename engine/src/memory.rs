@@ -8,12 +8,10 @@
 //! bench/RESULTS.md, "Memory estimate vs measured peak RSS (issue 15)", comes from `bench/memory.sh`).
 //!
 //! Where the peak is. A job's resident memory has two high points:
-//! - at load, when safetensors files are read whole into memory next to the tensors made from them
-//!   (`candle_core::safetensors::load` is `std::fs::read` plus a copy of every tensor, not an mmap: the
-//!   file's bytes are the process's anonymous memory while a file is converted, and count in RSS;
-//!   no file-backed pages stay mapped). GGUF tensors
-//!   are read with `read(2)` one at a time and dequantized: the file stays in the page cache, which is
-//!   not the process's RSS, and only one tensor is held twice at a time;
+//! - at load, when the base weights are nearly all read and one more tensor is in flight: safetensors
+//!   (`tensor_file`) and GGUF tensors are read one at a time with `read(2)` and turned into tensors
+//!   (and, widening at load, into f32) before the next is read; the files stay in the page cache,
+//!   which is not the process's RSS;
 //! - at the end of a micro-batch's forward pass and through its backward, when every activation the
 //!   graph keeps for backward is alive together with the gradients being computed.
 //!
@@ -24,8 +22,7 @@
 //!
 //! The allocator matters: the worker's `runtime::tune_allocator` keeps freed heap memory (buffers
 //! under 32 MiB) instead of returning it, so memory freed by one phase is resident until a later one
-//! reuses it. That is why loading a 16-bit file leaves heap behind (`WeightFiles`), which the step's
-//! activations later reuse, and why the second step peaks a little higher than the first
+//! reuses it. That is why the second step peaks a little higher than the first
 //! (`MemoryEstimate::fragmentation`).
 //!
 //! Not modelled: checkpoint writing and the adapter (copies of the LoRA weights and moments, far
@@ -74,10 +71,9 @@ pub struct MemoryEstimate {
     /// bytes per parameter for quantized blocks); with the untied LM head, Qwen2's q/k/v biases and
     /// the RoPE tables for `max_seq_len` positions.
     pub weights: u64,
-    /// Stored weights widened for the step: the LM head in f32 (the chunked cross-entropy reads it
-    /// forward and backward, so it lives for the step), and the pooled scratch buffers a layer's
-    /// weight is widened into for each product (two, the size of the largest layer matrix). 0 for
-    /// f32 weights.
+    /// Stored weights widened for the step: the pooled scratch buffers a layer's weight is widened
+    /// into for each product, and the LM head a vocabulary chunk at a time (two buffers: the size of
+    /// the largest layer matrix, one of them the head's chunk if that is larger). 0 for f32 weights.
     pub widening: u64,
     /// The LoRA A/B matrices in f32, and two more copies of their size at the peak: the step's summed
     /// gradients (`Trainer::gradients` starts them as zeros before the first forward pass) and the
@@ -87,7 +83,8 @@ pub struct MemoryEstimate {
     pub optimizer: u64,
     /// What one micro-batch's graph keeps alive for backward at its end: per layer the norm outputs,
     /// the q/k/v/o and MLP projections, the RoPE'd q and k, the contiguous v and attention output,
-    /// the attention's row log-sum-exp, the residual sums, the SwiGLU output, and with LoRA dropout
+    /// the attention's row log-sum-exp, the residual sums, the SwiGLU output (when down_proj is
+    /// adapted; else it is not kept), and with LoRA dropout
     /// one mask per adapted module; plus the embedding lookup, the final norm, the rows of the loss
     /// and their eagerly computed gradient. `grad_accum` does not multiply it: each micro-batch's
     /// graph is dropped before the next forward pass.
@@ -110,10 +107,9 @@ pub struct MemoryEstimate {
     /// model's 8x128 step peaks at 1752 MB, which the other parts predict to 1% (1767 MB).
     pub fragmentation: u64,
     /// How far loading the weights goes above the step's own extra (`lora + optimizer +
-    /// activations + workspace + fragmentation`); 0 when the step is the higher peak. An f32
-    /// safetensors file is held twice while it is converted (the file read whole, and its
-    /// tensors), so with small batches the load is the job's peak; a 16-bit file costs one tensor
-    /// and the heap its widening leaves behind; GGUF one tensor.
+    /// activations + workspace + fragmentation`); 0 when the step is the higher peak. Tensors are
+    /// read one at a time (safetensors and GGUF), so loading costs about one tensor beyond the
+    /// weights.
     pub loading: u64,
 }
 
@@ -159,8 +155,7 @@ impl fmt::Display for MemoryEstimate {
 /// How the base weights are stored, which decides how much the loader holds at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WeightFiles {
-    /// HF safetensors files of these sizes in bytes, read one at a time: each whole into memory,
-    /// then copied tensor by tensor, then (unless f32) widened to f32 tensor by tensor.
+    /// HF safetensors files of these sizes in bytes, read a tensor at a time.
     Safetensors(Vec<u64>),
     /// A GGUF file of this size in bytes: tensors read and dequantized one at a time.
     Gguf(u64),
@@ -200,66 +195,28 @@ impl WeightFiles {
         bytes as f64 / weight_elems(cfg).max(1) as f64
     }
 
-    /// The most the loader holds beyond the stored weights it ends with (`base_weights=stored`):
-    /// a safetensors file is read whole next to its tensors, one file at a time; GGUF one tensor.
-    fn load_excess_stored(&self, cfg: &ModelConfig) -> u64 {
-        match self {
-            WeightFiles::Safetensors(files) => files.iter().copied().max().unwrap_or(0),
-            WeightFiles::Gguf(_) => {
-                let largest = tensor_sizes(cfg).iter().map(|&(e, _)| e).max().unwrap_or(0);
-                (largest as f64 * self.width(cfg)) as u64
-            }
-        }
-    }
-
-    /// The most the loader holds beyond the f32 weights it ends with, in bytes.
-    fn load_excess(&self, cfg: &ModelConfig) -> u64 {
-        let tensors = tensor_sizes(cfg);
+    /// The most the loader holds beyond the weights it ends with, in bytes: safetensors and GGUF
+    /// tensors are both read one at a time (`tensor_file`, `gguf`), so this is about one tensor.
+    fn load_excess(&self, cfg: &ModelConfig, stored: bool) -> u64 {
         let elems = weight_elems(cfg).max(1);
-        let weights = elems * F32;
         // The largest tensor: the embedding (or the LM head, of the same shape).
-        let largest = tensors.iter().map(|&(e, _)| e).max().unwrap_or(0);
+        let largest = tensor_sizes(cfg).iter().map(|&(e, _)| e).max().unwrap_or(0);
         let at = |e: u64, width: f64| (e as f64 * width) as u64;
         match self {
+            // Its blocks, read, next to what is kept: the blocks themselves (stored) or their f32
+            // values; widened, q and k are also reordered into HF's head layout, a second f32 copy
+            // while the first is alive.
+            WeightFiles::Gguf(_) if stored => at(largest, self.width(cfg)),
             WeightFiles::Gguf(bytes) => {
-                // One tensor at a time: its stored (quantized) bytes next to its f32 values, which
-                // are the weight itself; q and k are also reordered into HF's head layout, a second
-                // f32 copy while the first is alive.
                 let width = *bytes as f64 / elems as f64;
                 let d = cfg.head_dim() as u64;
                 let q = (cfg.num_attention_heads as u64 * d) * cfg.hidden_size as u64;
                 at(largest, width).max(q * F32 + at(q, width))
             }
-            WeightFiles::Safetensors(files) => {
-                // Stored bytes per parameter (4 for f32, 2 for bf16), the header's few KB aside.
-                let width = files.iter().sum::<u64>() as f64 / elems as f64;
-                let stored_largest = at(largest, width);
-                let (mut before, mut peak) = (0u64, 0u64);
-                for &file in files {
-                    // This file's share of the f32 weights, in proportion to its size.
-                    let f32_here = at(file, F32 as f64 / width);
-                    // Read whole: the file and its tensors at the stored width, both at once; then
-                    // widening to f32 keeps one stored tensor next to the f32 ones.
-                    let here = (2 * file).max(f32_here + stored_largest);
-                    peak = peak.max(before + here);
-                    before += f32_here;
-                }
-                // Stored tensors under the mmap threshold were heap memory, freed as each is widened;
-                // the heap keeps it (no trimming). The f32 copies under the threshold take their
-                // size of it back, and larger ones (which may be served from freed heap before a
-                // mapping is made) about half of the rest: measured on the 1.1B shape in bf16, load
-                // peaks of 4857-5075 MB over nine loads (the order of widening is a HashMap's), 5118
-                // by this. Nothing for f32 files, which are not widened.
-                let heap = |w: f64| -> u64 {
-                    tensors
-                        .iter()
-                        .filter(|&&(e, _)| at(e, w) < MMAP_THRESHOLD)
-                        .map(|&(e, n)| n * at(e, w))
-                        .sum()
-                };
-                let garbage = heap(width).saturating_sub(heap(F32 as f64)) / 2;
-                peak.saturating_sub(weights) + garbage
-            }
+            // A tensor's bytes as read, then the tensor made from them (the bytes dropped), then
+            // (widening at load) its f32 copy next to it: one stored-width tensor beyond what is
+            // kept at every point, at worst the largest one read last.
+            WeightFiles::Safetensors(_) => at(largest, self.width(cfg)),
         }
     }
 }
@@ -283,6 +240,9 @@ struct Dims {
     dropout: bool,
     /// Qwen2: q, k and v have biases.
     bias: bool,
+    /// down_proj has an adapter: its input (the SwiGLU output) is kept for the adapter's gradients.
+    /// Without one it runs fused with the SwiGLU (`lorad_kernels::swiglu_linear`) and is not.
+    down_adapted: bool,
 }
 
 impl Dims {
@@ -301,6 +261,7 @@ impl Dims {
             vocab: cfg.vocab_size as u64,
             dropout: s.lora_dropout > 0.0,
             bias: has_qkv_bias(cfg),
+            down_adapted: s.target_modules.iter().any(|m| m == "down_proj"),
         }
     }
 }
@@ -366,8 +327,8 @@ fn layer_floats_per_token(d: &Dims, targets: &[(u64, u64)]) -> u64 {
     // contiguous [b, t, heads * d] copy (o's input).
     let attention = (q + kv + kv) + (q + kv) + kv + 2 * q;
     let lse = d.heads;
-    // gate, up, silu(gate) * up.
-    let mlp = 3 * i;
+    // gate, up, and silu(gate) * up when down_proj's adapter needs it.
+    let mlp = if d.down_adapted { 3 * i } else { 2 * i };
     let masks: u64 = match d.dropout {
         true => targets.iter().map(|(input, _)| input).sum(),
         false => 0,
@@ -376,9 +337,10 @@ fn layer_floats_per_token(d: &Dims, targets: &[(u64, u64)]) -> u64 {
     residual + attention + lse + mlp + masks + bias
 }
 
-/// Rows of logits per chunk of the fused LM head + cross-entropy (`lorad_kernels::ce::default_chunk`).
-fn ce_chunk_rows(vocab: u64) -> u64 {
-    lorad_kernels::ce::default_chunk(vocab as usize) as u64
+/// How the fused LM head + cross-entropy cuts its work (`lorad_kernels::ce::default_chunks`): rows of
+/// the loss (at most `n`) by vocabulary entries.
+fn ce_chunks(d: &Dims) -> lorad_kernels::ce::Chunks {
+    lorad_kernels::ce::default_chunks(d.n as usize, d.vocab as usize, d.hidden as usize)
 }
 
 /// Query rows per attention tile (`lorad_kernels::attention`'s BLOCK).
@@ -392,8 +354,9 @@ const ATTENTION_THREADS: u64 = 16;
 /// The largest transient above the activations, in bytes (see `MemoryEstimate::workspace`).
 fn workspace_bytes(d: &Dims, targets: &[(u64, u64)]) -> u64 {
     let (n, h, q, kv, i) = (d.n, d.hidden, d.q, d.kv, d.inter);
-    // End of forward: one chunk of logits (rows of the loss, at most n).
-    let ce = ce_chunk_rows(d.vocab).min(n) * d.vocab;
+    // End of forward: one block of logits, and the head's row of each row's label.
+    let c = ce_chunks(d);
+    let ce = (c.rows as u64) * (c.vocab as u64) + (c.rows as u64) * h;
     // MLP backward: dL/d(swiglu) and the [2, n, inter] gradient of gate and up made from it, next
     // to the residual stream's gradient.
     let mlp = 3 * n * i + n * h;
@@ -455,13 +418,15 @@ pub fn estimate_with(cfg: &ModelConfig, s: &TrainSettings, files: &WeightFiles) 
     let width = files.width(cfg);
     let stored = s.base_weights == lorad_schema::BaseWeights::Stored && width < F32 as f64 * 0.95;
     let (weights, widening) = if stored {
-        let head = d.vocab * d.hidden * F32;
         let largest = [d.hidden * d.q, d.hidden * d.kv, d.hidden * d.inter]
             .into_iter()
             .max()
             .unwrap_or(0);
         let held = (weight_elems(cfg) as f64 * width) as u64 + rope * F32;
-        (held, head + 2 * largest * F32)
+        // The pool keeps two buffers: a product's and a merged copy's, or the head's vocabulary
+        // chunk (taken in the cross-entropy) when that is larger.
+        let head_chunk = ce_chunks(&d).vocab as u64 * d.hidden;
+        (held, (largest.max(head_chunk) + largest) * F32)
     } else {
         ((weight_elems(cfg) + rope) * F32, 0)
     };
@@ -477,11 +442,7 @@ pub fn estimate_with(cfg: &ModelConfig, s: &TrainSettings, files: &WeightFiles) 
         loading: 0,
     };
     let step_extra = e.lora + e.optimizer + e.activations + e.workspace + e.fragmentation;
-    let excess = if stored {
-        files.load_excess_stored(cfg)
-    } else {
-        files.load_excess(cfg)
-    };
+    let excess = files.load_excess(cfg, stored);
     e.loading = excess.saturating_sub(step_extra + e.widening);
     e
 }
@@ -637,11 +598,11 @@ mod tests {
             ..settings(1, 128, 16)
         };
         let elems = weight_elems(&cfg);
-        // bf16 safetensors: 2 bytes a parameter; the head (32000 x 2048) and two scratch buffers of
-        // the widest layer matrix (2048 x 5632) in f32 for the step.
+        // bf16 safetensors: 2 bytes a parameter; two scratch buffers in f32 for the step: the widest
+        // layer matrix (2048 x 5632) and the head's vocabulary chunk (8192 x 2048), never the head.
         let bf16 = estimate_with(&cfg, &stored, &WeightFiles::Safetensors(vec![elems * 2]));
         assert_eq!(bf16.weights, elems * 2 + 2 * 128 * 64 * 4);
-        assert_eq!(bf16.widening, (32_000 * 2048 + 2 * 2048 * 5632) * 4);
+        assert_eq!(bf16.widening, (8192 * 2048 + 2048 * 5632) * 4);
         // Q4_K GGUF, ~4.5 bits a parameter.
         let q4 = estimate_with(&cfg, &stored, &WeightFiles::Gguf(elems * 9 / 16));
         assert!(q4.weights < bf16.weights / 3);
@@ -731,24 +692,27 @@ mod tests {
     }
 
     #[test]
-    fn an_f32_file_is_held_twice_while_loading() {
+    fn the_loader_holds_one_tensor_beyond_the_weights() {
         let cfg = llama_1b();
         let w = weight_elems(&cfg) * 4;
+        let embed: u64 = 32_000 * 2048;
         let s = settings(1, 128, 16);
-        let f32_file = estimate_with(&cfg, &s, &WeightFiles::Safetensors(vec![w]));
-        let step_extra =
-            f32_file.lora + f32_file.optimizer + f32_file.activations + f32_file.workspace;
-        // Small batches: the loader's peak (weights + the file) is the job's.
-        assert_eq!(
-            f32_file.total(),
-            f32_file.baseline + 2 * w + 2 * 128 * 64 * 4
-        );
-        assert!(step_extra < w);
-        // A 16-bit file, or the same weights in two shards, hold much less at once.
-        let bf16 = estimate(&cfg, &s);
-        assert!(bf16.loading < w / 10, "{bf16}");
-        let shards = estimate_with(&cfg, &s, &WeightFiles::Safetensors(vec![w / 2, w / 2]));
-        assert!(shards.total() < f32_file.total());
+        let step_extra = |e: &MemoryEstimate| {
+            e.lora + e.optimizer + e.activations + e.workspace + e.fragmentation + e.widening
+        };
+        // The largest tensor (the embedding) at the file's width, whatever the sharding.
+        for (files, largest) in [
+            (WeightFiles::Safetensors(vec![w]), embed * 4),
+            (WeightFiles::Safetensors(vec![w / 2, w / 2]), embed * 4),
+            (WeightFiles::assumed(&cfg), embed * 2),
+        ] {
+            let e = estimate_with(&cfg, &s, &files);
+            assert_eq!(
+                e.loading,
+                largest.saturating_sub(step_extra(&e)),
+                "{files:?}: {e}"
+            );
+        }
         let gguf = estimate_with(&cfg, &s, &WeightFiles::Gguf(w / 6));
         assert!(gguf.loading < w / 10, "{gguf}");
         // With a large batch the step is the peak, and the loader adds nothing.

@@ -6,9 +6,7 @@
 pub use super::config::{check_model_dir, ModelConfig};
 use super::error::EngineError;
 use super::lora::{LoraConfig, LoraLinear, LoraPair};
-use super::ops::{
-    apply_rope, causal_attention, frozen_linear, lm_head_nll_sum, rms_norm, swiglu, Frozen,
-};
+use super::ops::{apply_rope, causal_attention, frozen_linear, lm_head_nll_sum, rms_norm, Frozen};
 pub use super::rope::Rope;
 pub use super::source::check_model;
 use super::source::ModelSource;
@@ -112,7 +110,7 @@ impl Block {
         let n = rms_norm(&x, &self.post_norm, c.eps)?;
         let gate = self.mlp.gate.forward(&n, rng.as_deref_mut())?;
         let up = self.mlp.up.forward(&n, rng.as_deref_mut())?;
-        x + self.mlp.down.forward(&swiglu(&gate, &up)?, rng)?
+        x + self.mlp.down.forward_swiglu(&gate, &up, rng)?
     }
 }
 

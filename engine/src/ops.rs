@@ -37,15 +37,22 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     lorad_kernels::swiglu::swiglu(gate, up)
 }
 
+/// `swiglu(gate, up) @ down^T` for a frozen `down` with no adapter (`gate`, `up` `[n, intermediate]`):
+/// on the CPU one op that keeps only `gate` and `up` for backward, not the SwiGLU output
+/// (`lorad_kernels::swiglu_linear`); the composition's values bit for bit.
+pub fn swiglu_linear(gate: &Tensor, up: &Tensor, down: &Frozen) -> Result<Tensor> {
+    lorad_kernels::swiglu_linear::swiglu_linear(gate, up, down)
+}
+
 /// Summed next-token NLL of `labels` under the logits `h @ lm_head^T` (`h` `[n, hidden]`, `lm_head`
 /// `[vocab, hidden]` frozen): the LM head and the loss together, a chunk of rows at a time, so the
 /// `[n, vocab]` logits never exist at once and the frozen head gets no gradient.
 ///
-/// A head kept in its stored form is widened to f32 for the step (it is needed forward and backward).
+/// A head kept in its stored form is widened a vocabulary chunk at a time inside the op, never whole.
 pub fn lm_head_nll_sum(h: &Tensor, lm_head: &Frozen, labels: &Tensor) -> Result<Tensor> {
-    let chunk = lorad_kernels::ce::default_chunk(lm_head.dims2()?.0);
-    let head = lm_head.to_f32(h.device())?;
-    lorad_kernels::ce::linear_cross_entropy_sum(h, &head, labels, chunk)
+    let (vocab, d) = lm_head.dims2()?;
+    let chunks = lorad_kernels::ce::default_chunks(h.dims2()?.0, vocab, d);
+    lorad_kernels::ce::linear_cross_entropy_sum(h, lm_head, labels, chunks)
 }
 
 /// Causal (and, with `window`, sliding-window) attention with grouped KV heads: `q` `[b, h, t, d]`,

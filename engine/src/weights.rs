@@ -2,6 +2,7 @@
 //! (adapters, the tiny model). One reader and one writer, so the tiny model exercises exactly the code
 //! path a real model goes through.
 use super::error::EngineError;
+use super::tensor_file::{for_each_tensor, Header};
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -69,16 +70,16 @@ pub fn load_weights(
 ) -> Result<HashMap<String, Tensor>, EngineError> {
     let mut all = HashMap::new();
     for file in weight_files(dir)? {
-        let tensors = candle_core::safetensors::load(&file, device)
-            .map_err(|e| EngineError::model(&file, format!("cannot read safetensors: {e}")))?;
-        for (name, t) in tensors {
+        // One tensor at a time: the load never holds a file's bytes and its tensors together.
+        for_each_tensor(&file, device, |name, t| {
             let t = if t.dtype() == dtype {
                 t
             } else {
                 t.to_dtype(dtype)?
             };
             all.insert(name, t);
-        }
+            Ok(())
+        })?;
     }
     Ok(all)
 }
@@ -91,9 +92,7 @@ pub fn load_weights_stored(
 ) -> Result<HashMap<String, lorad_kernels::frozen::Frozen>, EngineError> {
     let mut all = HashMap::new();
     for file in weight_files(dir)? {
-        let tensors = candle_core::safetensors::load(&file, device)
-            .map_err(|e| EngineError::model(&file, format!("cannot read safetensors: {e}")))?;
-        for (name, t) in tensors {
+        for_each_tensor(&file, device, |name, t| {
             let keep = t.rank() == 2 && matches!(t.dtype(), DType::BF16 | DType::F16);
             let t = if keep || t.dtype() == DType::F32 {
                 t
@@ -101,7 +100,8 @@ pub fn load_weights_stored(
                 t.to_dtype(DType::F32)?
             };
             all.insert(name, lorad_kernels::frozen::Frozen::Dense(t));
-        }
+            Ok(())
+        })?;
     }
     Ok(all)
 }
@@ -171,60 +171,25 @@ pub fn save_tensors_with_metadata(
     std::fs::rename(&tmp, path).map_err(|e| EngineError::io(path, e))
 }
 
-/// The largest safetensors header lorad reads (the format's own limit is 100 MB).
-const MAX_HEADER: u64 = 100_000_000;
-
 /// Checks that a safetensors file is complete without reading its tensors: the header parses, and
 /// the file is exactly as long as the header and the tensors it declares (so a truncated download or
 /// copy is refused at submit, naming the file and the sizes).
 pub fn check_complete(path: &Path) -> Result<(), EngineError> {
-    use std::io::Read;
-    let bad = |detail: String| EngineError::model(path, detail);
     let mut file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
-    let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
-    let mut n = [0u8; 8];
-    file.read_exact(&mut n).map_err(|_| {
-        bad(format!(
-            "truncated: {len} bytes, too short for a safetensors header"
-        ))
-    })?;
-    let header_len = u64::from_le_bytes(n);
-    if header_len > MAX_HEADER || 8 + header_len > len {
-        return Err(bad(format!(
-            "truncated or not safetensors: the header declares {header_len} bytes, the file has {len}"
-        )));
-    }
-    let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header)
-        .map_err(|e| EngineError::io(path, e))?;
-    let value: serde_json::Value = serde_json::from_slice(&header)
-        .map_err(|e| bad(format!("the safetensors header is not valid JSON: {e}")))?;
-    let Some(map) = value.as_object() else {
-        return Err(bad("the safetensors header is not a JSON object".into()));
-    };
-    let mut end = 0u64;
-    for (name, info) in map.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
-        let offsets = info
-            .get("data_offsets")
-            .and_then(|o| o.as_array())
-            .and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)));
-        let Some((_, to)) = offsets.filter(|(a, b)| a <= b) else {
-            return Err(bad(format!(
-                "tensor {name}: bad data_offsets in the header"
-            )));
-        };
-        end = end.max(to);
-    }
-    let expected = 8 + header_len + end;
+    let header = Header::read(path, &mut file)?;
+    let (expected, len) = (header.declared_len(), header.file_len);
     if expected != len {
-        return Err(bad(format!(
-            "{}: the header declares {expected} bytes of header and tensors, the file has {len}",
-            if len < expected {
-                "truncated"
-            } else {
-                "longer than its header says"
-            }
-        )));
+        return Err(EngineError::model(
+            path,
+            format!(
+                "{}: the header declares {expected} bytes of header and tensors, the file has {len}",
+                if len < expected {
+                    "truncated"
+                } else {
+                    "longer than its header says"
+                }
+            ),
+        ));
     }
     Ok(())
 }

@@ -122,6 +122,60 @@ impl Frozen {
         f(buf.as_ref())
     }
 
+    /// Calls `f` with rows `rows` of a matrix as f32, row-major (`rows.len() x cols`): a slice of the
+    /// tensor's own storage for an f32 tensor, else those rows widened into a pooled scratch buffer.
+    /// The values are those [`Frozen::with_f32`] gives for the same rows (GGUF rows are whole blocks).
+    pub fn with_f32_rows<R>(
+        &self,
+        rows: std::ops::Range<usize>,
+        f: impl FnOnce(&[f32]) -> Result<R>,
+    ) -> Result<R> {
+        let (total, cols) = self.dims2()?;
+        if rows.start > rows.end || rows.end > total {
+            bail!("frozen weight: rows {rows:?} of a [{total}, {cols}] matrix");
+        }
+        let (a, b) = (rows.start * cols, rows.end * cols);
+        match self {
+            Frozen::Dense(t) => {
+                let t = t.contiguous()?;
+                let (storage, layout) = t.storage_and_layout();
+                let Storage::Cpu(s) = &*storage else {
+                    bail!("frozen weight: widening rows needs a CPU tensor");
+                };
+                let Some((start, _)) = layout.contiguous_offsets() else {
+                    bail!("frozen weight: not contiguous");
+                };
+                let (a, b) = (start + a, start + b);
+                if t.dtype() == DType::F32 {
+                    return f(&s.as_slice::<f32>()?[a..b]);
+                }
+                let mut buf = Scratch::take(b - a);
+                match t.dtype() {
+                    DType::BF16 => widen(&s.as_slice::<half::bf16>()?[a..b], buf.as_mut(), |v| {
+                        v.to_f32()
+                    }),
+                    DType::F16 => widen(&s.as_slice::<half::f16>()?[a..b], buf.as_mut(), |v| {
+                        v.to_f32()
+                    }),
+                    other => bail!("frozen weight: cannot widen {other:?}"),
+                }
+                f(buf.as_ref())
+            }
+            Frozen::Quantized(q) => {
+                let bs = q.dtype().block_size();
+                if cols % bs != 0 {
+                    bail!("frozen weight: rows of {cols} values are not whole {bs}-value blocks");
+                }
+                let row_bytes = cols / bs * q.dtype().type_size();
+                let data = q.data()?;
+                let bytes = &data[rows.start * row_bytes..rows.end * row_bytes];
+                let mut buf = Scratch::take(b - a);
+                dequantize_bytes(q.dtype(), bytes, buf.as_mut())?;
+                f(buf.as_ref())
+            }
+        }
+    }
+
     /// Calls `f` with a widened, writable copy (for `weight + update` merged in place).
     pub fn with_f32_mut<R>(&self, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R> {
         let mut buf = Scratch::take(self.elem_count());
@@ -190,13 +244,33 @@ fn widen<T: Copy + Send + Sync>(src: &[T], out: &mut [f32], f: impl Fn(T) -> f32
 
 /// `QTensor::dequantize`'s values, computed in parallel into `out`.
 fn dequantize_into(q: &QTensor, out: &mut [f32]) -> Result<()> {
-    let data = q.data()?;
+    match q.dtype() {
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+            // Loaded as dense tensors, never kept as blocks; widened whole if one turns up here.
+            let t = q.dequantize(&Device::Cpu)?.flatten_all()?;
+            let v = t.to_vec1::<f32>()?;
+            if v.len() != out.len() {
+                bail!(
+                    "frozen weight: {:?} tensor has {} elements",
+                    q.dtype(),
+                    v.len()
+                );
+            }
+            out.copy_from_slice(&v);
+            Ok(())
+        }
+        dtype => dequantize_bytes(dtype, &q.data()?, out),
+    }
+}
+
+/// The values of whole blocks of type `dtype` (`data`), computed in parallel into `out`.
+fn dequantize_bytes(dtype: GgmlDType, data: &[u8], out: &mut [f32]) -> Result<()> {
     macro_rules! blocks {
         ($t:ty) => {
-            dequantize_blocks::<$t>(&data, out)
+            dequantize_blocks::<$t>(data, out)
         };
     }
-    match q.dtype() {
+    match dtype {
         GgmlDType::Q4_0 => blocks!(k_quants::BlockQ4_0),
         GgmlDType::Q4_1 => blocks!(k_quants::BlockQ4_1),
         GgmlDType::Q5_0 => blocks!(k_quants::BlockQ5_0),
@@ -209,16 +283,7 @@ fn dequantize_into(q: &QTensor, out: &mut [f32]) -> Result<()> {
         GgmlDType::Q5K => blocks!(k_quants::BlockQ5K),
         GgmlDType::Q6K => blocks!(k_quants::BlockQ6K),
         GgmlDType::Q8K => blocks!(k_quants::BlockQ8K),
-        other => {
-            // F32/F16/BF16 GGUF tensors are loaded as dense tensors, never kept as blocks.
-            let t = q.dequantize(&Device::Cpu)?.flatten_all()?;
-            let v = t.to_vec1::<f32>()?;
-            if v.len() != out.len() {
-                bail!("frozen weight: {other:?} tensor has {} elements", v.len());
-            }
-            out.copy_from_slice(&v);
-            Ok(())
-        }
+        other => bail!("frozen weight: {other:?} is not a block type"),
     }
 }
 
@@ -381,6 +446,12 @@ mod tests {
                     Ok(())
                 })
                 .unwrap();
+            Frozen::Dense(t.to_dtype(dtype).unwrap())
+                .with_f32_rows(2..7, |w| {
+                    assert_eq!(w, &want[2 * 512..7 * 512], "{dtype:?} rows");
+                    Ok(())
+                })
+                .unwrap();
         }
         for q in [
             GgmlDType::Q8_0,
@@ -405,6 +476,13 @@ mod tests {
                     Ok(())
                 })
                 .unwrap();
+            stored
+                .with_f32_rows(5..9, |w| {
+                    assert_eq!(w, &want[5 * 512..9 * 512], "{q:?} rows");
+                    Ok(())
+                })
+                .unwrap();
+            assert!(stored.with_f32_rows(39..41, |_| Ok(())).is_err());
             let ids = Tensor::from_vec(vec![3u32, 0, 39], 3, &Device::Cpu).unwrap();
             let rows = stored.rows(&ids).unwrap().to_vec2::<f32>().unwrap();
             assert_eq!(rows[1], want[..512].to_vec());

@@ -24,5 +24,6 @@ pub mod linear;
 pub mod norm;
 pub mod rope;
 pub mod swiglu;
+pub mod swiglu_linear;
 #[cfg(test)]
 mod testing;

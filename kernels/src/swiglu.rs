@@ -42,7 +42,7 @@ struct Swiglu;
 struct SwigluBwd;
 
 /// Elements handed to one rayon task.
-const CHUNK: usize = 16 * 1024;
+pub(crate) const CHUNK: usize = 16 * 1024;
 
 /// `exp(x)` to about one ulp for `x` in `[-87, 88]` (Cephes' `expf` polynomial), arguments outside
 /// clamped into it (the sigmoid needs nothing beyond). Unlike `f32::exp` (a libm call) it has no
@@ -73,7 +73,7 @@ fn exp(x: f32) -> f32 {
 
 /// `y = silu(g) * u` over one chunk, as candle's silu (`g / (1 + exp(-g))`) times `u`.
 #[inline(always)]
-fn fwd_kernel(y: &mut [MaybeUninit<f32>], g: &[f32], u: &[f32]) {
+pub(crate) fn fwd_kernel(y: &mut [MaybeUninit<f32>], g: &[f32], u: &[f32]) {
     for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
         y.write(g / (1.0 + exp(-g)) * u);
     }
@@ -81,7 +81,7 @@ fn fwd_kernel(y: &mut [MaybeUninit<f32>], g: &[f32], u: &[f32]) {
 
 /// Both gradients over one chunk, the sigmoid recomputed from `g`.
 #[inline(always)]
-fn bwd_kernel(
+pub(crate) fn bwd_kernel(
     dg: &mut [MaybeUninit<f32>],
     du: &mut [MaybeUninit<f32>],
     g: &[f32],
