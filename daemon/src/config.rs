@@ -45,6 +45,54 @@ pub struct Config {
     pub cpu_memory: Option<u64>,
     /// Commands run when jobs complete, fail, are cancelled, paused or restarted.
     pub hooks: Vec<crate::hooks::HookConfig>,
+    /// Where jobs with `executor=default` run: here, or as Slurm jobs.
+    pub executor: Executor,
+    /// How to reach Slurm (used by jobs that run there).
+    pub slurm: SlurmConfig,
+}
+
+/// The daemon's executor (`executor` in lorad.toml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Executor {
+    /// Worker processes on this machine.
+    #[default]
+    Local,
+    /// One Slurm job per attempt.
+    Slurm,
+}
+
+/// `[slurm]` in lorad.toml: the commands, and what every Slurm job of this daemon gets.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlurmConfig {
+    /// `sbatch` (a name looked up in PATH, or a path).
+    pub sbatch: PathBuf,
+    /// `scontrol`.
+    pub scontrol: PathBuf,
+    /// `scancel`.
+    pub scancel: PathBuf,
+    /// The partition of jobs that name none (None: the cluster's default).
+    pub partition: Option<String>,
+    /// Seconds before a time limit at which Slurm signals the worker to checkpoint and stop
+    /// (`--signal=B:TERM@N`).
+    pub signal_grace_s: u64,
+    /// How often the events file and the job's state are read, in milliseconds (the channel is a
+    /// file on shared storage: there is no event to wait on across nodes).
+    pub poll_ms: u64,
+}
+
+impl Default for SlurmConfig {
+    fn default() -> Self {
+        SlurmConfig {
+            sbatch: PathBuf::from("sbatch"),
+            scontrol: PathBuf::from("scontrol"),
+            scancel: PathBuf::from("scancel"),
+            partition: None,
+            signal_grace_s: 120,
+            poll_ms: 500,
+        }
+    }
 }
 
 /// The CPU package's RAPL counter, where Linux puts it.
@@ -153,6 +201,10 @@ pub struct FileConfig {
     pub cpu_memory_gb: Option<f64>,
     /// `[[hooks]]`: commands run as the job's owner on job events.
     pub hooks: Option<Vec<crate::hooks::HookConfig>>,
+    /// `local` or `slurm`.
+    pub executor: Option<Executor>,
+    /// `[slurm]`.
+    pub slurm: Option<SlurmConfig>,
 }
 
 /// Why the configuration could not be built.
@@ -261,6 +313,8 @@ impl Config {
             price_per_hour: None,
             cpu_memory: None,
             hooks: Vec::new(),
+            executor: Executor::Local,
+            slurm: SlurmConfig::default(),
         }
     }
 
@@ -337,6 +391,13 @@ mod tests {
             "price_per_kwh",
             "price_per_hour",
             "cpu_memory_gb",
+            "executor",
+            "sbatch",
+            "scontrol",
+            "scancel",
+            "partition",
+            "signal_grace_s",
+            "poll_ms",
             "events",
             "command",
             "timeout_s",

@@ -97,6 +97,10 @@ impl Meter {
                     format!("not measured: no readable RAPL counter ({e})"),
                 ),
             },
+            Slot::Slurm => (
+                None,
+                "not measured: the job runs on a Slurm node".to_string(),
+            ),
         };
         Meter {
             counter,

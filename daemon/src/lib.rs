@@ -10,6 +10,7 @@ pub mod core;
 pub mod demo;
 pub mod devices;
 pub mod energy;
+pub mod file_channel;
 pub mod hooks;
 pub mod identity;
 pub mod journal;
@@ -225,6 +226,11 @@ async fn rescan_on_sighup(core: std::sync::Arc<Core>) {
 async fn recover(core: &Core) -> Result<(), JournalError> {
     let jobs = core.read(|j| j.jobs()).await?;
     for job in jobs.into_iter().filter(|j| j.state.is_active()) {
+        if job.progress.slurm.is_some() {
+            // Its attempt is a Slurm job, which a daemon's death does not end: the supervisor
+            // follows it again (`supervisor::slurm::reattach`).
+            continue;
+        }
         if let Some(pid) = job.worker_pid {
             reap_orphan(pid, &core.config.worker_exe).await;
         }

@@ -68,6 +68,10 @@ enum Command {
         /// Check a job's files at submit instead of training.
         #[arg(long)]
         check: bool,
+        /// Train the task in this directory, reporting to files there (a Slurm job's worker),
+        /// instead of over fd 3.
+        #[arg(long, conflicts_with_all = ["export", "check"])]
+        channel_dir: Option<PathBuf>,
     },
     /// Run a private daemon on a tiny model: submit, watch, print where the adapter is.
     Demo {
@@ -132,7 +136,15 @@ fn init_tracing() {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Worker { export, check }) => {
+        Some(Command::Worker {
+            channel_dir: Some(dir),
+            ..
+        }) => {
+            init_tracing();
+            let code = lorad::worker::process::run_in_dir(&dir)?;
+            std::process::exit(code);
+        }
+        Some(Command::Worker { export, check, .. }) => {
             init_tracing();
             use lorad::worker::process::Mode;
             let mode = match (export, check) {
@@ -283,6 +295,8 @@ fn setup(cli: &Cli) -> anyhow::Result<Setup> {
     config.price_per_hour = file.price_per_hour;
     config.cpu_memory = file.cpu_memory_gb.map(|gb| (gb * 1e9) as u64);
     config.hooks = file.hooks.unwrap_or_default();
+    config.executor = file.executor.unwrap_or_default();
+    config.slurm = file.slurm.unwrap_or_default();
     let socket_gid = match &config.socket_group {
         Some(name) => Some(lorad::config::group_id(name)?),
         None => None,

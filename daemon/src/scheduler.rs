@@ -46,6 +46,8 @@ pub enum Slot {
     Cpu,
     /// GPU `N` (`cuda:N`), one job at a time.
     Gpu(u32),
+    /// A Slurm job: the cluster schedules it, no device of this machine is held.
+    Slurm,
 }
 
 impl Slot {
@@ -54,6 +56,7 @@ impl Slot {
         match self {
             Slot::Cpu => "cpu".into(),
             Slot::Gpu(n) => format!("cuda:{n}"),
+            Slot::Slurm => "slurm".into(),
         }
     }
 }
@@ -69,13 +72,29 @@ pub struct Capacity {
     pub gpus: Vec<(u32, Option<u64>)>,
     /// `device=auto` may run on the CPU when no GPU is free.
     pub auto_cpu: bool,
+    /// The daemon's executor is Slurm: jobs with `executor=default` go to the cluster.
+    pub slurm_default: bool,
+}
+
+/// Whether `job` runs as Slurm jobs: its `executor` setting, or the daemon's for `default`.
+pub fn runs_on_slurm(job: &JobRecord, slurm_default: bool) -> bool {
+    runs_on_slurm_with(job.settings.executor, slurm_default)
+}
+
+/// [`runs_on_slurm`] for an `executor` setting.
+pub fn runs_on_slurm_with(executor: lorad_schema::ExecutorChoice, slurm_default: bool) -> bool {
+    match executor {
+        lorad_schema::ExecutorChoice::Slurm => true,
+        lorad_schema::ExecutorChoice::Local => false,
+        lorad_schema::ExecutorChoice::Default => slurm_default,
+    }
 }
 
 /// The next job to start and its slot, given the slots `busy` now. Jobs go in queue order; each takes
 /// the first free slot its `device` allows (`cpu`; `cuda:N`; `auto`: a free GPU, else the CPU if
 /// `auto_cpu`) whose free memory holds the job's estimate. A job with no such slot waits without
 /// holding back the jobs behind it that want other devices; a GPU that disappeared leaves its jobs
-/// waiting.
+/// waiting. A job for Slurm needs no slot here: the cluster queues it.
 pub fn next_start(
     jobs: &[JobRecord],
     busy: &[Slot],
@@ -102,6 +121,9 @@ pub fn next_start(
     queue(&refs, max_running_per_user, now_ms)
         .into_iter()
         .find_map(|job| {
+            if runs_on_slurm(job, cap.slurm_default) {
+                return Some((job.id, Slot::Slurm));
+            }
             let slot = match job.settings.device.as_str() {
                 "cpu" => cpu(job),
                 "auto" => cap
@@ -135,6 +157,8 @@ pub enum Ending {
     Stalled(String),
     /// It died on its own: how ("exited with code 101", "was killed by signal 9 (SIGKILL)").
     Crashed(String),
+    /// It was stopped from outside (not by lorad) after writing a checkpoint: why.
+    Interrupted(String),
 }
 
 /// What becomes of a job whose worker ended without finishing, with the reason to record.
@@ -146,6 +170,9 @@ pub enum AfterExit {
     Fail(String),
     /// Queued again at the front, one restart more.
     Restart(String),
+    /// Queued again at the front, no restart counted: the attempt was interrupted from outside after
+    /// a checkpoint (a Slurm time limit's pre-kill signal).
+    Resume(String),
 }
 
 /// The decision after a worker of `job` ended: a full disk pauses (not the job's fault, nothing
@@ -170,6 +197,9 @@ pub fn after_exit(job: &JobRecord, ending: Ending) -> AfterExit {
         Ending::Stalled(cause) => AfterExit::Fail(format!("{cause}; gave up after {max} restarts")),
         Ending::Crashed(how) => {
             AfterExit::Fail(format!("worker {how}; gave up after {max} restarts"))
+        }
+        Ending::Interrupted(why) => {
+            AfterExit::Resume(format!("{why}; resuming from its checkpoint"))
         }
     }
 }
@@ -223,7 +253,33 @@ pub(crate) mod tests {
             cpu_free: None,
             gpus: gpus.to_vec(),
             auto_cpu: true,
+            slurm_default: false,
         }
+    }
+
+    #[test]
+    fn slurm_jobs_need_no_slot_here() {
+        let mut jobs = [on(1, "cpu", 0, Some(8 << 30)), on(2, "cpu", 0, None)];
+        jobs[0].settings.executor = lorad_schema::ExecutorChoice::Slurm;
+        let full = Capacity {
+            cpu_free: Some(1 << 30),
+            ..cap(1, &[])
+        };
+        // The CPU slot is busy and memory short, yet the Slurm job starts (the cluster queues it).
+        assert_eq!(
+            next_start(&jobs, &[Slot::Cpu], &full, 9, 0),
+            Some((JobId(1), Slot::Slurm))
+        );
+        // With Slurm the daemon's executor, `default` jobs go there; `local` ones stay here.
+        jobs[0].settings.executor = lorad_schema::ExecutorChoice::Local;
+        let slurm = Capacity {
+            slurm_default: true,
+            ..full
+        };
+        assert_eq!(
+            next_start(&jobs, &[Slot::Cpu], &slurm, 9, 0),
+            Some((JobId(2), Slot::Slurm))
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 /// and prefetch (the order is deterministic), checkpoint cadence and retention, supervision limits, and
 /// the device (a job may be resumed on another GPU; results then agree to float tolerance, not bits).
 /// Every other field, including ones added later, counts as math: the safe default.
-pub const NON_MATH_SETTINGS: [&str; 10] = [
+pub const NON_MATH_SETTINGS: [&str; 16] = [
     "workers",
     "prefetch",
     "checkpoint_every",
@@ -30,6 +30,13 @@ pub const NON_MATH_SETTINGS: [&str; 10] = [
     // Memory strategies with the same results: a job may resume with another.
     "base_weights",
     "gradient_checkpointing",
+    // Where attempts run: a job may move between machines and executors.
+    "executor",
+    "partition",
+    "gres",
+    "time_limit",
+    "account",
+    "qos",
 ];
 
 /// What a run's numbers depend on.

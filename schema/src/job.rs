@@ -127,6 +127,16 @@ pub struct JobSpec {
     pub on_finish: Option<String>,
 }
 
+/// The Slurm job that runs one attempt of a job (executor=slurm).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlurmAttempt {
+    /// Slurm's job id (`squeue -j`).
+    pub job_id: u64,
+    /// The attempt's directory on the shared storage: its task, the worker's reports (`events`)
+    /// and its exit status (`exit`).
+    pub dir: String,
+}
+
 /// How far a job got.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Progress {
@@ -166,9 +176,13 @@ pub struct Progress {
     /// Worker restarts so far.
     #[serde(default)]
     pub restarts: u32,
-    /// The device the current (or last) attempt runs on: `cpu` or `cuda:N`.
+    /// The device the current (or last) attempt runs on: `cpu`, `cuda:N`, or `slurm`.
     #[serde(default)]
     pub device: Option<String>,
+    /// The Slurm job of the current (or last) attempt, when the job runs on Slurm: recorded as soon
+    /// as it is submitted, so a restarted daemon follows it again instead of starting another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm: Option<SlurmAttempt>,
     /// Energy used so far, joules, as measured: the GPU's NVML energy counter, or the CPU package's
     /// RAPL counter (the whole package, other processes included). None: not measured.
     #[serde(default)]

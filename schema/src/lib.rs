@@ -20,7 +20,7 @@ pub use error::{ErrorCode, WireError};
 pub use frame::{FrameError, MAX_FRAME};
 pub use job::{
     CpuSample, Event, EventBody, GpuSample, JobId, JobRecord, JobSpec, JobState, MetricPoint,
-    Progress,
+    Progress, SlurmAttempt,
 };
 pub use proto::{
     CheckpointInfo, ClientFrame, DaemonStatus, DeviceInfo, Estimate, ExportInfo, Handshake,
@@ -28,8 +28,9 @@ pub use proto::{
     ServerFrame, Template, PROTOCOL_VERSION,
 };
 pub use settings::{
-    BaseWeights, DType, GradientCheckpointing, Schedule, SettingError, TrainSettings,
-    GRADIENT_CHECKPOINTING_AUTO_PARAMS, TARGET_MODULES,
+    valid_slurm_option, BaseWeights, DType, ExecutorChoice, GradientCheckpointing, Schedule,
+    SettingError, TrainSettings, GRADIENT_CHECKPOINTING_AUTO_PARAMS, MAX_SLURM_OPTION,
+    TARGET_MODULES,
 };
 
 /// Milliseconds since the Unix epoch, the time unit of every timestamp on the wire.

@@ -48,6 +48,31 @@ pub enum GradientCheckpointing {
     Off,
 }
 
+/// Where a job's attempts run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutorChoice {
+    /// The daemon's `executor` (lorad.toml; `local` unless set).
+    Default,
+    /// A worker process on the daemon's machine.
+    Local,
+    /// One Slurm job per attempt (`sbatch`), on the cluster the daemon's machine submits to.
+    Slurm,
+}
+
+/// The longest value of a Slurm option setting (`partition`, `gres`, `time_limit`, `account`, `qos`).
+pub const MAX_SLURM_OPTION: usize = 128;
+
+/// Whether `v` may be passed to `sbatch` as an option's value: letters, digits and `_ . : , = + / @ -`,
+/// not starting with `-` (never taken for another option), at most [`MAX_SLURM_OPTION`] bytes.
+pub fn valid_slurm_option(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= MAX_SLURM_OPTION
+        && !v.starts_with('-')
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.:,=+/@-".contains(c))
+}
+
 /// `gradient_checkpointing=auto` turns checkpointing on from this many base parameters (1B: where
 /// the activations of a batch of 4 x 512 start to outweigh a stored-form base).
 pub const GRADIENT_CHECKPOINTING_AUTO_PARAMS: u64 = 1_000_000_000;
@@ -137,6 +162,20 @@ pub struct TrainSettings {
     /// `auto`, `on` or `off`: recompute each decoder layer in backward instead of keeping its
     /// activations. Memory and time only: the losses are the same.
     pub gradient_checkpointing: GradientCheckpointing,
+    /// `default`, `local` or `slurm`: where the job's attempts run.
+    pub executor: ExecutorChoice,
+    /// Slurm partition (`sbatch --partition`; executor=slurm). None: the daemon's `[slurm]
+    /// partition`, else the cluster's default.
+    pub partition: Option<String>,
+    /// Slurm generic resources (`sbatch --gres`, e.g. `gpu:1`).
+    pub gres: Option<String>,
+    /// Slurm time limit of each attempt (`sbatch --time`, e.g. `02:00:00`). The worker checkpoints
+    /// before Slurm ends it, and the next attempt resumes from there.
+    pub time_limit: Option<String>,
+    /// Slurm account (`sbatch --account`).
+    pub account: Option<String>,
+    /// Slurm quality of service (`sbatch --qos`).
+    pub qos: Option<String>,
 }
 
 impl Default for TrainSettings {
@@ -174,6 +213,12 @@ impl Default for TrainSettings {
             max_line_bytes: 8 << 20,
             base_weights: BaseWeights::Stored,
             gradient_checkpointing: GradientCheckpointing::Auto,
+            executor: ExecutorChoice::Default,
+            partition: None,
+            gres: None,
+            time_limit: None,
+            account: None,
+            qos: None,
         }
     }
 }
@@ -320,6 +365,22 @@ impl TrainSettings {
             "max_line_bytes" if !(1024..=1 << 30).contains(&self.max_line_bytes) => {
                 bad("must be between 1024 and 1073741824 (1 GiB)".into())
             }
+            "partition" | "gres" | "time_limit" | "account" | "qos" => {
+                let v = match key {
+                    "partition" => &self.partition,
+                    "gres" => &self.gres,
+                    "time_limit" => &self.time_limit,
+                    "account" => &self.account,
+                    _ => &self.qos,
+                };
+                match v.as_deref() {
+                    Some(v) if !valid_slurm_option(v) => bad(format!(
+                        "'{v}' is not a Slurm option value (letters, digits and _ . : , = + / @ -, \
+                         not starting with -, at most {MAX_SLURM_OPTION} characters)"
+                    )),
+                    _ => Ok(()),
+                }
+            }
             "device" => {
                 let d = self.device.as_str();
                 let cuda_ok = d
@@ -440,6 +501,32 @@ mod tests {
             Err(SettingError::OutOfRange { .. })
         ));
         assert_eq!(s, before, "a rejected override changes nothing");
+    }
+
+    #[test]
+    fn slurm_options_are_checked_before_they_reach_sbatch() {
+        let mut s = TrainSettings::default();
+        s.set("executor", "slurm").unwrap();
+        assert_eq!(s.executor, ExecutorChoice::Slurm);
+        s.set("partition", "debug").unwrap();
+        s.set("gres", "gpu:a100:1").unwrap();
+        s.set("time_limit", "1-02:00:00").unwrap();
+        s.set("account", "123").unwrap();
+        assert_eq!(s.account.as_deref(), Some("123"));
+        s.set("qos", "none").unwrap();
+        assert_eq!(s.qos, None);
+        let before = s.clone();
+        for (key, value) in [
+            ("partition", "--uid=0"),
+            ("gres", "gpu:1 --wrap=x"),
+            ("account", "a;b"),
+            ("time_limit", "x\ny"),
+        ] {
+            let e = s.set(key, value).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("Slurm option"), "{e}");
+        }
+        assert!(s.set("executor", "ssh").is_err());
+        assert_eq!(s, before);
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub enum SpawnError {
     /// The job's owner cannot be run as.
     #[error(transparent)]
     Identity(#[from] crate::identity::IdentityError),
+    /// Slurm refused the job or could not be reached (sbatch's own message).
+    #[error("Slurm: {0}")]
+    Slurm(String),
 }
 
 impl SpawnError {
@@ -149,7 +152,7 @@ fn resume_point(job: &JobRecord, job_dir: &std::path::Path) -> Option<PathBuf> {
 
 /// Off the runtime: the owner's identity, the job directory made theirs, and job.log opened for
 /// appending with the attempt's separator written; returns where this attempt's part starts.
-async fn open_log(
+pub(super) async fn open_log(
     owner: u32,
     job_dir: PathBuf,
     log_path: PathBuf,
@@ -174,7 +177,7 @@ async fn open_log(
 }
 
 /// A dataset whose extension a dataloader plugin claims is read by that plugin, in the worker.
-fn dataloader_for(core: &Core, task: &TrainTask) -> Option<PluginRef> {
+pub(super) fn dataloader_for(core: &Core, task: &TrainTask) -> Option<PluginRef> {
     let plugins = core.plugins();
     let d = plugins.dataloader_for(&task.dataset)?;
     Some(PluginRef {
@@ -216,7 +219,7 @@ pub(super) fn start_worker(
         Some(Slot::Gpu(_)) => {
             cmd.env("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
         }
-        None => {}
+        Some(Slot::Slurm) | None => {}
     }
     cmd.stdin(Stdio::null())
         .stdout(stdout)

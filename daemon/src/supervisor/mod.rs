@@ -6,6 +6,7 @@ mod attempt;
 pub mod check;
 pub mod export;
 mod reports;
+pub mod slurm;
 mod watch;
 
 use crate::core::Core;
@@ -17,6 +18,7 @@ use tokio_util::task::TaskTracker;
 /// Runs until the daemon shuts down; then stops every worker and waits for them.
 pub async fn run(core: Arc<Core>) {
     let tracker = TaskTracker::new();
+    reattach(&core, &tracker).await;
     loop {
         if core.shutdown.is_cancelled() {
             break;
@@ -97,6 +99,7 @@ async fn capacity(core: &Arc<Core>) -> scheduler::Capacity {
             .map(|g| (g.index, c.devices.free_memory(g.index)))
             .collect(),
         auto_cpu: c.config.auto_cpu,
+        slurm_default: c.config.executor == crate::config::Executor::Slurm,
     })
     .await
     .unwrap_or(scheduler::Capacity {
@@ -104,7 +107,37 @@ async fn capacity(core: &Arc<Core>) -> scheduler::Capacity {
         cpu_free: None,
         gpus: Vec::new(),
         auto_cpu: core.config.auto_cpu,
+        slurm_default: core.config.executor == crate::config::Executor::Slurm,
     })
+}
+
+/// Follows again the Slurm jobs of attempts a previous daemon started (`recover` left those jobs
+/// running): no second attempt is submitted while Slurm still has one.
+async fn reattach(core: &Arc<Core>, tracker: &TaskTracker) {
+    let Ok(jobs) = core.read(|j| j.jobs()).await else {
+        return;
+    };
+    for job in jobs
+        .into_iter()
+        .filter(|j| j.state.is_active() && j.progress.slurm.is_some())
+    {
+        if let Some(running) = slurm::reattach(core, &job).await {
+            let (core, id) = (core.clone(), job.id);
+            tracker.spawn(async move {
+                slurm::watch(core.clone(), id, running).await;
+                if let Ok(mut w) = core.workers.lock() {
+                    w.remove(&id);
+                }
+                core.kick.notify_one();
+            });
+        }
+    }
+}
+
+/// A started attempt, by executor.
+enum Started {
+    Local(attempt::Running),
+    Slurm(slurm::SlurmRunning),
 }
 
 async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId, slot: Slot) {
@@ -117,6 +150,8 @@ async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId, slot: Slot) {
         .transition(id, JobState::Initializing, None, move |job| {
             job.requeued = false;
             job.progress.device = Some(slot.device());
+            // Set again once a Slurm attempt is submitted.
+            job.progress.slurm = None;
         })
         .await
     {
@@ -131,7 +166,13 @@ async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId, slot: Slot) {
             return;
         }
     };
-    match attempt::spawn(core, &job, &why, slot).await {
+    let started = match slot {
+        Slot::Slurm => slurm::spawn(core, &job, &why).await.map(Started::Slurm),
+        _ => attempt::spawn(core, &job, &why, slot)
+            .await
+            .map(Started::Local),
+    };
+    match started {
         Ok(running) => {
             // A cancel that committed before the worker was registered found nothing to stop: look again.
             if let Ok(job) = core.read(move |j| j.job(id)).await {
@@ -141,7 +182,10 @@ async fn start(core: &Arc<Core>, tracker: &TaskTracker, id: JobId, slot: Slot) {
             }
             let core = core.clone();
             tracker.spawn(async move {
-                watch::watch(core.clone(), id, running).await;
+                match running {
+                    Started::Local(r) => watch::watch(core.clone(), id, r).await,
+                    Started::Slurm(r) => slurm::watch(core.clone(), id, r).await,
+                }
                 if let Ok(mut w) = core.workers.lock() {
                     w.remove(&id);
                 }

@@ -154,7 +154,8 @@ async fn step(
     let measured = tokio::task::spawn_blocking(move || {
         let gpu = match a.slot {
             Slot::Gpu(n) => c.devices.sample(n),
-            Slot::Cpu => None,
+            // A Slurm node's devices are not this machine's: not sampled here.
+            Slot::Cpu | Slot::Slurm => None,
         };
         (gpu, a.meter.joules(&c))
     })

@@ -31,7 +31,7 @@ pub async fn watch(core: Arc<Core>, id: JobId, mut running: Running) {
 
 /// Publishes what the worker appends to job.log as `log` events (whole lines; the rest at the end),
 /// so that subscribers follow the log live, across attempts.
-async fn tail_log(
+pub(super) async fn tail_log(
     core: Arc<Core>,
     id: JobId,
     path: PathBuf,
@@ -115,14 +115,7 @@ async fn watch_worker(core: &Arc<Core>, id: JobId, running: &mut Running) {
     }
     let how = describe_exit(&running.child.wait().await);
     tracing::info!(job = %id, "worker {how}");
-    if followed.seen.finished || core.shutdown.is_cancelled() {
-        return;
-    }
-    // A job paused or cancelled meanwhile was stopped on purpose: nothing to record.
-    let Ok(job) = core.read(move |j| j.job(id)).await else {
-        return;
-    };
-    if !job.state.is_active() {
+    if followed.seen.finished {
         return;
     }
     let ending = match (followed.seen.failure, followed.stalled) {
@@ -131,15 +124,33 @@ async fn watch_worker(core: &Arc<Core>, id: JobId, running: &mut Running) {
         (None, Some(why)) => Ending::Stalled(why),
         (None, None) => Ending::Crashed(how),
     };
+    conclude(core, id, ending).await;
+}
+
+/// Records what the end of an attempt means for job `id` (`scheduler::after_exit`), unless the daemon
+/// is shutting down or the job was paused or cancelled meanwhile (stopped on purpose).
+pub(super) async fn conclude(core: &Arc<Core>, id: JobId, ending: Ending) {
+    if core.shutdown.is_cancelled() {
+        return;
+    }
+    let Ok(job) = core.read(move |j| j.job(id)).await else {
+        return;
+    };
+    if !job.state.is_active() {
+        return;
+    }
     let (to, reason, restart) = match scheduler::after_exit(&job, ending) {
         AfterExit::Pause(reason) => (JobState::Paused, reason, false),
         AfterExit::Fail(reason) => (JobState::Failed, reason, false),
         AfterExit::Restart(reason) => (JobState::Queued, reason, true),
+        AfterExit::Resume(reason) => (JobState::Queued, reason, false),
     };
     tracing::warn!(job = %id, state = %to, %reason, "worker ended");
     let outcome = record_until_written(core, id, to, Some(reason), move |job| {
         if restart {
             job.progress.restarts += 1;
+        }
+        if to == JobState::Queued {
             job.requeued = true;
         }
     })

@@ -46,6 +46,55 @@ pub fn run(mode: Mode) -> Result<i32, WorkerError> {
     // SAFETY: prctl(PR_SET_DUMPABLE) only sets a flag of this process.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     let stream = control_channel()?;
+    run_on_stream(mode, stream)
+}
+
+/// Trains the task in `dir` (`lorad worker --channel-dir DIR`, on a node of a Slurm cluster): the
+/// task is `DIR/task.msgpack` (one frame), reports are appended as frames to `DIR/events` (see
+/// `crate::file_channel`). The daemon may be gone and come back meanwhile: nothing here depends on
+/// it. A task not pinned to a checkpoint resumes from the job's newest one, so a run Slurm requeued
+/// (preempted, or at its time limit after the pre-kill signal's checkpoint) goes on from there.
+pub fn run_in_dir(dir: &std::path::Path) -> Result<i32, WorkerError> {
+    crate::worker::runtime::tune_allocator();
+    // SAFETY: as in `run`.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    let task_path = dir.join(crate::file_channel::TASK_FILE);
+    let mut file = std::fs::File::open(&task_path)?;
+    let msg = frame::read_msg::<ToWorker, _>(&mut file, frame::MAX_FRAME)?;
+    let events = crate::file_channel::Writer::open(dir)?;
+    let send = |msg: &FromWorker| {
+        if let Err(e) = events.send(msg) {
+            tracing::warn!(error = %e, "cannot append a report to the events file");
+        }
+    };
+    send(&FromWorker::Ready {
+        pid: std::process::id(),
+    });
+    let code = match msg {
+        ToWorker::Train {
+            mut task,
+            dataloader,
+        } => {
+            if !task.pin_resume {
+                task.resume_from =
+                    crate::worker::checkpoint::latest_checkpoint_at_most(&task.job_dir, u64::MAX)
+                        .or(task.resume_from);
+            }
+            if let Some(from) = &task.resume_from {
+                tracing::info!(checkpoint = %from.display(), "resuming");
+            }
+            run_train(&task, dataloader.as_ref(), &send)
+        }
+        _ => {
+            let message = "a channel directory holds only training tasks".to_string();
+            reply(&send, FromWorker::Failed { message }, 1)
+        }
+    };
+    Ok(code)
+}
+
+/// The worker's work once its task channel is open (`run`).
+fn run_on_stream(mode: Mode, stream: UnixStream) -> Result<i32, WorkerError> {
     let mut reader = stream.try_clone()?;
     let writer = Mutex::new(stream);
     let send = |msg: &FromWorker| {

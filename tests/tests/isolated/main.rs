@@ -6,6 +6,7 @@ mod flood;
 #[path = "../integration/helpers.rs"]
 mod helpers;
 mod security;
+mod slurm;
 
 pub use helpers::*;
 pub use lorad_client::blocking::Client;

@@ -14,6 +14,13 @@ fn invalid(msg: impl Into<String>) -> WireError {
 pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, WireError> {
     crate::quota::check_spec(&spec)?;
     let settings = resolve_settings(core, &spec)?;
+    let slurm = crate::scheduler::runs_on_slurm_with(
+        settings.executor,
+        core.config.executor == crate::config::Executor::Slurm,
+    );
+    if slurm {
+        crate::supervisor::slurm::check_sbatch(&core.config.slurm).map_err(invalid)?;
+    }
     if !peer.is_admin() {
         crate::quota::may_prioritise(spec.priority, peer.uid, &core.config.limits)?;
         let jobs = core
@@ -37,7 +44,10 @@ pub async fn handle(core: &Core, peer: Peer, spec: JobSpec) -> Result<Response, 
             .dataloader_for(Path::new(&spec.dataset))
             .map(|d| d.format.name),
         settings: Some(settings.clone()),
-        memory_limit: memory_limit(core, &settings.device),
+        // A Slurm job's memory is the cluster's to find: this machine's is no limit on it.
+        memory_limit: (!slurm)
+            .then(|| memory_limit(core, &settings.device))
+            .flatten(),
         max_seq_len_explicit: spec.overrides.contains_key("max_seq_len"),
     };
     let checked = crate::supervisor::check::submit(core, peer.uid, task).await?;

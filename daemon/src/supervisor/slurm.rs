@@ -1,0 +1,832 @@
+//! The Slurm executor: each attempt of a job is one Slurm batch job running `lorad worker
+//! --channel-dir DIR` on a node, with the task and the worker's reports as files in DIR on the
+//! storage the daemon and the nodes share (`crate::file_channel`).
+//!
+//! - Submit: `sbatch --requeue --signal=B:TERM@<grace>` as the job's owner, the log appended to
+//!   job.log; the Slurm job id is in the journal (`progress.slurm`) before anything else happens, so
+//!   a restarted daemon follows the same Slurm job instead of submitting another.
+//! - Follow: the events file and `scontrol -o show job` every `poll_ms` (there is no event to wait on
+//!   across nodes). A requeue (preemption, `scontrol requeue`, a node failure) keeps the Slurm job
+//!   id; the worker, told by SIGTERM, checkpointed first, and the next run resumes from its newest
+//!   checkpoint and appends to the same events file. A run that ends without a checkpoint (a node
+//!   failure, SIGKILL) counts against `max_restarts`, as a crash does.
+//! - Stop (pause, cancel): SIGTERM to the batch shell, which forwards it to the worker (checkpoint,
+//!   exit); after `kill_grace`, `scancel`. A pending job is cancelled at once.
+//! - A daemon that shuts down leaves its Slurm jobs running and follows them again when it starts.
+use super::attempt::{io, open_log, SpawnError};
+use super::reports::{self, Failure, Seen};
+use crate::channel::{FromWorker, ToWorker};
+use crate::config::SlurmConfig;
+use crate::core::{Core, WorkerHandle};
+use crate::file_channel;
+use crate::scheduler::{Ending, Slot};
+use crate::worker::{Phase, TrainEvent, TrainTask};
+use lorad_schema::{JobId, JobRecord, SlurmAttempt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// A submitted (or re-attached) attempt.
+pub struct SlurmRunning {
+    pub(super) attempt: SlurmAttempt,
+    pub(super) stop: CancellationToken,
+    pub(super) stall_timeout: Duration,
+    pub(super) log_path: PathBuf,
+    pub(super) log_offset: u64,
+    /// Reports of steps up to this one are in the journal already (a re-attached daemon reads the
+    /// events file from its start).
+    pub(super) recorded_step: u64,
+}
+
+/// A Slurm job as `scontrol -o show job` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobInfo {
+    /// `JobState` (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, NODE_FAIL, ...).
+    pub state: String,
+    /// `Reason` (why it is pending, or how it ended).
+    pub reason: String,
+    /// `ExitCode=status:signal`.
+    pub exit: Option<(i32, i32)>,
+    /// `Restarts`: how often Slurm requeued it.
+    pub restarts: u32,
+}
+
+impl JobInfo {
+    /// Whether Slurm is done with it (it will not run again by itself).
+    pub fn is_final(&self) -> bool {
+        !matches!(
+            self.state.as_str(),
+            "PENDING"
+                | "CONFIGURING"
+                | "RUNNING"
+                | "COMPLETING"
+                | "SUSPENDED"
+                | "REQUEUED"
+                | "REQUEUE_FED"
+                | "REQUEUE_HOLD"
+                | "RESIZING"
+                | "SIGNALING"
+                | "STAGE_OUT"
+                | "STOPPED"
+        )
+    }
+
+    /// Whether its worker may be making progress now (the stall watchdog's clock runs only then).
+    pub fn is_running(&self) -> bool {
+        self.state == "RUNNING"
+    }
+}
+
+/// Parses one line of `scontrol -o show job ID` (fields `Key=Value` separated by spaces).
+pub fn parse_show_job(line: &str) -> Option<JobInfo> {
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    };
+    let exit = field("ExitCode").and_then(|e| {
+        let (a, b) = e.split_once(':')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    });
+    Some(JobInfo {
+        state: field("JobState")?.to_string(),
+        reason: field("Reason").unwrap_or("None").to_string(),
+        exit,
+        restarts: field("Restarts").and_then(|r| r.parse().ok()).unwrap_or(0),
+    })
+}
+
+/// The job id `sbatch --parsable` printed (`ID` or `ID;cluster`).
+pub fn parse_job_id(stdout: &str) -> Option<u64> {
+    stdout.trim().split(';').next()?.trim().parse().ok()
+}
+
+/// `'text'` for /bin/sh.
+fn quote(p: &Path) -> String {
+    format!("'{}'", p.to_string_lossy().replace('\'', r"'\''"))
+}
+
+/// The batch script of an attempt: run the worker on the task in `dir`, forward the signals Slurm
+/// sends the batch shell (the pre-kill signal, scancel's, a requeue's) to it, and write its exit
+/// status next to its reports.
+pub fn batch_script(job: JobId, worker_exe: &Path, dir: &Path, threads: usize) -> String {
+    let (exe, d) = (quote(worker_exe), quote(dir));
+    let exit = quote(&dir.join(file_channel::EXIT_FILE));
+    format!(
+        r#"#!/bin/sh
+# lorad job {job}: one attempt, generated by lorad (docs/OPERATIONS.md, "Slurm").
+# Slurm's signals reach this shell; the worker, told by SIGTERM, checkpoints and stops.
+export RUST_LOG="${{LORAD_WORKER_LOG:-info}}"
+export RAYON_NUM_THREADS="${{SLURM_CPUS_PER_TASK:-{threads}}}"
+export CUDA_DEVICE_ORDER=PCI_BUS_ID
+trap 'kill -TERM "$pid" 2>/dev/null' TERM INT USR1
+{exe} worker --channel-dir {d} &
+pid=$!
+wait "$pid"
+status=$?
+while kill -0 "$pid" 2>/dev/null; do
+  wait "$pid"
+  status=$?
+done
+echo "$status" > {exit}
+exit "$status"
+"#
+    )
+}
+
+/// `sbatch`'s arguments for an attempt of `job` (everything but the command itself).
+pub fn sbatch_args(
+    job: &JobRecord,
+    cfg: &SlurmConfig,
+    dir: &Path,
+    log: &Path,
+    script: &Path,
+    threads: usize,
+) -> Vec<String> {
+    let s = &job.settings;
+    let mut args = vec![
+        "--parsable".to_string(),
+        "--requeue".to_string(),
+        "--open-mode=append".to_string(),
+        format!("--output={}", log.display()),
+        format!("--job-name=lorad-{}", job.id),
+        format!("--signal=B:TERM@{}", cfg.signal_grace_s),
+        format!("--chdir={}", dir.display()),
+        format!("--cpus-per-task={threads}"),
+        "--export=NONE".to_string(),
+    ];
+    let partition = s.partition.as_ref().or(cfg.partition.as_ref());
+    for (flag, value) in [
+        ("partition", partition),
+        ("gres", s.gres.as_ref()),
+        ("time", s.time_limit.as_ref()),
+        ("account", s.account.as_ref()),
+        ("qos", s.qos.as_ref()),
+    ] {
+        if let Some(v) = value {
+            args.push(format!("--{flag}={v}"));
+        }
+    }
+    args.push(script.display().to_string());
+    args
+}
+
+/// Submits an attempt of `job` and registers it in `core.workers`.
+pub(super) async fn spawn(
+    core: &Core,
+    job: &JobRecord,
+    why: &str,
+) -> Result<SlurmRunning, SpawnError> {
+    let job_dir = core.config.job_dir(job.id);
+    let log_path = crate::logs::log_path(&job_dir);
+    let separator = crate::logs::separator(&format!("{why}; on Slurm"));
+    let (who, log, log_offset) =
+        open_log(job.owner_uid, job_dir.clone(), log_path.clone(), separator).await?;
+    drop(log);
+    let dir = job_dir
+        .join("slurm")
+        .join(format!("attempt-{}", lorad_schema::now_ms()));
+    let threads = core.config.cpu_threads;
+    let task = TrainTask {
+        job: job.id,
+        base_model: PathBuf::from(&job.base_model),
+        dataset: PathBuf::from(&job.dataset),
+        adapter_dir: PathBuf::from(&job.output_dir),
+        job_dir: job_dir.clone(),
+        settings: job.settings.clone(),
+        pin_resume: job.resume_checkpoint.is_some(),
+        resume_from: job.resume_checkpoint.as_ref().and_then(|name| {
+            lorad_schema::layout::JobDir::new(&job_dir)
+                .checkpoint(name)
+                .ok()
+        }),
+    };
+    let dataloader = super::attempt::dataloader_for(core, &task);
+    let script_text = batch_script(job.id, &core.config.worker_exe, &dir, threads);
+    let ids = who.as_ref().map(|w| (w.uid, w.gid));
+    let d = dir.clone();
+    let script = tokio::task::spawn_blocking(move || -> Result<PathBuf, SpawnError> {
+        crate::logs::prepare_job_dir(d.parent().unwrap_or(&d), ids)
+            .map_err(io("make the Slurm directory"))?;
+        crate::logs::prepare_job_dir(&d, ids).map_err(io("make the attempt's directory"))?;
+        file_channel::write_task(&d, &ToWorker::Train { task, dataloader })?;
+        let script = d.join("run.sh");
+        std::fs::write(&script, script_text).map_err(io("write the batch script"))?;
+        if let Some((uid, gid)) = ids {
+            for f in [d.join(file_channel::TASK_FILE), script.clone()] {
+                std::os::unix::fs::chown(&f, Some(uid), Some(gid))
+                    .map_err(io("give the task to the job's owner"))?;
+            }
+        }
+        Ok(script)
+    })
+    .await
+    .map_err(|e| SpawnError::Io {
+        what: "prepare the Slurm attempt",
+        source: std::io::Error::other(e),
+    })??;
+    let args = sbatch_args(job, &core.config.slurm, &dir, &log_path, &script, threads);
+    let mut cmd = tokio::process::Command::new(&core.config.slurm.sbatch);
+    crate::identity::apply(&mut cmd, who.as_ref());
+    if let Ok(conf) = std::env::var("SLURM_CONF") {
+        cmd.env("SLURM_CONF", conf);
+    }
+    cmd.args(&args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .map_err(|_| SpawnError::Slurm("sbatch did not answer in 60 s".into()))?
+        .map_err(|e| {
+            SpawnError::Slurm(format!(
+                "cannot run {}: {e}",
+                core.config.slurm.sbatch.display()
+            ))
+        })?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let slurm_id = match (out.status.success(), parse_job_id(&stdout)) {
+        (true, Some(id)) => id,
+        _ => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let err = err.trim();
+            return Err(SpawnError::Slurm(if err.is_empty() {
+                format!("sbatch {}: {}", out.status, stdout.trim())
+            } else {
+                err.lines().collect::<Vec<_>>().join("; ")
+            }));
+        }
+    };
+    let attempt = SlurmAttempt {
+        job_id: slurm_id,
+        dir: dir.display().to_string(),
+    };
+    let a = attempt.clone();
+    let id = job.id;
+    // Recorded before anything else: a daemon killed from here on finds the Slurm job to follow.
+    let recorded = core
+        .write(move |j| {
+            let job = j.update_job(id, |job| job.progress.slurm = Some(a))?;
+            Ok((job, vec![]))
+        })
+        .await;
+    if let Err(e) = recorded {
+        cancel(&core.config.slurm, slurm_id).await;
+        return Err(SpawnError::Slurm(format!(
+            "cannot record Slurm job {slurm_id} in the journal (cancelled it): {e}"
+        )));
+    }
+    tracing::info!(job = %id, slurm_job = slurm_id, dir = %dir.display(), "submitted to Slurm");
+    Ok(register(core, job, attempt, log_path, log_offset, 0))
+}
+
+/// A handle for following `attempt` of `job`, registered in `core.workers`.
+fn register(
+    core: &Core,
+    job: &JobRecord,
+    attempt: SlurmAttempt,
+    log_path: PathBuf,
+    log_offset: u64,
+    recorded_step: u64,
+) -> SlurmRunning {
+    let stop = CancellationToken::new();
+    if let Ok(mut workers) = core.workers.lock() {
+        workers.insert(
+            job.id,
+            WorkerHandle {
+                pid: 0,
+                stop: stop.clone(),
+                slot: Slot::Slurm,
+            },
+        );
+    }
+    SlurmRunning {
+        attempt,
+        stop,
+        stall_timeout: Duration::from_secs(job.settings.stall_timeout),
+        log_path,
+        log_offset,
+        recorded_step,
+    }
+}
+
+/// Follows again the Slurm job of an attempt a previous daemon started (`progress.slurm`).
+pub(super) async fn reattach(core: &Core, job: &JobRecord) -> Option<SlurmRunning> {
+    let attempt = job.progress.slurm.clone()?;
+    let log_path = crate::logs::log_path(&core.config.job_dir(job.id));
+    let p = log_path.clone();
+    let log_offset = tokio::task::spawn_blocking(move || std::fs::metadata(p).map(|m| m.len()))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(0);
+    tracing::info!(job = %job.id, slurm_job = attempt.job_id, "following the Slurm job of the previous daemon");
+    Some(register(
+        core,
+        job,
+        attempt,
+        log_path,
+        log_offset,
+        job.progress.step,
+    ))
+}
+
+/// The PATH sbatch is looked up in: the one `identity::apply` gives the processes lorad starts.
+const SEARCH_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Checks that `sbatch` can be run (a path that is an executable file, or a name found in the PATH
+/// lorad runs it with): a job for Slurm is refused at submit when not, naming what is missing.
+pub fn check_sbatch(cfg: &SlurmConfig) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let name = &cfg.sbatch;
+    if name.components().count() > 1 || name.is_absolute() {
+        return if runnable(name) {
+            Ok(name.clone())
+        } else {
+            Err(format!(
+                "executor=slurm: {} is not an executable file (lorad.toml [slurm] sbatch)",
+                name.display()
+            ))
+        };
+    }
+    std::env::split_paths(SEARCH_PATH)
+        .map(|dir| dir.join(name))
+        .find(|p| runnable(p))
+        .ok_or_else(|| {
+            format!(
+                "executor=slurm: {} is not installed here (not found in {SEARCH_PATH}); install \
+                 Slurm's client commands or set [slurm] sbatch in lorad.toml",
+                name.display()
+            )
+        })
+}
+
+/// `scontrol -o show job ID`: Ok(None) when Slurm does not know the job (any more).
+pub async fn query(cfg: &SlurmConfig, slurm_id: u64) -> Result<Option<JobInfo>, String> {
+    let mut cmd = tokio::process::Command::new(&cfg.scontrol);
+    cmd.args(["-o", "show", "job", &slurm_id.to_string()])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .map_err(|_| "scontrol did not answer in 60 s".to_string())?
+        .map_err(|e| format!("cannot run {}: {e}", cfg.scontrol.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        return Ok(stdout.lines().find_map(parse_show_job));
+    }
+    if stderr.contains("Invalid job id") {
+        return Ok(None);
+    }
+    Err(format!("scontrol: {}", stderr.trim()))
+}
+
+/// `scancel ID`: Slurm sends SIGTERM to every process of the job, SIGKILL after its KillWait.
+async fn cancel(cfg: &SlurmConfig, slurm_id: u64) {
+    scancel(cfg, &[&slurm_id.to_string()]).await;
+}
+
+/// SIGTERM to the batch shell only (`scancel --batch --signal=TERM`), which the script forwards to
+/// the worker: it checkpoints and exits, and the Slurm job ends.
+async fn signal_term(cfg: &SlurmConfig, slurm_id: u64) {
+    scancel(cfg, &["--batch", "--signal=TERM", &slurm_id.to_string()]).await;
+}
+
+async fn scancel(cfg: &SlurmConfig, args: &[&str]) {
+    let mut cmd = tokio::process::Command::new(&cfg.scancel);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    match tokio::time::timeout(Duration::from_secs(60), cmd.output()).await {
+        Ok(Ok(out)) if out.status.success() => {}
+        Ok(Ok(out)) => {
+            tracing::warn!(?args, stderr = %String::from_utf8_lossy(&out.stderr).trim(), "scancel failed")
+        }
+        Ok(Err(e)) => tracing::warn!(?args, error = %e, "cannot run scancel"),
+        Err(_) => tracing::warn!(?args, "scancel did not answer in 60 s"),
+    }
+}
+
+/// Follows the attempt until Slurm is done with it, then records what its end means.
+pub(super) async fn watch(core: Arc<Core>, id: JobId, mut running: SlurmRunning) {
+    let log_done = CancellationToken::new();
+    let tail = tokio::spawn(super::watch::tail_log(
+        core.clone(),
+        id,
+        running.log_path.clone(),
+        running.log_offset,
+        log_done.clone(),
+    ));
+    let ending = follow(&core, id, &mut running).await;
+    log_done.cancel();
+    let _ = tail.await;
+    if let Some(ending) = ending {
+        super::watch::conclude(&core, id, ending).await;
+    }
+}
+
+/// What the supervisor saw of one attempt.
+#[derive(Default)]
+struct Followed {
+    seen: Seen,
+    /// lorad stopped it (a pause or cancel, or the watchdog).
+    stopped: bool,
+    /// The watchdog gave up on it, and why.
+    stalled: Option<String>,
+    /// The worker said it checkpointed and stopped, since it last (re)started.
+    checkpointed_stop: bool,
+}
+
+async fn follow(core: &Arc<Core>, id: JobId, running: &mut SlurmRunning) -> Option<Ending> {
+    let cfg = core.config.slurm.clone();
+    let slurm_id = running.attempt.job_id;
+    let dir = PathBuf::from(&running.attempt.dir);
+    let mut reader = file_channel::Reader::new(&dir);
+    let attempt = reports::Attempt::start(core, id, Slot::Slurm).await;
+    let mut f = Followed::default();
+    let poll = Duration::from_millis(cfg.poll_ms.max(50));
+    let mut tick = tokio::time::interval(poll);
+    let mut last_progress = tokio::time::Instant::now();
+    let mut phase = Phase::Loading;
+    let mut info: Option<JobInfo> = None;
+    // A run of the Slurm job has started (its `Ready`) and not reported an end yet.
+    let mut run_open = false;
+    // The first read of a re-attached daemon catches up on runs the previous one counted.
+    let mut catching_up = running.recorded_step > 0;
+    let mut hard_after: Option<tokio::time::Instant> = None;
+    let mut last_query = tokio::time::Instant::now() - Duration::from_secs(3600);
+    let mut ended = false;
+    let mut final_since: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = running.stop.cancelled(), if !f.stopped => {
+                if core.shutdown.is_cancelled() {
+                    // The daemon stops; the Slurm job goes on, and the next daemon follows it.
+                    return None;
+                }
+                f.stopped = true;
+                match &info {
+                    Some(i) if i.is_running() => signal_term(&cfg, slurm_id).await,
+                    _ => cancel(&cfg, slurm_id).await,
+                }
+                hard_after = Some(tokio::time::Instant::now() + core.config.kill_grace);
+                continue;
+            }
+            _ = core.shutdown.cancelled() => return None,
+            _ = tick.tick() => {}
+        }
+        // The worker's reports.
+        let r = std::mem::replace(&mut reader, file_channel::Reader::new(&dir));
+        let (r, polled) = tokio::task::spawn_blocking(move || {
+            let mut r = r;
+            let p = r.poll();
+            (r, p)
+        })
+        .await
+        .unwrap_or_else(|_| (file_channel::Reader::new(&dir), Ok(Vec::new())));
+        reader = r;
+        match polled {
+            Ok(msgs) => {
+                for msg in msgs {
+                    if let FromWorker::Train { event } = &msg {
+                        last_progress = tokio::time::Instant::now();
+                        if let TrainEvent::Phase { phase: p } = event {
+                            phase = *p;
+                        }
+                        if already_recorded(event, running.recorded_step) {
+                            continue;
+                        }
+                    }
+                    match &msg {
+                        FromWorker::Ready { .. } => {
+                            if run_open && !catching_up && !f.stopped {
+                                // Slurm started the job again after a run that reported no end:
+                                // it crashed or lost its node, and Slurm requeued it.
+                                tracing::warn!(job = %id, slurm_job = slurm_id, "a run ended without a checkpoint; Slurm requeued the job");
+                                if let Some(ending) = count_crash(core, id, slurm_id).await {
+                                    cancel(&cfg, slurm_id).await;
+                                    return Some(ending);
+                                }
+                            }
+                            run_open = true;
+                            f.checkpointed_stop = false;
+                        }
+                        FromWorker::Stopped { .. } => {
+                            run_open = false;
+                            f.checkpointed_stop = true;
+                        }
+                        FromWorker::Finished { .. }
+                        | FromWorker::Failed { .. }
+                        | FromWorker::NoSpace { .. } => run_open = false,
+                        _ => {}
+                    }
+                    reports::handle(core, id, 0, msg, &mut f.seen, &attempt).await;
+                }
+                catching_up = false;
+            }
+            Err(e) => tracing::warn!(job = %id, error = %e, "cannot read the worker's reports"),
+        }
+        if ended {
+            break;
+        }
+        // Slurm's view, every two seconds at most.
+        if last_query.elapsed() >= Duration::from_secs(2).min(poll * 4) {
+            last_query = tokio::time::Instant::now();
+            match query(&cfg, slurm_id).await {
+                Ok(Some(now)) => {
+                    if info.as_ref().is_some_and(|i| now.restarts > i.restarts) {
+                        tracing::info!(job = %id, slurm_job = slurm_id, restarts = now.restarts, "Slurm requeued the job");
+                    }
+                    if !info.as_ref().is_some_and(JobInfo::is_running) && now.is_running() {
+                        last_progress = tokio::time::Instant::now();
+                    }
+                    // A final state is taken as the end once it has held for a few seconds, unless
+                    // the worker reported its end: a requeue can pass through one on its way back
+                    // to PENDING, and the job then runs again under the same id.
+                    if now.is_final() {
+                        let since = *final_since.get_or_insert_with(tokio::time::Instant::now);
+                        ended = f.seen.finished
+                            || f.seen.failure.is_some()
+                            || f.stopped
+                            || since.elapsed() >= FINAL_HOLDS;
+                    } else {
+                        final_since = None;
+                    }
+                    info = Some(now);
+                }
+                Ok(None) => {
+                    tracing::warn!(job = %id, slurm_job = slurm_id, "Slurm does not know the job");
+                    let since = *final_since.get_or_insert_with(tokio::time::Instant::now);
+                    ended = f.seen.finished
+                        || f.seen.failure.is_some()
+                        || f.stopped
+                        || since.elapsed() >= FINAL_HOLDS;
+                }
+                Err(e) => {
+                    tracing::warn!(job = %id, slurm_job = slurm_id, error = %e, "cannot ask Slurm about the job")
+                }
+            }
+        }
+        if hard_after.is_some_and(|t| tokio::time::Instant::now() >= t) {
+            hard_after = None;
+            cancel(&cfg, slurm_id).await;
+        }
+        let running_now = info.as_ref().is_some_and(JobInfo::is_running);
+        if !f.stopped && running_now {
+            let bound = match phase {
+                Phase::Training => running.stall_timeout,
+                Phase::Loading | Phase::Saving => running.stall_timeout * 3,
+            };
+            if last_progress.elapsed() > bound {
+                let reason = format!(
+                    "stalled: no progress for {} s while {phase:?}",
+                    bound.as_secs()
+                )
+                .to_lowercase();
+                tracing::warn!(job = %id, slurm_job = slurm_id, %reason, "cancelling the Slurm job");
+                f.stalled = Some(reason);
+                f.stopped = true;
+                cancel(&cfg, slurm_id).await;
+            }
+        }
+    }
+    ending_of(slurm_id, &f, info.as_ref(), &dir)
+}
+
+/// How long a final Slurm state must hold before an attempt that reported no end of its own is taken
+/// as ended.
+const FINAL_HOLDS: Duration = Duration::from_secs(5);
+
+/// Whether a report is one a previous daemon recorded already (re-attached: the events file is read
+/// from its start).
+fn already_recorded(event: &TrainEvent, recorded_step: u64) -> bool {
+    match event {
+        TrainEvent::Step { point } => point.step <= recorded_step,
+        TrainEvent::Checkpoint { step, .. } => *step <= recorded_step,
+        _ => false,
+    }
+}
+
+/// Counts a crashed run of a requeued Slurm job as a restart; the ending when that is more than the
+/// job allows.
+async fn count_crash(core: &Arc<Core>, id: JobId, slurm_id: u64) -> Option<Ending> {
+    let counted = core
+        .write(move |j| {
+            let job = j.update_job(id, |job| job.progress.restarts += 1)?;
+            Ok((job, vec![]))
+        })
+        .await
+        .ok()?;
+    let max = counted.settings.max_restarts;
+    (counted.progress.restarts > max).then(|| {
+        Ending::Refused(format!(
+            "Slurm job {slurm_id} was requeued after its run ended without a checkpoint (a crash or \
+             a lost node); gave up after {max} restarts"
+        ))
+    })
+}
+
+/// What the end of the attempt means (None: nothing to record: it finished, or lorad stopped it).
+fn ending_of(slurm_id: u64, f: &Followed, info: Option<&JobInfo>, dir: &Path) -> Option<Ending> {
+    if f.seen.finished {
+        return None;
+    }
+    match &f.seen.failure {
+        Some(Failure::NoSpace { dir, message }) => {
+            return Some(Ending::NoSpace {
+                dir: dir.clone(),
+                message: message.clone(),
+            })
+        }
+        Some(Failure::Failed(message)) => return Some(Ending::Refused(message.clone())),
+        None => {}
+    }
+    if let Some(why) = &f.stalled {
+        return Some(Ending::Stalled(why.clone()));
+    }
+    if f.stopped {
+        return None;
+    }
+    let how = match info {
+        Some(i) => format!(
+            "Slurm job {slurm_id} ended {}{}{}",
+            i.state,
+            i.exit
+                .map(|(s, sig)| format!(" (exit {s}:{sig})"))
+                .unwrap_or_default(),
+            if i.reason == "None" {
+                String::new()
+            } else {
+                format!(", {}", i.reason)
+            }
+        ),
+        None => {
+            let exit = std::fs::read_to_string(dir.join(file_channel::EXIT_FILE))
+                .map(|s| format!(" (worker exit status {})", s.trim()))
+                .unwrap_or_default();
+            format!("Slurm job {slurm_id} left the queue{exit}")
+        }
+    };
+    if f.checkpointed_stop {
+        // Stopped from outside after a checkpoint: a time limit's pre-kill signal, an admin's scancel
+        // --signal. Not the job's fault.
+        return Some(Ending::Interrupted(how));
+    }
+    Some(Ending::Crashed(how))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scontrol_lines_parse() {
+        let line = "JobId=12 JobName=lorad-3 UserId=alice(1000) JobState=RUNNING Reason=None \
+                    Dependency=(null) Requeue=1 Restarts=2 BatchFlag=1 ExitCode=0:0 RunTime=00:00:05";
+        assert_eq!(
+            parse_show_job(line),
+            Some(JobInfo {
+                state: "RUNNING".into(),
+                reason: "None".into(),
+                exit: Some((0, 0)),
+                restarts: 2
+            })
+        );
+        let done =
+            parse_show_job("JobId=9 JobState=FAILED Reason=NonZeroExitCode ExitCode=3:0").unwrap();
+        assert!(done.is_final() && !done.is_running());
+        assert_eq!(done.exit, Some((3, 0)));
+        let pending =
+            parse_show_job("JobId=9 JobState=PENDING Reason=BeginTime Restarts=1").unwrap();
+        assert!(!pending.is_final() && !pending.is_running());
+        for s in [
+            "COMPLETED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "PREEMPTED",
+        ] {
+            assert!(
+                parse_show_job(&format!("JobState={s}")).unwrap().is_final(),
+                "{s}"
+            );
+        }
+        assert_eq!(parse_show_job("slurm_load_jobs error"), None);
+    }
+
+    #[test]
+    fn sbatch_output_parses() {
+        assert_eq!(parse_job_id("42\n"), Some(42));
+        assert_eq!(parse_job_id("42;cluster\n"), Some(42));
+        assert_eq!(parse_job_id("Submitted batch job 42"), None);
+        assert_eq!(parse_job_id(""), None);
+    }
+
+    #[test]
+    fn the_script_forwards_signals_and_quotes_paths() {
+        let s = batch_script(
+            JobId(7),
+            Path::new("/usr/bin/lorad"),
+            Path::new("/srv/it's/jobs/7/slurm/attempt-1"),
+            4,
+        );
+        assert!(
+            s.starts_with("#!/bin/sh\n"),
+            "sbatch wants an interpreter line"
+        );
+        assert!(s.contains("trap 'kill -TERM \"$pid\" 2>/dev/null' TERM"));
+        assert!(s.contains(
+            "'/usr/bin/lorad' worker --channel-dir '/srv/it'\\''s/jobs/7/slurm/attempt-1' &"
+        ));
+        assert!(s.contains("RAYON_NUM_THREADS=\"${SLURM_CPUS_PER_TASK:-4}\""));
+        assert!(s.contains("> '/srv/it'\\''s/jobs/7/slurm/attempt-1/exit'"));
+    }
+
+    #[test]
+    fn sbatch_gets_the_jobs_options_and_the_daemons_partition() {
+        let mut job = crate::scheduler::tests::job(5, lorad_schema::JobState::Initializing, 0);
+        let cfg = SlurmConfig {
+            partition: Some("main".into()),
+            signal_grace_s: 90,
+            ..SlurmConfig::default()
+        };
+        let (dir, log, script) = (
+            Path::new("/d"),
+            Path::new("/j/job.log"),
+            Path::new("/d/run.sh"),
+        );
+        let args = sbatch_args(&job, &cfg, dir, log, script, 2);
+        for a in [
+            "--parsable",
+            "--requeue",
+            "--open-mode=append",
+            "--output=/j/job.log",
+            "--job-name=lorad-5",
+            "--signal=B:TERM@90",
+            "--chdir=/d",
+            "--cpus-per-task=2",
+            "--export=NONE",
+            "--partition=main",
+        ] {
+            assert!(args.contains(&a.to_string()), "{a} in {args:?}");
+        }
+        assert_eq!(args.last().map(String::as_str), Some("/d/run.sh"));
+        job.settings.partition = Some("debug".into());
+        job.settings.gres = Some("gpu:1".into());
+        job.settings.time_limit = Some("01:00:00".into());
+        let args = sbatch_args(&job, &cfg, dir, log, script, 2);
+        assert!(args.contains(&"--partition=debug".to_string()));
+        assert!(!args.contains(&"--partition=main".to_string()));
+        assert!(args.contains(&"--gres=gpu:1".to_string()));
+        assert!(args.contains(&"--time=01:00:00".to_string()));
+    }
+
+    #[test]
+    fn how_an_attempt_ended() {
+        let dir = Path::new("/nonexistent");
+        let info =
+            |state: &str| parse_show_job(&format!("JobState={state} Reason=None ExitCode=0:9"));
+        let mut f = Followed::default();
+        // No report of an end, killed: a crash.
+        let e = ending_of(3, &f, info("FAILED").as_ref(), dir);
+        assert_eq!(
+            e,
+            Some(Ending::Crashed(
+                "Slurm job 3 ended FAILED (exit 0:9)".into()
+            ))
+        );
+        // It checkpointed and stopped before Slurm ended it: interrupted, resumed without a restart.
+        f.checkpointed_stop = true;
+        assert!(matches!(
+            ending_of(3, &f, info("TIMEOUT").as_ref(), dir),
+            Some(Ending::Interrupted(_))
+        ));
+        // lorad stopped it (pause, cancel): nothing to record.
+        f.stopped = true;
+        assert_eq!(ending_of(3, &f, info("CANCELLED").as_ref(), dir), None);
+        // Unless the watchdog did.
+        f.stalled = Some("stalled".into());
+        assert_eq!(
+            ending_of(3, &f, None, dir),
+            Some(Ending::Stalled("stalled".into()))
+        );
+        // Its own failure wins.
+        f.seen.failure = Some(Failure::Failed("bad data".into()));
+        assert_eq!(
+            ending_of(3, &f, None, dir),
+            Some(Ending::Refused("bad data".into()))
+        );
+        f.seen.finished = true;
+        assert_eq!(ending_of(3, &f, None, dir), None);
+        let gone = ending_of(4, &Followed::default(), None, dir);
+        assert_eq!(
+            gone,
+            Some(Ending::Crashed("Slurm job 4 left the queue".into()))
+        );
+    }
+}
