@@ -297,6 +297,19 @@ fn setup(cli: &Cli) -> anyhow::Result<Setup> {
     config.hooks = file.hooks.unwrap_or_default();
     config.executor = file.executor.unwrap_or_default();
     config.slurm = file.slurm.unwrap_or_default();
+    if let Some(p) = config
+        .slurm
+        .partition
+        .as_deref()
+        .filter(|p| !lorad_schema::valid_slurm_option(p))
+    {
+        anyhow::bail!("[slurm] partition = \"{p}\" is not a Slurm partition name");
+    }
+    if config.executor == lorad::config::Executor::Slurm {
+        // Every job that does not choose goes to Slurm: without sbatch none could run.
+        lorad::supervisor::slurm::check_sbatch(&config.slurm)
+            .map_err(|e| anyhow::anyhow!("executor = \"slurm\" in the config: {e}"))?;
+    }
     let socket_gid = match &config.socket_group {
         Some(name) => Some(lorad::config::group_id(name)?),
         None => None,

@@ -409,3 +409,64 @@ fn slurm_errors_are_clear_at_submit_or_as_the_jobs_reason() {
         "{reason}"
     );
 }
+
+#[test]
+fn a_run_that_dies_without_a_checkpoint_counts_as_a_restart() {
+    if !cluster_or_skip() {
+        return;
+    }
+    let _serial = serial();
+    let d = TestDaemon::start();
+    let data = d.dir.path().join("data.jsonl");
+    write_dataset(&data, 64);
+    let c = d.client();
+    let settings = on_slurm(&[("max_steps", "400"), ("checkpoint_every", "20")]);
+    let job = c
+        .submit(spec(tiny_model(), &data, &settings))
+        .expect("submit");
+    let slurm_id = running_on_slurm(&c, job.id, 30);
+    let dir = c
+        .get(job.id)
+        .expect("get")
+        .progress
+        .slurm
+        .expect("slurm")
+        .dir;
+    // The worker dies as on a lost node (no signal it could act on), and Slurm runs the job again.
+    let killed = Command::new("pkill")
+        .args(["-KILL", "-f", &format!("worker --channel-dir {dir}")])
+        .status()
+        .expect("pkill");
+    assert!(killed.success(), "the worker was running");
+    let out = scontrol(&["requeue", &slurm_id.to_string()]);
+    assert!(!out.contains("error"), "requeue: {out}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let shown = scontrol(&["-o", "show", "job", &slurm_id.to_string()]);
+        if shown.contains("JobState=PENDING") {
+            scontrol(&["update", &format!("jobid={slurm_id}"), "starttime=now"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "not requeued: {shown}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (done, _) = wait_for(&c, job.id, Duration::from_secs(300), |s| s.is_terminal());
+    assert_eq!(done.state, JobState::Completed, "{:?}", done.reason);
+    assert_eq!(
+        done.progress.restarts, 1,
+        "the lost run counted as a restart"
+    );
+    assert_eq!(
+        done.progress.slurm.as_ref().map(|s| s.job_id),
+        Some(slurm_id),
+        "Slurm's requeue, no second Slurm job; the daemon's log:\n{}",
+        d.daemon_log()
+    );
+    assert_matches_uninterrupted(
+        &c,
+        &data,
+        &fast_with(&[("max_steps", "400"), ("checkpoint_every", "20")]),
+        job.id,
+        400,
+    );
+}
