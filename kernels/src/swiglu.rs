@@ -42,7 +42,7 @@ struct Swiglu;
 struct SwigluBwd;
 
 /// Elements handed to one rayon task.
-pub(crate) const CHUNK: usize = 16 * 1024;
+const CHUNK: usize = 16 * 1024;
 
 /// `exp(x)` to about one ulp for `x` in `[-87, 88]` (Cephes' `expf` polynomial), arguments outside
 /// clamped into it (the sigmoid needs nothing beyond). Unlike `f32::exp` (a libm call) it has no
@@ -73,7 +73,7 @@ fn exp(x: f32) -> f32 {
 
 /// `y = silu(g) * u` over one chunk, as candle's silu (`g / (1 + exp(-g))`) times `u`.
 #[inline(always)]
-pub(crate) fn fwd_kernel(y: &mut [MaybeUninit<f32>], g: &[f32], u: &[f32]) {
+fn fwd_kernel(y: &mut [MaybeUninit<f32>], g: &[f32], u: &[f32]) {
     for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
         y.write(g / (1.0 + exp(-g)) * u);
     }
@@ -81,7 +81,7 @@ pub(crate) fn fwd_kernel(y: &mut [MaybeUninit<f32>], g: &[f32], u: &[f32]) {
 
 /// Both gradients over one chunk, the sigmoid recomputed from `g`.
 #[inline(always)]
-pub(crate) fn bwd_kernel(
+fn bwd_kernel(
     dg: &mut [MaybeUninit<f32>],
     du: &mut [MaybeUninit<f32>],
     g: &[f32],
@@ -93,6 +93,39 @@ pub(crate) fn bwd_kernel(
         du.write(dy * (g * s));
         dg.write(dy * u * (s * (1.0 + g * (1.0 - s))));
     }
+}
+
+/// `silu(g) * u` into a fresh buffer, in parallel.
+pub(crate) fn forward(g: &[f32], u: &[f32]) -> Result<Vec<f32>> {
+    let n = g.len();
+    if u.len() != n {
+        bail!("swiglu: {n} gate elements, {} up", u.len())
+    }
+    Ok(uninit_output(n, |y| {
+        y.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .for_each(|(y, (g, u))| wide(|| fwd_kernel(y, g, u)))
+    }))
+}
+
+/// Both gradients for an incoming `dy`: one buffer, `d_gate` then `d_up`, written in the same sweep.
+pub(crate) fn backward(g: &[f32], u: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
+    let n = g.len();
+    if u.len() != n || dy.len() != n {
+        bail!(
+            "swiglu backward: {n} gate elements, {} up, {} gradient",
+            u.len(),
+            dy.len()
+        )
+    }
+    Ok(uninit_output(2 * n, |out| {
+        let (dg, du) = out.split_at_mut(n);
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .zip(dy.par_chunks(CHUNK))
+            .for_each(|(((dg, du), (g, u)), dy)| wide(|| bwd_kernel(dg, du, g, u, dy)))
+    }))
 }
 
 impl CustomOp2 for Swiglu {
@@ -111,16 +144,7 @@ impl CustomOp2 for Swiglu {
             contiguous_f32("swiglu", s1, l1)?,
             contiguous_f32("swiglu", s2, l2)?,
         );
-        let n = g.len();
-        if u.len() != n {
-            bail!("swiglu: {n} gate elements, {} up", u.len())
-        }
-        let out = uninit_output(n, |y| {
-            y.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                .for_each(|(y, (g, u))| wide(|| fwd_kernel(y, g, u)))
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(forward(g, u)?), l1.shape().clone()))
     }
 
     fn bwd(
@@ -154,23 +178,7 @@ impl CustomOp3 for SwigluBwd {
             contiguous_f32("swiglu", s2, l2)?,
             contiguous_f32("swiglu", s3, l3)?,
         );
-        let n = g.len();
-        if u.len() != n || dy.len() != n {
-            bail!(
-                "swiglu backward: {n} gate elements, {} up, {} gradient",
-                u.len(),
-                dy.len()
-            )
-        }
-        // One buffer, `d_gate` then `d_up`, both written in the same sweep.
-        let out = uninit_output(2 * n, |out| {
-            let (dg, du) = out.split_at_mut(n);
-            dg.par_chunks_mut(CHUNK)
-                .zip(du.par_chunks_mut(CHUNK))
-                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                .zip(dy.par_chunks(CHUNK))
-                .for_each(|(((dg, du), (g, u)), dy)| wide(|| bwd_kernel(dg, du, g, u, dy)))
-        });
+        let out = backward(g, u, dy)?;
         let mut dims = vec![2];
         dims.extend_from_slice(l1.dims());
         Ok((CpuStorage::F32(out), Shape::from(dims)))

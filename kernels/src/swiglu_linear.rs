@@ -9,11 +9,10 @@
 //!
 //! Only for a `down` with no adapter and no bias: an adapted one needs its input for its LoRA
 //! gradients (the engine composes then).
-use crate::cpu::{contiguous_f32, gemm_new, uninit_output, wide, Operand, Read};
+use crate::cpu::{contiguous_f32, gemm_new, Operand, Read};
 use crate::frozen::Frozen;
-use crate::swiglu::{bwd_kernel, fwd_kernel, swiglu, CHUNK};
+use crate::swiglu::swiglu;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// `swiglu(gate, up) @ down^T` for `gate`, `up` `[n, intermediate]` and a frozen `down`
 /// `[out, intermediate]` (never gets a gradient) -> `[n, out]`; `gate` and `up` get gradients.
@@ -65,15 +64,8 @@ impl CustomOp2 for SwigluLinear {
         );
         let (n, i) = l1.shape().dims2()?;
         let (out, _) = self.down.dims2()?;
-        if u.len() != g.len() {
-            bail!("swiglu-linear: {} gate elements, {} up", g.len(), u.len())
-        }
         // The SwiGLU output lives only until the product has read it.
-        let s = uninit_output(g.len(), |y| {
-            y.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                .for_each(|(y, (g, u))| wide(|| fwd_kernel(y, g, u)))
-        });
+        let s = crate::swiglu::forward(g, u)?;
         let y = self
             .down
             .with_f32(|w| gemm_new(Operand::plain(&s), Operand::t(w), (n, out, i), 1.0))?;
@@ -104,18 +96,7 @@ impl CustomOp2 for SwigluLinear {
             rgate.f32("swiglu-linear backward")?,
             rup.f32("swiglu-linear backward")?,
         );
-        let len = n * i;
-        if g.len() != len || u.len() != len {
-            bail!("swiglu-linear backward: gate and up are not [{n}, {i}]");
-        }
-        let both = uninit_output(2 * len, |out| {
-            let (dg, du) = out.split_at_mut(len);
-            dg.par_chunks_mut(CHUNK)
-                .zip(du.par_chunks_mut(CHUNK))
-                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                .zip(ds.par_chunks(CHUNK))
-                .for_each(|(((dg, du), (g, u)), dy)| wide(|| bwd_kernel(dg, du, g, u, dy)))
-        });
+        let both = crate::swiglu::backward(g, u, &ds)?;
         let both = Tensor::from_vec(both, (2, n, i), gate.device())?;
         Ok((Some(both.get(0)?), Some(both.get(1)?)))
     }

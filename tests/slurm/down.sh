@@ -20,36 +20,16 @@ SLURMD_PID=/run/slurm/slurmd.pid
 MUNGE_PID=/run/munge/munged.pid
 T0=$(date +%s.%N)
 
-# alive PID: the process exists and is not a zombie (PID 1 here may be slow to reap
-# killed daemons, and a zombie still answers kill -0).
-alive() {
-  local st
-  [ -n "${1:-}" ] || return 1
-  st=$(ps -o stat= -p "$1" 2>/dev/null | tr -d ' ') || return 1
-  [ -n "$st" ] && [ "${st#Z}" = "$st" ]
-}
 
-# pid_of NAME PIDFILE: pid of the live daemon NAME, from its pid file or by exact name.
-pid_of() {
-  local name=$1 pidf=${2:-} pid
-  if [ -n "$pidf" ] && [ -s "$pidf" ]; then
-    pid=$(cat "$pidf" 2>/dev/null || true)
-    if alive "$pid" && [ "$(cat /proc/"$pid"/comm 2>/dev/null)" = "$name" ]; then
-      echo "$pid"; return 0
-    fi
-  fi
-  for pid in $(pgrep -x "$name" || true); do
-    alive "$pid" && { echo "$pid"; return 0; }
-  done
-  return 1
-}
+# alive, running: lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # stop NAME PIDFILE: SIGTERM, wait up to 10 s, then SIGKILL. Prints what it did.
 stopped=()
 stop() {
   local name=$1 pidf=$2 pid
   [ -n "${SLURM_DOWN_DEBUG:-}" ] && log "$(date +%T.%N) stopping $name"
-  while pid=$(pid_of "$name" "$pidf"); do
+  while pid=$(running "$name" "$pidf"); do
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 1 100); do alive "$pid" || break; sleep 0.1; done
     if alive "$pid"; then
@@ -73,7 +53,7 @@ descendants() {
 
 # ---------------------------------------------------------------- jobs
 ncancel=0
-if pid_of slurmctld "$CTLD_PID" >/dev/null && command -v squeue >/dev/null; then
+if running slurmctld "$CTLD_PID" >/dev/null && command -v squeue >/dev/null; then
   jobs=$(squeue -h -o %A 2>/dev/null || true)
   if [ -n "$jobs" ]; then
     ncancel=$(echo "$jobs" | wc -l)

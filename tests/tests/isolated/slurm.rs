@@ -94,6 +94,34 @@ fn running_on_slurm(c: &Client, id: JobId, step: u64) -> u64 {
     }
 }
 
+/// `scontrol requeue`, then, once Slurm has put the job back (it holds a requeued job back for its
+/// cred_expire), `update starttime=now`, as an admin would, so that it runs again at once.
+fn requeue(slurm_id: u64) {
+    let out = scontrol(&["requeue", &slurm_id.to_string()]);
+    assert!(!out.contains("error"), "requeue: {out}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let shown = scontrol(&["-o", "show", "job", &slurm_id.to_string()]);
+        if shown.contains("Restarts=1") && shown.contains("JobState=PENDING") {
+            scontrol(&["update", &format!("jobid={slurm_id}"), "starttime=now"]);
+            return;
+        }
+        if shown.contains("Restarts=1") && shown.contains("JobState=RUNNING") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not requeued: {shown}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A daemon and the 64-line dataset in its directory.
+fn daemon_and_data() -> (TestDaemon, std::path::PathBuf) {
+    let d = TestDaemon::start();
+    let data = d.dir.path().join("data.jsonl");
+    write_dataset(&data, 64);
+    (d, data)
+}
+
 /// A settings list: `FAST` plus these, on Slurm.
 fn on_slurm(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
     let mut s = fast_with(extra);
@@ -107,9 +135,7 @@ fn a_slurm_job_streams_to_watch_and_equals_the_same_job_run_here() {
         return;
     }
     let _serial = serial();
-    let d = TestDaemon::start();
-    let data = d.dir.path().join("data.jsonl");
-    write_dataset(&data, 64);
+    let (d, data) = daemon_and_data();
     let c = d.client();
     let settings = on_slurm(&[("max_steps", "30"), ("checkpoint_every", "10")]);
     let job = c
@@ -169,31 +195,14 @@ fn a_requeued_slurm_job_resumes_from_its_newest_checkpoint() {
         return;
     }
     let _serial = serial();
-    let d = TestDaemon::start();
-    let data = d.dir.path().join("data.jsonl");
-    write_dataset(&data, 64);
+    let (d, data) = daemon_and_data();
     let c = d.client();
     let settings = on_slurm(&[("max_steps", "400"), ("checkpoint_every", "20")]);
     let job = c
         .submit(spec(tiny_model(), &data, &settings))
         .expect("submit");
     let slurm_id = running_on_slurm(&c, job.id, 30);
-    let out = scontrol(&["requeue", &slurm_id.to_string()]);
-    assert!(!out.contains("error"), "requeue: {out}");
-    // Slurm holds a requeued job back (cred_expire); the admin lets it go at once.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let shown = scontrol(&["-o", "show", "job", &slurm_id.to_string()]);
-        if shown.contains("Restarts=1") && shown.contains("JobState=PENDING") {
-            scontrol(&["update", &format!("jobid={slurm_id}"), "starttime=now"]);
-            break;
-        }
-        if shown.contains("Restarts=1") && shown.contains("JobState=RUNNING") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not requeued: {shown}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    requeue(slurm_id);
     let (done, _) = wait_for(&c, job.id, Duration::from_secs(300), |s| s.is_terminal());
     assert_eq!(done.state, JobState::Completed, "{:?}", done.reason);
     assert_eq!(
@@ -224,9 +233,7 @@ fn a_killed_daemon_follows_its_slurm_job_again() {
         return;
     }
     let _serial = serial();
-    let mut d = TestDaemon::start();
-    let data = d.dir.path().join("data.jsonl");
-    write_dataset(&data, 64);
+    let (mut d, data) = daemon_and_data();
     let c = d.client();
     let settings = on_slurm(&[("max_steps", "400"), ("checkpoint_every", "50")]);
     let job = c
@@ -265,9 +272,7 @@ fn pause_resume_and_cancel_of_a_slurm_job() {
         return;
     }
     let _serial = serial();
-    let d = TestDaemon::start();
-    let data = d.dir.path().join("data.jsonl");
-    write_dataset(&data, 64);
+    let (d, data) = daemon_and_data();
     let c = d.client();
     let settings = on_slurm(&[("max_steps", "400"), ("checkpoint_every", "100")]);
     let job = c
@@ -416,9 +421,7 @@ fn a_run_that_dies_without_a_checkpoint_counts_as_a_restart() {
         return;
     }
     let _serial = serial();
-    let d = TestDaemon::start();
-    let data = d.dir.path().join("data.jsonl");
-    write_dataset(&data, 64);
+    let (d, data) = daemon_and_data();
     let c = d.client();
     let settings = on_slurm(&[("max_steps", "400"), ("checkpoint_every", "20")]);
     let job = c
@@ -438,18 +441,7 @@ fn a_run_that_dies_without_a_checkpoint_counts_as_a_restart() {
         .status()
         .expect("pkill");
     assert!(killed.success(), "the worker was running");
-    let out = scontrol(&["requeue", &slurm_id.to_string()]);
-    assert!(!out.contains("error"), "requeue: {out}");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let shown = scontrol(&["-o", "show", "job", &slurm_id.to_string()]);
-        if shown.contains("JobState=PENDING") {
-            scontrol(&["update", &format!("jobid={slurm_id}"), "starttime=now"]);
-            break;
-        }
-        assert!(Instant::now() < deadline, "not requeued: {shown}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    requeue(slurm_id);
     let (done, _) = wait_for(&c, job.id, Duration::from_secs(300), |s| s.is_terminal());
     assert_eq!(done.state, JobState::Completed, "{:?}", done.reason);
     assert_eq!(
