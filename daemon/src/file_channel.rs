@@ -107,7 +107,7 @@ fn whole_frames_len(bytes: &[u8]) -> usize {
 }
 
 /// The daemon's end of `events`: whole frames from an offset.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Reader {
     path: PathBuf,
     offset: u64,

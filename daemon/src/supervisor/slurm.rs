@@ -479,15 +479,15 @@ async fn follow(core: &Arc<Core>, id: JobId, running: &mut SlurmRunning) -> Opti
             _ = tick.tick() => {}
         }
         // The worker's reports.
-        let r = std::mem::replace(&mut reader, file_channel::Reader::new(&dir));
-        let (r, polled) = tokio::task::spawn_blocking(move || {
-            let mut r = r;
-            let p = r.poll();
-            (r, p)
-        })
-        .await
-        .unwrap_or_else(|_| (file_channel::Reader::new(&dir), Ok(Vec::new())));
-        reader = r;
+        // Read off the runtime; the reader (a path and an offset) comes back with what it read.
+        let mut r = reader.clone();
+        let polled = match tokio::task::spawn_blocking(move || (r.poll(), r)).await {
+            Ok((polled, r)) => {
+                reader = r;
+                polled
+            }
+            Err(e) => Err(lorad_schema::FrameError::Io(std::io::Error::other(e))),
+        };
         match polled {
             Ok(msgs) => {
                 for msg in msgs {
@@ -535,7 +535,8 @@ async fn follow(core: &Arc<Core>, id: JobId, running: &mut SlurmRunning) -> Opti
         // Slurm's view, every two seconds at most.
         if last_query.elapsed() >= Duration::from_secs(2).min(poll * 4) {
             last_query = tokio::time::Instant::now();
-            match query(&cfg, slurm_id).await {
+            // Whether Slurm is done with the job (a final state, or it forgot it); None: not known.
+            let done = match query(&cfg, slurm_id).await {
                 Ok(Some(now)) => {
                     if info.as_ref().is_some_and(|i| now.restarts > i.restarts) {
                         tracing::info!(job = %id, slurm_job = slurm_id, restarts = now.restarts, "Slurm requeued the job");
@@ -543,31 +544,32 @@ async fn follow(core: &Arc<Core>, id: JobId, running: &mut SlurmRunning) -> Opti
                     if !info.as_ref().is_some_and(JobInfo::is_running) && now.is_running() {
                         last_progress = tokio::time::Instant::now();
                     }
-                    // A final state is taken as the end once it has held for a few seconds, unless
-                    // the worker reported its end: a requeue can pass through one on its way back
-                    // to PENDING, and the job then runs again under the same id.
-                    if now.is_final() {
-                        let since = *final_since.get_or_insert_with(tokio::time::Instant::now);
-                        ended = f.seen.finished
-                            || f.seen.failure.is_some()
-                            || f.stopped
-                            || since.elapsed() >= FINAL_HOLDS;
-                    } else {
-                        final_since = None;
-                    }
+                    let done = now.is_final();
                     info = Some(now);
+                    Some(done)
                 }
                 Ok(None) => {
                     tracing::warn!(job = %id, slurm_job = slurm_id, "Slurm does not know the job");
+                    Some(true)
+                }
+                Err(e) => {
+                    tracing::warn!(job = %id, slurm_job = slurm_id, error = %e, "cannot ask Slurm about the job");
+                    None
+                }
+            };
+            // Taken as the end once that has held for a few seconds, unless the worker reported its
+            // end or lorad stopped it: a requeue can pass through a final state on its way back to
+            // PENDING, and the job then runs again under the same id.
+            match done {
+                Some(true) => {
                     let since = *final_since.get_or_insert_with(tokio::time::Instant::now);
                     ended = f.seen.finished
                         || f.seen.failure.is_some()
                         || f.stopped
                         || since.elapsed() >= FINAL_HOLDS;
                 }
-                Err(e) => {
-                    tracing::warn!(job = %id, slurm_job = slurm_id, error = %e, "cannot ask Slurm about the job")
-                }
+                Some(false) => final_since = None,
+                None => {}
             }
         }
         if hard_after.is_some_and(|t| tokio::time::Instant::now() >= t) {
